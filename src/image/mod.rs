@@ -1,0 +1,923 @@
+//! A cowimg image: the extent map, copy-on-write, allocation and the flush protocol.
+//!
+//! Every virtual cluster that differs from the backing file has an entry (`Entry`) with two
+//! host-cluster *slots*, A and B. Each sub-cluster unit lives at its natural offset in one
+//! of the two slots, reads as zeros, or falls through to the backing file. A unit whose slot
+//! is referenced by the durable state (the last completed flush) is never overwritten: the
+//! write goes to the other slot, and the flush that publishes the change frees the old one.
+//! That is what lets a power failure fall back to exactly the last flushed state
+//! (`format-spec/FORMAT.md`, "Crash safety").
+//!
+//! Concurrency: `gate` is held shared by every read and write for its whole duration and
+//! exclusively by a flush while it takes its snapshot and while it publishes the result, so
+//! no I/O straddles either moment. `state` guards the map and the allocator and is held only
+//! for bookkeeping, never across data I/O.
+
+mod free_clusters;
+mod layer;
+mod open;
+pub mod ops;
+
+pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
+
+use crate::error::{Error, Result};
+use crate::format::{
+    BackingFormat, Geometry, Header, JournalRecordHeader, MapEntry, BLOCK_SIZE, HEADER_SLOT_SIZE,
+    MAP_ENTRY_SIZE,
+};
+use crate::storage::Storage;
+use free_clusters::FreeClusters;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Options for [`Image::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size; `None` takes the backing file's size.
+    pub size: Option<u64>,
+    pub cluster_size: u64,
+    /// Backing path as it is to be recorded (relative paths resolve against the new image's
+    /// directory) and its format.
+    pub backing: Option<(String, BackingFormat)>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions { size: None, cluster_size: 1 << crate::format::DEFAULT_CLUSTER_BITS, backing: None }
+    }
+}
+
+/// Options for [`Image::open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// Skip the file lock, as `qemu-img -U` does (read-only opens only).
+    pub force_share: bool,
+    /// Open the backing chain writable too (for `commit`).
+    pub writable_backing: bool,
+}
+
+/// What a range of the merged image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Stored data (in the layer at `depth`).
+    Data,
+    /// Reads as zeros because a layer says so (a zero/discard marker, or a hole in a raw file).
+    Zero,
+    /// No layer has it: reads as zeros.
+    Unallocated,
+}
+
+/// One run of [`Image::block_status`]: `depth` is the layer that decides it (0 is this
+/// image), `host_offset` where its bytes lie in that layer's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    pub depth: u32,
+    pub kind: ExtentKind,
+    pub host_offset: Option<u64>,
+}
+
+pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        let host_follows = match (last.host_offset, e.host_offset) {
+            (Some(a), Some(b)) => a + last.length == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if last.offset + last.length == e.offset && last.depth == e.depth && last.kind == e.kind && host_follows {
+            last.length += e.length;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+/// The runtime state of one virtual cluster. `units`/`zero` are the current state;
+/// `durable` and `inflight` record which units of each slot the last completed flush and the
+/// flush in progress reference: those bytes must not change.
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    host: [u64; 2],
+    units: [u64; 2],
+    zero: u64,
+    durable: [u64; 2],
+    inflight: [u64; 2],
+    /// Units dropped by discard whose bytes still occupy disk space; punched once unpinned.
+    discarded: [u64; 2],
+    dirty: bool,
+}
+
+impl Entry {
+    fn pinned(&self, slot: usize) -> u64 {
+        self.durable[slot] | self.inflight[slot] | self.discarded[slot]
+    }
+
+    fn slot_of(&self, bit: u64) -> Option<usize> {
+        (0..2).find(|&s| self.units[s] & bit != 0)
+    }
+
+    fn to_disk(&self, virtual_cluster: u64) -> MapEntry {
+        MapEntry {
+            virtual_cluster,
+            host: [0, 1].map(|s| if self.units[s] != 0 { self.host[s] } else { 0 }),
+            units: self.units,
+            zero: self.zero,
+        }
+    }
+
+    fn is_unused(&self) -> bool {
+        self.host == [0, 0] && self.units == [0, 0] && self.zero == 0 && !self.dirty
+    }
+}
+
+/// Where the bytes of a unit, or a run of units, come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Host(u64),
+    Zero,
+    Backing,
+}
+
+struct State {
+    header: Header,
+    active_slot: usize,
+    map: BTreeMap<u64, Entry>,
+    dirty: Vec<u64>,
+    free: FreeClusters,
+    journal_tail: u64,
+    journal_next_seq: u64,
+    /// Completed flushes, for writers waiting on a pinned unit.
+    commits: u64,
+}
+
+pub struct Image {
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    read_only: bool,
+    geometry: Geometry,
+    virtual_size: u64,
+    backing: Option<Layer>,
+    /// Keeps the lock on the file for as long as the image is open.
+    _lock_file: Option<std::fs::File>,
+    gate: RwLock<()>,
+    state: Mutex<State>,
+    committed: Condvar,
+    flush_serial: Mutex<()>,
+    failed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn shared(g: &RwLock<()>) -> RwLockReadGuard<'_, ()> {
+    g.read().unwrap_or_else(|e| e.into_inner())
+}
+fn exclusive(g: &RwLock<()>) -> RwLockWriteGuard<'_, ()> {
+    g.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes the advisory lock qemu users expect: exclusive for writers, shared for readers.
+pub(crate) fn lock_file(file: &std::fs::File, path: &Path, writable: bool, force_share: bool) -> Result<()> {
+    if force_share && !writable {
+        return Ok(());
+    }
+    let r = if writable { file.try_lock() } else { file.try_lock_shared() };
+    r.map_err(|_| Error::Locked { path: path.into(), kind: if writable { "write" } else { "shared" } })
+}
+
+/// One unit of a planned write.
+struct UnitWrite {
+    vcluster: u64,
+    bit: u64,
+    slot: usize,
+    /// Byte offset of the unit's slot in the image file.
+    host: u64,
+    /// Virtual offset of the unit's first byte.
+    unit_start: u64,
+    /// The write covers the whole unit, or the unit can be updated in place: no
+    /// read-modify-write is needed.
+    direct: bool,
+    /// Current contents, for a partial write that must copy the rest of the unit.
+    old: Source,
+}
+
+enum Plan {
+    Ready(Vec<UnitWrite>),
+    /// Both slots of a unit are pinned by the durable state and the flush in flight: wait
+    /// for that flush, then plan again.
+    WaitForCommit(u64),
+}
+
+/// What a flush took from the map while I/O was paused.
+struct Snapshot {
+    clusters: Vec<u64>,
+    record: Vec<u8>,
+    checkpoint: Option<PlannedCheckpoint>,
+}
+
+struct PlannedCheckpoint {
+    blob: Vec<u8>,
+    header: Header,
+    slot: usize,
+    /// Clusters of the old checkpoint and journal, freed once the new header is durable.
+    old_regions: Vec<(u64, u64)>,
+}
+
+impl Image {
+    /// The image's file, as it was opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.geometry.cluster_size()
+    }
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// The backing file, if any.
+    pub fn backing(&self) -> Option<&Layer> {
+        self.backing.as_ref()
+    }
+    /// The current header (a copy).
+    pub fn header(&self) -> Header {
+        lock(&self.state).header.clone()
+    }
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
+        Error::Io { path: self.path.clone(), op, offset, source }
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.virtual_size => Ok(()),
+            _ => Err(Error::OutOfRange { path: self.path.clone(), offset, length, size: self.virtual_size }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly { path: self.path.clone() });
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Failed { path: self.path.clone() });
+        }
+        Ok(())
+    }
+
+    fn fail<T>(&self, e: Error) -> Result<T> {
+        self.failed.store(true, Ordering::Release);
+        Err(e)
+    }
+
+    fn host_offset(&self, host_cluster: u64, unit: u32) -> u64 {
+        (host_cluster << self.geometry.cluster_bits) + ((unit as u64) << self.geometry.unit_bits)
+    }
+
+    /// Calls `f(virtual_offset, length, source)` for the runs of `[offset, offset+len)` in
+    /// this layer, merged where the source continues.
+    fn for_each_run(&self, st: &State, offset: u64, len: u64, mut f: impl FnMut(u64, u64, Source)) {
+        let g = self.geometry;
+        let end = offset + len;
+        let mut run: Option<(u64, u64, Source)> = None;
+        let mut emit = |start: u64, length: u64, src: Source, run: &mut Option<(u64, u64, Source)>| {
+            if let Some((rs, rl, rsrc)) = run {
+                let follows = match (*rsrc, src) {
+                    (Source::Host(a), Source::Host(b)) => a + *rl == b,
+                    (a, b) => a == b,
+                };
+                if *rs + *rl == start && follows {
+                    *rl += length;
+                    return;
+                }
+                f(*rs, *rl, *rsrc);
+            }
+            *run = Some((start, length, src));
+        };
+        let mut pos = offset;
+        let first_cluster = offset >> g.cluster_bits;
+        let last_cluster = (end - 1) >> g.cluster_bits;
+        for (&vc, e) in st.map.range(first_cluster..=last_cluster) {
+            let cluster_start = vc << g.cluster_bits;
+            if cluster_start > pos {
+                emit(pos, cluster_start - pos, Source::Backing, &mut run);
+                pos = cluster_start;
+            }
+            let cluster_end = (cluster_start + g.cluster_size()).min(end);
+            while pos < cluster_end {
+                let unit = ((pos - cluster_start) >> g.unit_bits) as u32;
+                let unit_end = (cluster_start + ((unit as u64 + 1) << g.unit_bits)).min(cluster_end);
+                let bit = 1u64 << unit;
+                let within = pos - cluster_start - ((unit as u64) << g.unit_bits);
+                let src = match e.slot_of(bit) {
+                    Some(s) => Source::Host(self.host_offset(e.host[s], unit) + within),
+                    None if e.zero & bit != 0 => Source::Zero,
+                    None => Source::Backing,
+                };
+                emit(pos, unit_end - pos, src, &mut run);
+                pos = unit_end;
+            }
+        }
+        if pos < end {
+            emit(pos, end - pos, Source::Backing, &mut run);
+        }
+        if let Some((s, l, src)) = run {
+            f(s, l, src);
+        }
+    }
+
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // Bytes past this image's own size are never visible; the backing file may be larger.
+        match &self.backing {
+            Some(b) => b.read_at(buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_runs(&self, buf: &mut [u8], offset: u64, runs: &[(u64, u64, Source)]) -> Result<()> {
+        for &(start, length, src) in runs {
+            let b = &mut buf[(start - offset) as usize..(start - offset + length) as usize];
+            match src {
+                Source::Host(h) => self.storage.read_at(b, h).map_err(|e| self.io_err("reading", h, e))?,
+                Source::Zero => b.fill(0),
+                Source::Backing => self.read_backing(b, start)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the merged chain.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _io = shared(&self.gate);
+        let mut runs = Vec::new();
+        {
+            let st = lock(&self.state);
+            self.for_each_run(&st, offset, buf.len() as u64, |s, l, src| runs.push((s, l, src)));
+        }
+        self.read_runs(buf, offset, &runs)
+    }
+
+    /// Picks the slot a write of unit `bit` goes to: in place when the unit's current slot is
+    /// not pinned, else the other slot when that one is free.
+    fn pick_slot(e: &Entry, bit: u64) -> Option<usize> {
+        let free = |s: usize| e.pinned(s) & bit == 0;
+        match e.slot_of(bit) {
+            Some(s) if free(s) => Some(s),
+            Some(s) => free(1 - s).then_some(1 - s),
+            None => {
+                let mut candidates = (0..2).filter(|&s| free(s));
+                let first = candidates.next()?;
+                // Prefer a slot that already has a cluster, so as not to allocate another.
+                Some(match candidates.next() {
+                    Some(second) if e.host[first] == 0 && e.host[second] != 0 => second,
+                    _ => first,
+                })
+            }
+        }
+    }
+
+    fn plan_write(&self, st: &mut State, offset: u64, len: u64) -> Plan {
+        let g = self.geometry;
+        let us = g.unit_size();
+        let end = offset + len;
+        let mut plan = Vec::with_capacity((len / us + 2) as usize);
+        let mut unit_start = offset & !(us - 1);
+        while unit_start < end {
+            let vcluster = unit_start >> g.cluster_bits;
+            let unit = ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
+            let bit = 1u64 << unit;
+            let covers = offset <= unit_start && end >= unit_start + us;
+            let e = st.map.entry(vcluster).or_default();
+            let Some(slot) = Self::pick_slot(e, bit) else {
+                return Plan::WaitForCommit(st.commits);
+            };
+            if e.host[slot] == 0 {
+                e.host[slot] = st.free.allocate();
+            }
+            let in_place = e.units[slot] & bit != 0;
+            let old = match e.slot_of(bit) {
+                Some(s) => Source::Host(self.host_offset(e.host[s], unit)),
+                None if e.zero & bit != 0 => Source::Zero,
+                None => Source::Backing,
+            };
+            plan.push(UnitWrite {
+                vcluster,
+                bit,
+                slot,
+                host: self.host_offset(e.host[slot], unit),
+                unit_start,
+                direct: covers || in_place,
+                old,
+            });
+            unit_start += us;
+        }
+        Plan::Ready(plan)
+    }
+
+    fn wait_for_commit(&self, seen: u64) {
+        let mut st = lock(&self.state);
+        while st.commits == seen {
+            st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Writes `buf` at `offset`. The data is durable after the next [`Image::flush`].
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        loop {
+            let io = shared(&self.gate);
+            let plan = self.plan_write(&mut lock(&self.state), offset, buf.len() as u64);
+            let units = match plan {
+                Plan::Ready(units) => units,
+                Plan::WaitForCommit(seen) => {
+                    drop(io);
+                    self.wait_for_commit(seen);
+                    continue;
+                }
+            };
+            if let Err(e) = self.write_units(buf, offset, &units) {
+                return self.fail(e);
+            }
+            let mut st = lock(&self.state);
+            for u in &units {
+                let e = st.map.get_mut(&u.vcluster).expect("planned clusters stay mapped while I/O is shared");
+                e.units[u.slot] |= u.bit;
+                e.units[1 - u.slot] &= !u.bit;
+                e.zero &= !u.bit;
+                if !e.dirty {
+                    e.dirty = true;
+                    st.dirty.push(u.vcluster);
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    fn write_units(&self, buf: &[u8], offset: u64, units: &[UnitWrite]) -> Result<()> {
+        let us = self.geometry.unit_size();
+        let end = offset + buf.len() as u64;
+        // Consecutive direct units whose host bytes follow each other go out in one pwrite.
+        let mut pending: Option<(u64, usize, usize)> = None; // host, buf start, buf end
+        let flush_pending = |p: &mut Option<(u64, usize, usize)>| -> Result<()> {
+            if let Some((host, s, e)) = p.take() {
+                self.storage.write_at(&buf[s..e], host).map_err(|err| self.io_err("writing", host, err))?;
+            }
+            Ok(())
+        };
+        for u in units {
+            let from = offset.max(u.unit_start);
+            let to = end.min(u.unit_start + us);
+            let (bs, be) = ((from - offset) as usize, (to - offset) as usize);
+            let host = u.host + (from - u.unit_start);
+            if u.direct {
+                match &mut pending {
+                    Some((h, s, e)) if *e == bs && *h + (*e - *s) as u64 == host => {
+                        *e = be;
+                    }
+                    _ => {
+                        flush_pending(&mut pending)?;
+                        pending = Some((host, bs, be));
+                    }
+                }
+                continue;
+            }
+            flush_pending(&mut pending)?;
+            let mut unit = vec![0u8; us as usize];
+            let visible = (self.virtual_size - u.unit_start).min(us) as usize;
+            match u.old {
+                Source::Host(h) => self.storage.read_at(&mut unit, h).map_err(|e| self.io_err("reading", h, e))?,
+                Source::Zero => {}
+                Source::Backing => self.read_backing(&mut unit[..visible], u.unit_start)?,
+            }
+            unit[(from - u.unit_start) as usize..(to - u.unit_start) as usize].copy_from_slice(&buf[bs..be]);
+            self.storage.write_at(&unit, u.host).map_err(|e| self.io_err("writing", u.host, e))?;
+        }
+        flush_pending(&mut pending)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. Whole units become zero markers that
+    /// mask the backing file; the partial units at either end get zeros written.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, false)
+    }
+
+    /// Like [`Image::write_zeroes`], and frees the space the range held.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, true)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, punch: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let us = self.geometry.unit_size();
+        let end = offset + len;
+        let first_full = offset.next_multiple_of(us);
+        let last_full = end & !(us - 1);
+        if first_full >= last_full {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
+        if first_full > offset {
+            self.write_at(&vec![0u8; (first_full - offset) as usize], offset)?;
+        }
+        if end > last_full {
+            self.write_at(&vec![0u8; (end - last_full) as usize], last_full)?;
+        }
+        let _io = shared(&self.gate);
+        let mut st = lock(&self.state);
+        let g = self.geometry;
+        let first_cluster = first_full >> g.cluster_bits;
+        let last_cluster = (last_full - 1) >> g.cluster_bits;
+        let has_backing = self.backing.is_some();
+        let mask_for = |vc: u64| -> u64 {
+            let cs = vc << g.cluster_bits;
+            let lo = (first_full.max(cs) - cs) >> g.unit_bits;
+            let hi = (last_full.min(cs + g.cluster_size()) - cs) >> g.unit_bits;
+            let ones = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+            ones(hi) & !ones(lo)
+        };
+        let mut punches = Vec::new();
+        let mut touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
+            let e = st.map.entry(vc).or_default();
+            for s in 0..2 {
+                let dropped = e.units[s] & mask;
+                if dropped == 0 {
+                    continue;
+                }
+                e.units[s] &= !mask;
+                if punch {
+                    // Unpinned bytes can go at once (no I/O can target them while the state
+                    // lock is held); pinned ones wait for the flush that unpins them.
+                    let now = dropped & !e.pinned(s);
+                    e.discarded[s] |= dropped & !now;
+                    let host = e.host[s];
+                    for u in bits(now) {
+                        punches.push((self.host_offset(host, u), us));
+                    }
+                }
+            }
+            if has_backing {
+                e.zero |= mask;
+            } else {
+                e.zero &= !mask;
+            }
+            if !e.dirty {
+                e.dirty = true;
+                st.dirty.push(vc);
+            }
+        };
+        if has_backing {
+            // Every cluster needs a marker that masks the backing file.
+            for vc in first_cluster..=last_cluster {
+                touch(&mut st, vc, mask_for(vc), &mut punches);
+            }
+        } else {
+            // Without a backing file an unmapped unit already reads as zeros.
+            let mapped: Vec<u64> = st.map.range(first_cluster..=last_cluster).map(|(&k, _)| k).collect();
+            for vc in mapped {
+                touch(&mut st, vc, mask_for(vc), &mut punches);
+            }
+        }
+        for (off, l) in coalesce(punches) {
+            if let Err(e) = self.storage.punch_hole(off, l) {
+                return self.fail(self.io_err("punching a hole", off, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before the call durable. See FORMAT.md, "Crash safety",
+    /// for the crash points.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Failed { path: self.path.clone() });
+        }
+        let _one_at_a_time = lock(&self.flush_serial);
+        let Some(snapshot) = self.take_snapshot() else {
+            return Ok(());
+        };
+        if let Err(e) = self.persist(&snapshot) {
+            return self.fail(e);
+        }
+        self.publish(snapshot)
+    }
+
+    fn take_snapshot(&self) -> Option<Snapshot> {
+        let _pause = exclusive(&self.gate);
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        if st.dirty.is_empty() {
+            return None;
+        }
+        let mut clusters = std::mem::take(&mut st.dirty);
+        clusters.sort_unstable();
+        let mut entries = vec![0u8; clusters.len() * MAP_ENTRY_SIZE];
+        for (i, vc) in clusters.iter().enumerate() {
+            let e = st.map.get_mut(vc).expect("dirty clusters are mapped");
+            e.dirty = false;
+            e.inflight = e.units;
+            e.to_disk(*vc).write_to(&mut entries[i * MAP_ENTRY_SIZE..]);
+        }
+        let needed = JournalRecordHeader::padded_len(clusters.len() as u64);
+        let checkpoint = (st.journal_tail + needed > st.header.journal_capacity).then(|| self.plan_checkpoint(st));
+        let record = if checkpoint.is_some() {
+            Vec::new()
+        } else {
+            JournalRecordHeader::encode(st.header.journal_epoch, st.journal_next_seq, &entries)
+        };
+        Some(Snapshot { clusters, record, checkpoint })
+    }
+
+    /// Serializes the whole map (as of the snapshot) and places it and a fresh journal.
+    fn plan_checkpoint(&self, st: &mut State) -> PlannedCheckpoint {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let live: Vec<MapEntry> = st.map.iter().map(|(&vc, e)| e.to_disk(vc)).filter(|d| !d.is_empty()).collect();
+        let mut blob = vec![0u8; live.len() * MAP_ENTRY_SIZE];
+        for (i, d) in live.iter().enumerate() {
+            d.write_to(&mut blob[i * MAP_ENTRY_SIZE..]);
+        }
+        let ckpt_clusters = (blob.len() as u64).div_ceil(cs);
+        let ckpt_start = if ckpt_clusters > 0 { st.free.allocate_run(ckpt_clusters) } else { 0 };
+        let journal_capacity = journal_capacity_for(blob.len() as u64, cs);
+        let journal_clusters = journal_capacity / cs;
+        let journal_start = st.free.allocate_run(journal_clusters);
+        let old = &st.header;
+        let mut old_regions = vec![(old.journal_offset / cs, old.journal_capacity.div_ceil(cs))];
+        if old.checkpoint_offset != 0 {
+            old_regions.push((old.checkpoint_offset / cs, (old.checkpoint_entries * MAP_ENTRY_SIZE as u64).div_ceil(cs)));
+        }
+        let generation = old.generation + 1;
+        let header = Header {
+            generation,
+            checkpoint_offset: ckpt_start * cs,
+            checkpoint_entries: live.len() as u64,
+            checkpoint_crc: crate::format::crc32(&[&blob]),
+            journal_offset: journal_start * cs,
+            journal_capacity,
+            journal_epoch: generation,
+            ..old.clone()
+        };
+        PlannedCheckpoint { blob, header, slot: 1 - st.active_slot, old_regions }
+    }
+
+    fn persist(&self, snap: &Snapshot) -> Result<()> {
+        // Crash point 1: data not yet durable; nothing references it.
+        self.storage.sync().map_err(|e| self.io_err("syncing data", 0, e))?;
+        match &snap.checkpoint {
+            None => {
+                let (offset, tail) = {
+                    let st = lock(&self.state);
+                    (st.header.journal_offset, st.journal_tail)
+                };
+                // Crash point 2: a torn record fails its checksum and is ignored.
+                let at = offset + tail;
+                self.storage.write_at(&snap.record, at).map_err(|e| self.io_err("writing journal record", at, e))?;
+                self.storage.sync().map_err(|e| self.io_err("syncing journal", at, e))?;
+            }
+            Some(c) => {
+                if !c.blob.is_empty() {
+                    let at = c.header.checkpoint_offset;
+                    self.storage.write_at(&c.blob, at).map_err(|e| self.io_err("writing checkpoint", at, e))?;
+                    self.storage.sync().map_err(|e| self.io_err("syncing checkpoint", at, e))?;
+                }
+                self.write_header_slot(&c.header, c.slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_header_slot(&self, header: &Header, slot: usize) -> Result<()> {
+        let at = (slot * HEADER_SLOT_SIZE) as u64;
+        // Crash point 3: a torn slot fails its checksum; the other slot is still current.
+        self.storage.write_at(&header.to_bytes(), at).map_err(|e| self.io_err("writing header", at, e))?;
+        self.storage.sync().map_err(|e| self.io_err("syncing header", at, e))
+    }
+
+    /// The snapshot is durable: unpin what it replaced, free clusters nothing references.
+    fn publish(&self, snap: Snapshot) -> Result<()> {
+        let _pause = exclusive(&self.gate);
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let cs = self.geometry.cluster_size();
+        let us = self.geometry.unit_size();
+        let mut punches = Vec::new();
+        let mut freed = Vec::new();
+        for vc in &snap.clusters {
+            let Some(e) = st.map.get_mut(vc) else { continue };
+            e.durable = e.inflight;
+            e.inflight = [0, 0];
+            for s in 0..2 {
+                if e.host[s] == 0 {
+                    continue;
+                }
+                if e.units[s] | e.durable[s] == 0 {
+                    punches.push((e.host[s] * cs, cs));
+                    freed.push((e.host[s], 1));
+                    e.host[s] = 0;
+                    e.discarded[s] = 0;
+                } else {
+                    let now = e.discarded[s] & !(e.units[s] | e.durable[s]);
+                    e.discarded[s] &= !now;
+                    for u in bits(now) {
+                        punches.push((self.host_offset(e.host[s], u), us));
+                    }
+                }
+            }
+            if e.is_unused() {
+                st.map.remove(vc);
+            }
+        }
+        match snap.checkpoint {
+            Some(c) => {
+                for &(start, n) in &c.old_regions {
+                    punches.push((start * cs, n * cs));
+                    freed.push((start, n));
+                }
+                st.header = c.header;
+                st.active_slot = c.slot;
+                st.journal_tail = 0;
+                st.journal_next_seq = 1;
+            }
+            None => {
+                st.journal_tail += snap.record.len() as u64;
+                st.journal_next_seq += 1;
+            }
+        }
+        // Punch before the clusters can be handed out again.
+        for (off, l) in coalesce(punches) {
+            if let Err(e) = self.storage.punch_hole(off, l) {
+                return self.fail(self.io_err("punching a hole", off, e));
+            }
+        }
+        for (start, n) in freed {
+            st.free.free_run(start, n);
+        }
+        st.commits += 1;
+        self.committed.notify_all();
+        Ok(())
+    }
+
+    /// The allocation status of `[offset, offset+len)` through the whole chain.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let mut out = Vec::new();
+        if len > 0 {
+            self.status_at_depth(offset, len, 0, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The status of the whole image, as `qemu-img map` shows it.
+    pub fn map(&self) -> Result<Vec<Extent>> {
+        self.block_status(0, self.virtual_size)
+    }
+
+    pub(crate) fn status_at_depth(&self, offset: u64, len: u64, depth: u32, out: &mut Vec<Extent>) -> Result<()> {
+        let mut runs = Vec::new();
+        {
+            let st = lock(&self.state);
+            self.for_each_run(&st, offset, len, |s, l, src| runs.push((s, l, src)));
+        }
+        for (start, length, src) in runs {
+            match src {
+                Source::Host(h) => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Data, host_offset: Some(h) }),
+                Source::Zero => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Zero, host_offset: None }),
+                Source::Backing => match &self.backing {
+                    Some(b) => b.status(start, length, depth + 1, out)?,
+                    None => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Unallocated, host_offset: None }),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts for `info`: mapped clusters and units, and the file's allocated bytes.
+    pub fn stats(&self) -> ImageStats {
+        let st = lock(&self.state);
+        let mut s = ImageStats { mapped_clusters: st.map.len() as u64, ..Default::default() };
+        for e in st.map.values() {
+            s.data_units += (e.units[0] | e.units[1]).count_ones() as u64;
+            s.zero_units += e.zero.count_ones() as u64;
+            s.host_clusters += e.host.iter().filter(|&&h| h != 0).count() as u64;
+        }
+        s.file_length = self.storage.len().unwrap_or(0);
+        s.allocated_bytes = self.storage.allocated_bytes().unwrap_or(0);
+        s.journal_used = st.journal_tail;
+        s.journal_capacity = st.header.journal_capacity;
+        s.generation = st.header.generation;
+        s
+    }
+
+    /// Empties the map: every unit falls through to the backing file again. Durable after
+    /// the flush this ends with.
+    pub fn clear(&self) -> Result<()> {
+        self.check_writable()?;
+        {
+            let _io = shared(&self.gate);
+            let mut guard = lock(&self.state);
+            let st = &mut *guard;
+            for (&vc, e) in st.map.iter_mut() {
+                e.units = [0, 0];
+                e.zero = 0;
+                if !e.dirty {
+                    e.dirty = true;
+                    st.dirty.push(vc);
+                }
+            }
+        }
+        self.flush()
+    }
+
+    /// Rewrites the header with a new backing file (no data is copied; see
+    /// [`ops::rebase`] for the safe form). The new layer must already be open.
+    pub fn set_backing(&mut self, backing: Option<(String, Layer)>) -> Result<()> {
+        self.check_writable()?;
+        self.flush()?;
+        let (record, layer) = match backing {
+            Some((path, layer)) => (Some((path, layer.format())), Some(layer)),
+            None => (None, None),
+        };
+        let mut st = lock(&self.state);
+        let header = Header { generation: st.header.generation + 1, backing: record, ..st.header.clone() };
+        let slot = 1 - st.active_slot;
+        self.write_header_slot(&header, slot)?;
+        st.header = header;
+        st.active_slot = slot;
+        drop(st);
+        self.backing = layer;
+        Ok(())
+    }
+}
+
+/// Figures `info` shows about the map and the file.
+#[derive(Debug, Clone, Default)]
+pub struct ImageStats {
+    pub mapped_clusters: u64,
+    pub host_clusters: u64,
+    pub data_units: u64,
+    pub zero_units: u64,
+    pub file_length: u64,
+    pub allocated_bytes: u64,
+    pub journal_used: u64,
+    pub journal_capacity: u64,
+    pub generation: u64,
+}
+
+/// A journal holds at least 1 MiB of records and twice the checkpoint's size, so that the
+/// cost of rewriting the checkpoint is spread over at least as many bytes of records.
+fn journal_capacity_for(checkpoint_bytes: u64, cluster_size: u64) -> u64 {
+    (1u64 << 20).max(2 * checkpoint_bytes).next_multiple_of(cluster_size.max(BLOCK_SIZE))
+}
+
+/// The indices of the set bits.
+fn bits(mut m: u64) -> impl Iterator<Item = u32> {
+    std::iter::from_fn(move || {
+        (m != 0).then(|| {
+            let b = m.trailing_zeros();
+            m &= m - 1;
+            b
+        })
+    })
+}
+
+/// Sorts ranges and merges the touching ones.
+fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, l) in ranges {
+        match out.last_mut() {
+            Some((ls, ll)) if *ls + *ll == s => *ll += l,
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}

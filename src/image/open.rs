@@ -1,0 +1,349 @@
+//! Creating and opening images: choosing the header slot, loading the checkpoint, replaying
+//! the journal, and checking that no two things claim the same host cluster.
+use super::layer::Layer;
+use super::{lock_file, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, HEADER_SLOT_SIZE,
+    JOURNAL_RECORD_HEADER_SIZE, MAP_ENTRY_SIZE,
+};
+use crate::storage::{FileStorage, Storage};
+use std::collections::BTreeMap;
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+/// What loading found, before the image is assembled; `check` reads it too.
+pub(crate) struct Loaded {
+    pub header: Header,
+    pub active_slot: usize,
+    pub map: BTreeMap<u64, MapEntry>,
+    pub journal_tail: u64,
+    pub journal_next_seq: u64,
+    /// Every host cluster in use, sorted, and who uses it (for messages).
+    pub used: Vec<(u64, Owner)>,
+    pub file_length: u64,
+    /// Header slots that are not valid, with the reason (for `check`).
+    pub bad_slots: Vec<(usize, FormatError)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    Header,
+    Checkpoint,
+    Journal,
+    Data { virtual_cluster: u64, slot: usize },
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Header => write!(f, "the header"),
+            Owner::Checkpoint => write!(f, "the checkpoint"),
+            Owner::Journal => write!(f, "the journal"),
+            Owner::Data { virtual_cluster, slot } => {
+                write!(f, "slot {} of virtual cluster {virtual_cluster}", ["A", "B"][*slot])
+            }
+        }
+    }
+}
+
+/// Resolves a backing path recorded in `image`'s header: relative paths are relative to the
+/// image's directory.
+pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
+    let p = Path::new(recorded);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+impl Image {
+    /// Creates a new, empty image. Refuses to overwrite an existing file.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+        let invalid = |reason: String| Error::Invalid { path: path.into(), reason };
+        let cs = opts.cluster_size;
+        let cluster_bits = cs.trailing_zeros();
+        if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
+            return Err(invalid(format!("cluster size {cs} is not a power of two from 4 KiB to 2 MiB")));
+        }
+        if let Some((p, _)) = &opts.backing {
+            if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
+                return Err(invalid(format!("backing path must be 1..={} bytes without NUL", format::header::MAX_BACKING_PATH)));
+            }
+        }
+        let size = match (opts.size, &opts.backing) {
+            (Some(s), _) => s,
+            (None, Some((p, fmt))) => {
+                let ro = OpenOptions { read_only: true, force_share: true, ..Default::default() };
+                Layer::open(&resolve_backing_path(path, p), *fmt, &ro, 1)?.size()
+            }
+            (None, None) => return Err(invalid("a size is needed when there is no backing file".into())),
+        };
+        if size > format::MAX_VIRTUAL_SIZE {
+            return Err(invalid(format!("size {size} exceeds the maximum of 2^60 bytes")));
+        }
+        let geometry = Geometry::new(cluster_bits);
+        let journal_capacity = super::journal_capacity_for(0, cs);
+        let header = Header {
+            generation: 1,
+            compatible_features: 0,
+            cluster_bits,
+            backing: opts.backing.clone(),
+            virtual_size: size,
+            checkpoint_offset: 0,
+            checkpoint_entries: 0,
+            checkpoint_crc: 0,
+            journal_offset: geometry.first_data_cluster() * cs,
+            journal_capacity,
+            journal_epoch: 1,
+        };
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|source| Error::File { path: path.into(), op: "creating", source })?;
+        let io = |op, offset, source| Error::Io { path: path.into(), op, offset, source };
+        let storage = FileStorage::new(file);
+        storage.write_at(&header.to_bytes(), 0).map_err(|e| io("writing header", 0, e))?;
+        // Slot B exists but is empty, so the file is never shorter than both slots.
+        storage.set_len(2 * HEADER_SLOT_SIZE as u64).map_err(|e| io("sizing", 0, e))?;
+        storage.sync().map_err(|e| io("syncing", 0, e))?;
+        Ok(())
+    }
+
+    /// Opens an image file and its backing chain.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        Self::open_at_depth(path, opts, 0)
+    }
+
+    pub(crate) fn open_at_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(path)
+            .map_err(|source| Error::File { path: path.into(), op: "opening", source })?;
+        lock_file(&file, path, !opts.read_only, opts.force_share)?;
+        let lock_holder = file.try_clone().map_err(|source| Error::File { path: path.into(), op: "opening", source })?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let mut image = Self::open_storage(storage, path, opts.read_only)?;
+        image._lock_file = Some(lock_holder);
+        if let Some((recorded, fmt)) = image.header().backing {
+            let backing_opts = OpenOptions { read_only: !opts.writable_backing, ..opts.clone() };
+            let resolved = resolve_backing_path(path, &recorded);
+            image.backing = Some(Layer::open(&resolved, fmt, &backing_opts, depth + 1)?);
+        }
+        Ok(image)
+    }
+
+    /// Opens an image over any storage, without its backing file (tests attach one with
+    /// [`Image::attach_backing`]). `name` is used in messages.
+    pub fn open_storage(storage: Arc<dyn Storage>, name: &Path, read_only: bool) -> Result<Image> {
+        let loaded = load(storage.as_ref(), name)?;
+        let geometry = loaded.header.geometry();
+        let used: Vec<u64> = loaded.used.iter().map(|&(c, _)| c).collect();
+        let free = FreeClusters::from_used(geometry.first_data_cluster(), &used);
+        let map = loaded
+            .map
+            .iter()
+            .map(|(&vc, d)| {
+                let e = Entry { host: d.host, units: d.units, zero: d.zero, durable: d.units, ..Default::default() };
+                (vc, e)
+            })
+            .collect();
+        Ok(Image {
+            path: name.into(),
+            storage,
+            read_only,
+            geometry,
+            virtual_size: loaded.header.virtual_size,
+            backing: None,
+            _lock_file: None,
+            gate: RwLock::new(()),
+            state: Mutex::new(State {
+                active_slot: loaded.active_slot,
+                map,
+                dirty: Vec::new(),
+                free,
+                journal_tail: loaded.journal_tail,
+                journal_next_seq: loaded.journal_next_seq,
+                commits: 0,
+                header: loaded.header,
+            }),
+            committed: Condvar::new(),
+            flush_serial: Mutex::new(()),
+            failed: false.into(),
+        })
+    }
+
+    /// Attaches an already open backing layer (for tests and tools that build chains over
+    /// in-memory storage).
+    pub fn attach_backing(&mut self, layer: Layer) {
+        self.backing = Some(layer);
+    }
+}
+
+fn corrupt(path: &Path, structure: &'static str, offset: u64, source: FormatError) -> Error {
+    Error::Corrupt { path: path.into(), structure, offset, source }
+}
+
+fn inconsistent(path: &Path, reason: String) -> Error {
+    Error::Inconsistent { path: path.into(), reason }
+}
+
+/// Reads `len` bytes at `offset`, or reports that they lie past the end of the file. The
+/// length comes from the file, so no allocation exceeds what the file really holds.
+fn read_region(storage: &dyn Storage, path: &Path, what: &str, offset: u64, len: u64, file_length: u64) -> Result<Vec<u8>> {
+    match offset.checked_add(len) {
+        Some(end) if end <= file_length => {}
+        _ => {
+            return Err(inconsistent(path, format!("{what} at offset {offset:#x} ({len} bytes) extends past the end of the file ({file_length:#x})")));
+        }
+    }
+    let mut buf = vec![0u8; len as usize];
+    storage
+        .read_at(&mut buf, offset)
+        .map_err(|source| Error::Io { path: path.into(), op: "reading", offset, source })?;
+    Ok(buf)
+}
+
+pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
+    let io = |op, offset, source| Error::Io { path: path.into(), op, offset, source };
+    let file_length = storage.len().map_err(|e| io("reading length", 0, e))?;
+    // The choice of slot: the valid one with the larger generation.
+    let mut best: Option<(usize, Header)> = None;
+    let mut bad_slots = Vec::new();
+    for slot in 0..2 {
+        let at = (slot * HEADER_SLOT_SIZE) as u64;
+        let mut b = vec![0u8; HEADER_SLOT_SIZE];
+        let available = file_length.saturating_sub(at).min(HEADER_SLOT_SIZE as u64) as usize;
+        storage.read_at(&mut b[..available], at).map_err(|e| io("reading header", at, e))?;
+        match Header::from_bytes(&b) {
+            Ok(h) if best.as_ref().is_none_or(|(_, cur)| h.generation > cur.generation) => best = Some((slot, h)),
+            Ok(_) => {}
+            Err(e) => bad_slots.push((slot, e)),
+        }
+    }
+    let Some((active_slot, header)) = best else {
+        let (slot, e) = bad_slots.swap_remove(0);
+        return Err(corrupt(path, "header", (slot * HEADER_SLOT_SIZE) as u64, e));
+    };
+    // An empty slot B of a new image, or a slot that is merely older, is fine; a slot whose
+    // checksum fails is what a torn header write leaves and is fine too.
+    let g = header.geometry();
+    let cs = g.cluster_size();
+    let virtual_clusters = g.clusters_for(header.virtual_size);
+    // Host clusters past the file's end cannot hold written data.
+    let max_host = file_length.div_ceil(cs).max(g.first_data_cluster());
+
+    // The journal's size follows from the checkpoint's (FORMAT.md, "Journal"); checking it
+    // here also bounds everything sized by it by the file's real length.
+    let expected = super::journal_capacity_for(header.checkpoint_entries * MAP_ENTRY_SIZE as u64, cs);
+    if header.journal_capacity != expected {
+        return Err(corrupt(path, "header", (active_slot * HEADER_SLOT_SIZE) as u64, format::invalid("journal_capacity", 0x58, format!("{} but the checkpoint implies {expected}", header.journal_capacity))));
+    }
+    if header.checkpoint_entries * MAP_ENTRY_SIZE as u64 > file_length {
+        return Err(inconsistent(path, format!("checkpoint of {} entries is larger than the file", header.checkpoint_entries)));
+    }
+
+    let mut map = BTreeMap::new();
+    if header.checkpoint_entries > 0 {
+        let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
+        let blob = read_region(storage, path, "checkpoint", header.checkpoint_offset, len, file_length)?;
+        let computed = format::crc32(&[&blob]);
+        if computed != header.checkpoint_crc {
+            return Err(corrupt(path, "checkpoint", header.checkpoint_offset, FormatError::ChecksumMismatch { stored: header.checkpoint_crc, computed }));
+        }
+        let mut prev: Option<u64> = None;
+        for (i, chunk) in blob.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
+            let at = header.checkpoint_offset + (i * MAP_ENTRY_SIZE) as u64;
+            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host).map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
+            if prev.is_some_and(|p| p >= e.virtual_cluster) {
+                return Err(inconsistent(path, format!("checkpoint entry at offset {at:#x} is out of order")));
+            }
+            prev = Some(e.virtual_cluster);
+            map.insert(e.virtual_cluster, e);
+        }
+    }
+
+    // Journal replay: records of this epoch with consecutive sequence numbers, until the
+    // first one that is absent or fails its checksum (the flush that did not complete).
+    let mut tail = 0u64;
+    let mut seq = 1u64;
+    let journal_end = header.journal_offset.checked_add(header.journal_capacity).ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    loop {
+        let at = header.journal_offset + tail;
+        if at + JOURNAL_RECORD_HEADER_SIZE as u64 > journal_end.min(file_length) {
+            break;
+        }
+        let mut hb = [0u8; JOURNAL_RECORD_HEADER_SIZE];
+        storage.read_at(&mut hb, at).map_err(|e| io("reading journal", at, e))?;
+        let Some(rec) = JournalRecordHeader::parse(&hb, header.journal_epoch, seq) else { break };
+        let len = JournalRecordHeader::padded_len(rec.entry_count as u64);
+        let body_len = rec.entry_count as u64 * MAP_ENTRY_SIZE as u64;
+        if tail + len > header.journal_capacity || at + JOURNAL_RECORD_HEADER_SIZE as u64 + body_len > file_length {
+            break;
+        }
+        let body = read_region(storage, path, "journal record", at + JOURNAL_RECORD_HEADER_SIZE as u64, body_len, file_length)?;
+        if rec.verify(&hb, &body).is_err() {
+            break;
+        }
+        for (i, chunk) in body.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
+            let eat = at + (JOURNAL_RECORD_HEADER_SIZE + i * MAP_ENTRY_SIZE) as u64;
+            let vc = <byteorder::LittleEndian as byteorder::ByteOrder>::read_u64(&chunk[..8]);
+            if chunk[8..].iter().all(|&b| b == 0) {
+                if vc >= virtual_clusters {
+                    return Err(corrupt(path, "journal entry", eat, format::invalid("virtual_cluster", 0, format!("{vc} is past the end"))));
+                }
+                map.remove(&vc);
+                continue;
+            }
+            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host).map_err(|e| corrupt(path, "journal entry", eat, e))?;
+            map.insert(e.virtual_cluster, e);
+        }
+        tail += len;
+        seq += 1;
+    }
+    // A record further on that belongs to this journal means one in the middle is damaged:
+    // later flushes would silently be lost, so this is corruption, not a torn tail.
+    let mut probe = tail + crate::format::BLOCK_SIZE;
+    while header.journal_offset + probe + JOURNAL_RECORD_HEADER_SIZE as u64 <= journal_end.min(file_length) {
+        let at = header.journal_offset + probe;
+        let mut hb = [0u8; JOURNAL_RECORD_HEADER_SIZE];
+        storage.read_at(&mut hb, at).map_err(|e| io("reading journal", at, e))?;
+        if JournalRecordHeader::parse(&hb, header.journal_epoch, seq + 1).is_some() {
+            return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {} follows at {at:#x}", header.journal_offset + tail, seq + 1)));
+        }
+        probe += crate::format::BLOCK_SIZE;
+    }
+
+    // Ownership of host clusters: no cluster may have two owners.
+    let mut used: Vec<(u64, Owner)> = Vec::with_capacity(map.len() * 2 + 32);
+    for c in 0..g.first_data_cluster() {
+        used.push((c, Owner::Header));
+    }
+    let ckpt_clusters = (header.checkpoint_entries * MAP_ENTRY_SIZE as u64).div_ceil(cs);
+    for c in 0..ckpt_clusters {
+        used.push((header.checkpoint_offset / cs + c, Owner::Checkpoint));
+    }
+    let journal_clusters = header.journal_capacity.div_ceil(cs);
+    for c in 0..journal_clusters {
+        used.push((header.journal_offset / cs + c, Owner::Journal));
+    }
+    for (&vc, e) in &map {
+        for s in 0..2 {
+            if e.units[s] != 0 {
+                used.push((e.host[s], Owner::Data { virtual_cluster: vc, slot: s }));
+            }
+        }
+    }
+    used.sort_unstable_by_key(|&(c, _)| c);
+    for w in used.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(inconsistent(path, format!("host cluster {} (offset {:#x}) is claimed by both {} and {}", w[0].0, w[0].0 * cs, w[0].1, w[1].1)));
+        }
+    }
+    Ok(Loaded { header, active_slot, map, journal_tail: tail, journal_next_seq: seq, used, file_length, bad_slots })
+}
