@@ -21,6 +21,7 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod nbd;
+pub mod cli;
 pub mod storage;
 
 pub use error::{Error, Result};
