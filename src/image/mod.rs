@@ -170,6 +170,8 @@ pub struct Image {
     state: Mutex<State>,
     committed: Condvar,
     flush_serial: Mutex<()>,
+    /// Held by every write that covers only part of a unit (see [`Image::write_at`]).
+    partial_units: Mutex<()>,
     failed: AtomicBool,
 }
 
@@ -450,6 +452,13 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
+        // A write that covers only part of a unit may copy the rest of the unit from where it
+        // lies now (read-modify-write). Two such copies of one unit running at once would
+        // each put back the bytes the other is writing, so partial-unit writes take turns;
+        // whole-unit writes never copy and stay parallel.
+        let us = self.geometry.unit_size();
+        let partial = offset % us != 0 || (offset + buf.len() as u64) % us != 0;
+        let _one_partial_write_at_a_time = partial.then(|| lock(&self.partial_units));
         loop {
             let io = shared(&self.gate);
             let plan = self.plan_write(&mut lock(&self.state), offset, buf.len() as u64);

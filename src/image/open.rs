@@ -174,6 +174,7 @@ impl Image {
             }),
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
+            partial_units: Mutex::new(()),
             failed: false.into(),
         })
     }
