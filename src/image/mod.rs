@@ -438,11 +438,19 @@ impl Image {
         Plan::Ready(plan)
     }
 
+    /// Waits for the flush in progress to complete, or to fail (then no commit will come).
     fn wait_for_commit(&self, seen: u64) {
         let mut st = lock(&self.state);
-        while st.commits == seen {
+        while st.commits == seen && !self.failed.load(Ordering::Acquire) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Wakes the writers of `wait_for_commit` after a failure. Taking the state lock orders
+    /// this after any waiter's check of `failed`, so none misses the wake-up.
+    fn wake_waiting_writers(&self) {
+        let _st = lock(&self.state);
+        self.committed.notify_all();
     }
 
     /// Writes `buf` at `offset`. The data is durable after the next [`Image::flush`].
@@ -467,6 +475,7 @@ impl Image {
                 Plan::WaitForCommit(seen) => {
                     drop(io);
                     self.wait_for_commit(seen);
+                    self.check_writable()?;
                     continue;
                 }
             };
@@ -634,9 +643,15 @@ impl Image {
             return Ok(());
         };
         if let Err(e) = self.persist(&snapshot) {
-            return self.fail(e);
+            let failed = self.fail(e);
+            self.wake_waiting_writers();
+            return failed;
         }
-        self.publish(snapshot)
+        let published = self.publish(snapshot);
+        if published.is_err() {
+            self.wake_waiting_writers();
+        }
+        published
     }
 
     fn take_snapshot(&self) -> Option<Snapshot> {
