@@ -65,10 +65,17 @@ impl JournalRecordHeader {
         })
     }
 
-    pub fn verify(&self, header: &[u8; JOURNAL_RECORD_HEADER_SIZE], entries: &[u8]) -> Result<(), FormatError> {
+    pub fn verify(
+        &self,
+        header: &[u8; JOURNAL_RECORD_HEADER_SIZE],
+        entries: &[u8],
+    ) -> Result<(), FormatError> {
         let computed = super::crc32(&[&header[0x08..0x20], entries]);
         if computed != self.crc {
-            return Err(FormatError::ChecksumMismatch { stored: self.crc, computed });
+            return Err(FormatError::ChecksumMismatch {
+                stored: self.crc,
+                computed,
+            });
         }
         Ok(())
     }

@@ -61,22 +61,49 @@ impl MapEntry {
             zero: LE::read_u64(&b[0x28..]),
         };
         if e.virtual_cluster >= virtual_clusters {
-            return Err(invalid("virtual_cluster", 0x00, format!("{} is past the last cluster {}", e.virtual_cluster, virtual_clusters.saturating_sub(1))));
+            return Err(invalid(
+                "virtual_cluster",
+                0x00,
+                format!(
+                    "{} is past the last cluster {}",
+                    e.virtual_cluster,
+                    virtual_clusters.saturating_sub(1)
+                ),
+            ));
         }
         let mask = geometry.full_mask();
-        for (field, off, bits) in [("units_a", 0x18, e.units[0]), ("units_b", 0x20, e.units[1]), ("units_zero", 0x28, e.zero)] {
+        for (field, off, bits) in [
+            ("units_a", 0x18, e.units[0]),
+            ("units_b", 0x20, e.units[1]),
+            ("units_zero", 0x28, e.zero),
+        ] {
             if bits & !mask != 0 {
-                return Err(invalid(field, off, format!("bits {bits:#x} beyond the {} units of a cluster", geometry.units_per_cluster())));
+                return Err(invalid(
+                    field,
+                    off,
+                    format!(
+                        "bits {bits:#x} beyond the {} units of a cluster",
+                        geometry.units_per_cluster()
+                    ),
+                ));
             }
         }
         if e.units[0] & e.units[1] != 0 || (e.units[0] | e.units[1]) & e.zero != 0 {
-            return Err(invalid("units_zero", 0x28, "a unit is claimed by more than one bitmap"));
+            return Err(invalid(
+                "units_zero",
+                0x28,
+                "a unit is claimed by more than one bitmap",
+            ));
         }
         let first = geometry.first_data_cluster();
         for (slot, field, off) in [(0, "host_a", 0x08), (1, "host_b", 0x10)] {
             let h = e.host[slot];
             if e.units[slot] != 0 && (h < first || h >= max_host_cluster) {
-                return Err(invalid(field, off, format!("host cluster {h} is outside {first}..{max_host_cluster}")));
+                return Err(invalid(
+                    field,
+                    off,
+                    format!("host cluster {h} is outside {first}..{max_host_cluster}"),
+                ));
             }
             if e.units[slot] == 0 && h != 0 {
                 return Err(invalid(field, off, "set while the slot holds no unit"));
@@ -99,17 +126,34 @@ mod tests {
     #[test]
     fn entry_round_trips_and_overlapping_bitmaps_are_rejected() {
         let g = Geometry::new(16);
-        let e = MapEntry { virtual_cluster: 3, host: [5, 9], units: [0b0011, 0b0100], zero: 0b1000 };
+        let e = MapEntry {
+            virtual_cluster: 3,
+            host: [5, 9],
+            units: [0b0011, 0b0100],
+            zero: 0b1000,
+        };
         let mut b = [0u8; MAP_ENTRY_SIZE];
         e.write_to(&mut b);
         assert_eq!(MapEntry::from_bytes(&b, g, 4, 100).unwrap(), e);
-        assert!(MapEntry::from_bytes(&b, g, 3, 100).is_err(), "cluster past the end");
-        assert!(MapEntry::from_bytes(&b, g, 4, 9).is_err(), "host past the end");
-        let bad = MapEntry { units: [0b0011, 0b0010], ..e };
+        assert!(
+            MapEntry::from_bytes(&b, g, 3, 100).is_err(),
+            "cluster past the end"
+        );
+        assert!(
+            MapEntry::from_bytes(&b, g, 4, 9).is_err(),
+            "host past the end"
+        );
+        let bad = MapEntry {
+            units: [0b0011, 0b0010],
+            ..e
+        };
         bad.write_to(&mut b);
         assert!(MapEntry::from_bytes(&b, g, 4, 100).is_err());
         let bad = MapEntry { zero: 1 << 16, ..e };
         bad.write_to(&mut b);
-        assert!(MapEntry::from_bytes(&b, g, 4, 100).is_err(), "unit 16 of a 16-unit cluster");
+        assert!(
+            MapEntry::from_bytes(&b, g, 4, 100).is_err(),
+            "unit 16 of a 16-unit cluster"
+        );
     }
 }

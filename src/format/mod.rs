@@ -51,7 +51,11 @@ pub enum FormatError {
     Truncated { need: usize, have: usize },
 }
 
-pub(crate) fn invalid(field: &'static str, offset: usize, reason: impl Into<String>) -> FormatError {
+pub(crate) fn invalid(
+    field: &'static str,
+    offset: usize,
+    reason: impl Into<String>,
+) -> FormatError {
     FormatError::InvalidField {
         field,
         offset,

@@ -45,7 +45,11 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { size: None, cluster_size: 1 << crate::format::DEFAULT_CLUSTER_BITS, backing: None }
+        CreateOptions {
+            size: None,
+            cluster_size: 1 << crate::format::DEFAULT_CLUSTER_BITS,
+            backing: None,
+        }
     }
 }
 
@@ -91,7 +95,11 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
             (None, None) => true,
             _ => false,
         };
-        if last.offset + last.length == e.offset && last.depth == e.depth && last.kind == e.kind && host_follows {
+        if last.offset + last.length == e.offset
+            && last.depth == e.depth
+            && last.kind == e.kind
+            && host_follows
+        {
             last.length += e.length;
             return;
         }
@@ -184,12 +192,24 @@ fn exclusive(g: &RwLock<()>) -> RwLockWriteGuard<'_, ()> {
 }
 
 /// Takes the advisory lock qemu users expect: exclusive for writers, shared for readers.
-pub(crate) fn lock_file(file: &std::fs::File, path: &Path, writable: bool, force_share: bool) -> Result<()> {
+pub(crate) fn lock_file(
+    file: &std::fs::File,
+    path: &Path,
+    writable: bool,
+    force_share: bool,
+) -> Result<()> {
     if force_share && !writable {
         return Ok(());
     }
-    let r = if writable { file.try_lock() } else { file.try_lock_shared() };
-    r.map_err(|_| Error::Locked { path: path.into(), kind: if writable { "write" } else { "shared" } })
+    let r = if writable {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    r.map_err(|_| Error::Locked {
+        path: path.into(),
+        kind: if writable { "write" } else { "shared" },
+    })
 }
 
 /// One unit of a planned write.
@@ -260,22 +280,36 @@ impl Image {
     }
 
     fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
-        Error::Io { path: self.path.clone(), op, offset, source }
+        Error::Io {
+            path: self.path.clone(),
+            op,
+            offset,
+            source,
+        }
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if end <= self.virtual_size => Ok(()),
-            _ => Err(Error::OutOfRange { path: self.path.clone(), offset, length, size: self.virtual_size }),
+            _ => Err(Error::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                length,
+                size: self.virtual_size,
+            }),
         }
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly { path: self.path.clone() });
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Failed { path: self.path.clone() });
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
         }
         Ok(())
     }
@@ -295,20 +329,21 @@ impl Image {
         let g = self.geometry;
         let end = offset + len;
         let mut run: Option<(u64, u64, Source)> = None;
-        let mut emit = |start: u64, length: u64, src: Source, run: &mut Option<(u64, u64, Source)>| {
-            if let Some((rs, rl, rsrc)) = run {
-                let follows = match (*rsrc, src) {
-                    (Source::Host(a), Source::Host(b)) => a + *rl == b,
-                    (a, b) => a == b,
-                };
-                if *rs + *rl == start && follows {
-                    *rl += length;
-                    return;
+        let mut emit =
+            |start: u64, length: u64, src: Source, run: &mut Option<(u64, u64, Source)>| {
+                if let Some((rs, rl, rsrc)) = run {
+                    let follows = match (*rsrc, src) {
+                        (Source::Host(a), Source::Host(b)) => a + *rl == b,
+                        (a, b) => a == b,
+                    };
+                    if *rs + *rl == start && follows {
+                        *rl += length;
+                        return;
+                    }
+                    f(*rs, *rl, *rsrc);
                 }
-                f(*rs, *rl, *rsrc);
-            }
-            *run = Some((start, length, src));
-        };
+                *run = Some((start, length, src));
+            };
         let mut pos = offset;
         let first_cluster = offset >> g.cluster_bits;
         let last_cluster = (end - 1) >> g.cluster_bits;
@@ -321,7 +356,8 @@ impl Image {
             let cluster_end = (cluster_start + g.cluster_size()).min(end);
             while pos < cluster_end {
                 let unit = ((pos - cluster_start) >> g.unit_bits) as u32;
-                let unit_end = (cluster_start + ((unit as u64 + 1) << g.unit_bits)).min(cluster_end);
+                let unit_end =
+                    (cluster_start + ((unit as u64 + 1) << g.unit_bits)).min(cluster_end);
                 let bit = 1u64 << unit;
                 let within = pos - cluster_start - ((unit as u64) << g.unit_bits);
                 let src = match e.slot_of(bit) {
@@ -356,7 +392,10 @@ impl Image {
         for &(start, length, src) in runs {
             let b = &mut buf[(start - offset) as usize..(start - offset + length) as usize];
             match src {
-                Source::Host(h) => self.storage.read_at(b, h).map_err(|e| self.io_err("reading", h, e))?,
+                Source::Host(h) => self
+                    .storage
+                    .read_at(b, h)
+                    .map_err(|e| self.io_err("reading", h, e))?,
                 Source::Zero => b.fill(0),
                 Source::Backing => self.read_backing(b, start)?,
             }
@@ -374,7 +413,9 @@ impl Image {
         let mut runs = Vec::new();
         {
             let st = lock(&self.state);
-            self.for_each_run(&st, offset, buf.len() as u64, |s, l, src| runs.push((s, l, src)));
+            self.for_each_run(&st, offset, buf.len() as u64, |s, l, src| {
+                runs.push((s, l, src))
+            });
         }
         self.read_runs(buf, offset, &runs)
     }
@@ -466,7 +507,10 @@ impl Image {
             }
             let mut st = lock(&self.state);
             for u in &units {
-                let e = st.map.get_mut(&u.vcluster).expect("planned clusters stay mapped while I/O is shared");
+                let e = st
+                    .map
+                    .get_mut(&u.vcluster)
+                    .expect("planned clusters stay mapped while I/O is shared");
                 e.units[u.slot] |= u.bit;
                 e.units[1 - u.slot] &= !u.bit;
                 e.zero &= !u.bit;
@@ -486,7 +530,9 @@ impl Image {
         let mut pending: Option<(u64, usize, usize)> = None; // host, buf start, buf end
         let flush_pending = |p: &mut Option<(u64, usize, usize)>| -> Result<()> {
             if let Some((host, s, e)) = p.take() {
-                self.storage.write_at(&buf[s..e], host).map_err(|err| self.io_err("writing", host, err))?;
+                self.storage
+                    .write_at(&buf[s..e], host)
+                    .map_err(|err| self.io_err("writing", host, err))?;
             }
             Ok(())
         };
@@ -511,12 +557,18 @@ impl Image {
             let mut unit = vec![0u8; us as usize];
             let visible = (self.virtual_size - u.unit_start).min(us) as usize;
             match u.old {
-                Source::Host(h) => self.storage.read_at(&mut unit, h).map_err(|e| self.io_err("reading", h, e))?,
+                Source::Host(h) => self
+                    .storage
+                    .read_at(&mut unit, h)
+                    .map_err(|e| self.io_err("reading", h, e))?,
                 Source::Zero => {}
                 Source::Backing => self.read_backing(&mut unit[..visible], u.unit_start)?,
             }
-            unit[(from - u.unit_start) as usize..(to - u.unit_start) as usize].copy_from_slice(&buf[bs..be]);
-            self.storage.write_at(&unit, u.host).map_err(|e| self.io_err("writing", u.host, e))?;
+            unit[(from - u.unit_start) as usize..(to - u.unit_start) as usize]
+                .copy_from_slice(&buf[bs..be]);
+            self.storage
+                .write_at(&unit, u.host)
+                .map_err(|e| self.io_err("writing", u.host, e))?;
         }
         flush_pending(&mut pending)
     }
@@ -562,7 +614,7 @@ impl Image {
             ones(hi) & !ones(lo)
         };
         let mut punches = Vec::new();
-        let mut touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
+        let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
             let e = st.map.entry(vc).or_default();
             for s in 0..2 {
                 let dropped = e.units[s] & mask;
@@ -598,7 +650,11 @@ impl Image {
             }
         } else {
             // Without a backing file an unmapped unit already reads as zeros.
-            let mapped: Vec<u64> = st.map.range(first_cluster..=last_cluster).map(|(&k, _)| k).collect();
+            let mapped: Vec<u64> = st
+                .map
+                .range(first_cluster..=last_cluster)
+                .map(|(&k, _)| k)
+                .collect();
             for vc in mapped {
                 touch(&mut st, vc, mask_for(vc), &mut punches);
             }
@@ -618,7 +674,9 @@ impl Image {
             return Ok(());
         }
         if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Failed { path: self.path.clone() });
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
         }
         let _one_at_a_time = lock(&self.flush_serial);
         let Some(snapshot) = self.take_snapshot() else {
@@ -647,33 +705,50 @@ impl Image {
             e.to_disk(*vc).write_to(&mut entries[i * MAP_ENTRY_SIZE..]);
         }
         let needed = JournalRecordHeader::padded_len(clusters.len() as u64);
-        let checkpoint = (st.journal_tail + needed > st.header.journal_capacity).then(|| self.plan_checkpoint(st));
+        let checkpoint = (st.journal_tail + needed > st.header.journal_capacity)
+            .then(|| self.plan_checkpoint(st));
         let record = if checkpoint.is_some() {
             Vec::new()
         } else {
             JournalRecordHeader::encode(st.header.journal_epoch, st.journal_next_seq, &entries)
         };
-        Some(Snapshot { clusters, record, checkpoint })
+        Some(Snapshot {
+            clusters,
+            record,
+            checkpoint,
+        })
     }
 
     /// Serializes the whole map (as of the snapshot) and places it and a fresh journal.
     fn plan_checkpoint(&self, st: &mut State) -> PlannedCheckpoint {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let live: Vec<MapEntry> = st.map.iter().map(|(&vc, e)| e.to_disk(vc)).filter(|d| !d.is_empty()).collect();
+        let live: Vec<MapEntry> = st
+            .map
+            .iter()
+            .map(|(&vc, e)| e.to_disk(vc))
+            .filter(|d| !d.is_empty())
+            .collect();
         let mut blob = vec![0u8; live.len() * MAP_ENTRY_SIZE];
         for (i, d) in live.iter().enumerate() {
             d.write_to(&mut blob[i * MAP_ENTRY_SIZE..]);
         }
         let ckpt_clusters = (blob.len() as u64).div_ceil(cs);
-        let ckpt_start = if ckpt_clusters > 0 { st.free.allocate_run(ckpt_clusters) } else { 0 };
+        let ckpt_start = if ckpt_clusters > 0 {
+            st.free.allocate_run(ckpt_clusters)
+        } else {
+            0
+        };
         let journal_capacity = journal_capacity_for(blob.len() as u64, cs);
         let journal_clusters = journal_capacity / cs;
         let journal_start = st.free.allocate_run(journal_clusters);
         let old = &st.header;
         let mut old_regions = vec![(old.journal_offset / cs, old.journal_capacity.div_ceil(cs))];
         if old.checkpoint_offset != 0 {
-            old_regions.push((old.checkpoint_offset / cs, (old.checkpoint_entries * MAP_ENTRY_SIZE as u64).div_ceil(cs)));
+            old_regions.push((
+                old.checkpoint_offset / cs,
+                (old.checkpoint_entries * MAP_ENTRY_SIZE as u64).div_ceil(cs),
+            ));
         }
         let generation = old.generation + 1;
         let header = Header {
@@ -686,12 +761,19 @@ impl Image {
             journal_epoch: generation,
             ..old.clone()
         };
-        PlannedCheckpoint { blob, header, slot: 1 - st.active_slot, old_regions }
+        PlannedCheckpoint {
+            blob,
+            header,
+            slot: 1 - st.active_slot,
+            old_regions,
+        }
     }
 
     fn persist(&self, snap: &Snapshot) -> Result<()> {
         // Crash point 1: data not yet durable; nothing references it.
-        self.storage.sync().map_err(|e| self.io_err("syncing data", 0, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing data", 0, e))?;
         match &snap.checkpoint {
             None => {
                 let (offset, tail) = {
@@ -700,14 +782,22 @@ impl Image {
                 };
                 // Crash point 2: a torn record fails its checksum and is ignored.
                 let at = offset + tail;
-                self.storage.write_at(&snap.record, at).map_err(|e| self.io_err("writing journal record", at, e))?;
-                self.storage.sync().map_err(|e| self.io_err("syncing journal", at, e))?;
+                self.storage
+                    .write_at(&snap.record, at)
+                    .map_err(|e| self.io_err("writing journal record", at, e))?;
+                self.storage
+                    .sync()
+                    .map_err(|e| self.io_err("syncing journal", at, e))?;
             }
             Some(c) => {
                 if !c.blob.is_empty() {
                     let at = c.header.checkpoint_offset;
-                    self.storage.write_at(&c.blob, at).map_err(|e| self.io_err("writing checkpoint", at, e))?;
-                    self.storage.sync().map_err(|e| self.io_err("syncing checkpoint", at, e))?;
+                    self.storage
+                        .write_at(&c.blob, at)
+                        .map_err(|e| self.io_err("writing checkpoint", at, e))?;
+                    self.storage
+                        .sync()
+                        .map_err(|e| self.io_err("syncing checkpoint", at, e))?;
                 }
                 self.write_header_slot(&c.header, c.slot)?;
             }
@@ -718,8 +808,12 @@ impl Image {
     fn write_header_slot(&self, header: &Header, slot: usize) -> Result<()> {
         let at = (slot * HEADER_SLOT_SIZE) as u64;
         // Crash point 3: a torn slot fails its checksum; the other slot is still current.
-        self.storage.write_at(&header.to_bytes(), at).map_err(|e| self.io_err("writing header", at, e))?;
-        self.storage.sync().map_err(|e| self.io_err("syncing header", at, e))
+        self.storage
+            .write_at(&header.to_bytes(), at)
+            .map_err(|e| self.io_err("writing header", at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing header", at, e))
     }
 
     /// The snapshot is durable: unpin what it replaced, free clusters nothing references.
@@ -732,7 +826,9 @@ impl Image {
         let mut punches = Vec::new();
         let mut freed = Vec::new();
         for vc in &snap.clusters {
-            let Some(e) = st.map.get_mut(vc) else { continue };
+            let Some(e) = st.map.get_mut(vc) else {
+                continue;
+            };
             e.durable = e.inflight;
             e.inflight = [0, 0];
             for s in 0..2 {
@@ -786,6 +882,34 @@ impl Image {
         Ok(())
     }
 
+    /// This layer's own runs (data or zero markers), in order, without the backing file.
+    fn own_runs(&self) -> Vec<(u64, u64, Source)> {
+        let mut runs = Vec::new();
+        if self.virtual_size > 0 {
+            let st = lock(&self.state);
+            self.for_each_run(&st, 0, self.virtual_size, |s, l, src| {
+                if src != Source::Backing {
+                    runs.push((s, l, src));
+                }
+            });
+        }
+        runs
+    }
+
+    /// The ranges that fall through to the backing file, in order.
+    fn fall_through_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        if self.virtual_size > 0 {
+            let st = lock(&self.state);
+            self.for_each_run(&st, 0, self.virtual_size, |s, l, src| {
+                if src == Source::Backing {
+                    runs.push((s, l));
+                }
+            });
+        }
+        runs
+    }
+
     /// The allocation status of `[offset, offset+len)` through the whole chain.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
@@ -801,7 +925,13 @@ impl Image {
         self.block_status(0, self.virtual_size)
     }
 
-    pub(crate) fn status_at_depth(&self, offset: u64, len: u64, depth: u32, out: &mut Vec<Extent>) -> Result<()> {
+    pub(crate) fn status_at_depth(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
         let mut runs = Vec::new();
         {
             let st = lock(&self.state);
@@ -809,11 +939,38 @@ impl Image {
         }
         for (start, length, src) in runs {
             match src {
-                Source::Host(h) => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Data, host_offset: Some(h) }),
-                Source::Zero => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Zero, host_offset: None }),
+                Source::Host(h) => push_extent(
+                    out,
+                    Extent {
+                        offset: start,
+                        length,
+                        depth,
+                        kind: ExtentKind::Data,
+                        host_offset: Some(h),
+                    },
+                ),
+                Source::Zero => push_extent(
+                    out,
+                    Extent {
+                        offset: start,
+                        length,
+                        depth,
+                        kind: ExtentKind::Zero,
+                        host_offset: None,
+                    },
+                ),
                 Source::Backing => match &self.backing {
                     Some(b) => b.status(start, length, depth + 1, out)?,
-                    None => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Unallocated, host_offset: None }),
+                    None => push_extent(
+                        out,
+                        Extent {
+                            offset: start,
+                            length,
+                            depth,
+                            kind: ExtentKind::Unallocated,
+                            host_offset: None,
+                        },
+                    ),
                 },
             }
         }
@@ -823,7 +980,10 @@ impl Image {
     /// Counts for `info`: mapped clusters and units, and the file's allocated bytes.
     pub fn stats(&self) -> ImageStats {
         let st = lock(&self.state);
-        let mut s = ImageStats { mapped_clusters: st.map.len() as u64, ..Default::default() };
+        let mut s = ImageStats {
+            mapped_clusters: st.map.len() as u64,
+            ..Default::default()
+        };
         for e in st.map.values() {
             s.data_units += (e.units[0] | e.units[1]).count_ones() as u64;
             s.zero_units += e.zero.count_ones() as u64;
@@ -867,7 +1027,11 @@ impl Image {
             None => (None, None),
         };
         let mut st = lock(&self.state);
-        let header = Header { generation: st.header.generation + 1, backing: record, ..st.header.clone() };
+        let header = Header {
+            generation: st.header.generation + 1,
+            backing: record,
+            ..st.header.clone()
+        };
         let slot = 1 - st.active_slot;
         self.write_header_slot(&header, slot)?;
         st.header = header;
@@ -875,6 +1039,16 @@ impl Image {
         drop(st);
         self.backing = layer;
         Ok(())
+    }
+}
+
+impl Drop for Image {
+    /// Closing flushes, as qemu does: a dropped image is not a crash. Errors cannot be
+    /// reported here; callers that care call [`Image::flush`] first.
+    fn drop(&mut self) {
+        if !self.read_only && !self.failed.load(Ordering::Acquire) {
+            let _ = self.flush();
+        }
     }
 }
 
@@ -895,7 +1069,9 @@ pub struct ImageStats {
 /// A journal holds at least 1 MiB of records and twice the checkpoint's size, so that the
 /// cost of rewriting the checkpoint is spread over at least as many bytes of records.
 fn journal_capacity_for(checkpoint_bytes: u64, cluster_size: u64) -> u64 {
-    (1u64 << 20).max(2 * checkpoint_bytes).next_multiple_of(cluster_size.max(BLOCK_SIZE))
+    (1u64 << 20)
+        .max(2 * checkpoint_bytes)
+        .next_multiple_of(cluster_size.max(BLOCK_SIZE))
 }
 
 /// The indices of the set bits.

@@ -41,8 +41,15 @@ impl std::fmt::Display for Owner {
             Owner::Header => write!(f, "the header"),
             Owner::Checkpoint => write!(f, "the checkpoint"),
             Owner::Journal => write!(f, "the journal"),
-            Owner::Data { virtual_cluster, slot } => {
-                write!(f, "slot {} of virtual cluster {virtual_cluster}", ["A", "B"][*slot])
+            Owner::Data {
+                virtual_cluster,
+                slot,
+            } => {
+                write!(
+                    f,
+                    "slot {} of virtual cluster {virtual_cluster}",
+                    ["A", "B"][*slot]
+                )
             }
         }
     }
@@ -62,27 +69,45 @@ pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
 impl Image {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        let invalid = |reason: String| Error::Invalid { path: path.into(), reason };
+        let invalid = |reason: String| Error::Invalid {
+            path: path.into(),
+            reason,
+        };
         let cs = opts.cluster_size;
         let cluster_bits = cs.trailing_zeros();
         if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
-            return Err(invalid(format!("cluster size {cs} is not a power of two from 4 KiB to 2 MiB")));
+            return Err(invalid(format!(
+                "cluster size {cs} is not a power of two from 4 KiB to 2 MiB"
+            )));
         }
         if let Some((p, _)) = &opts.backing {
             if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
-                return Err(invalid(format!("backing path must be 1..={} bytes without NUL", format::header::MAX_BACKING_PATH)));
+                return Err(invalid(format!(
+                    "backing path must be 1..={} bytes without NUL",
+                    format::header::MAX_BACKING_PATH
+                )));
             }
         }
         let size = match (opts.size, &opts.backing) {
             (Some(s), _) => s,
             (None, Some((p, fmt))) => {
-                let ro = OpenOptions { read_only: true, force_share: true, ..Default::default() };
+                let ro = OpenOptions {
+                    read_only: true,
+                    force_share: true,
+                    ..Default::default()
+                };
                 Layer::open(&resolve_backing_path(path, p), *fmt, &ro, 1)?.size()
             }
-            (None, None) => return Err(invalid("a size is needed when there is no backing file".into())),
+            (None, None) => {
+                return Err(invalid(
+                    "a size is needed when there is no backing file".into(),
+                ))
+            }
         };
         if size > format::MAX_VIRTUAL_SIZE {
-            return Err(invalid(format!("size {size} exceeds the maximum of 2^60 bytes")));
+            return Err(invalid(format!(
+                "size {size} exceeds the maximum of 2^60 bytes"
+            )));
         }
         let geometry = Geometry::new(cluster_bits);
         let journal_capacity = super::journal_capacity_for(0, cs);
@@ -104,12 +129,25 @@ impl Image {
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(|source| Error::File { path: path.into(), op: "creating", source })?;
-        let io = |op, offset, source| Error::Io { path: path.into(), op, offset, source };
+            .map_err(|source| Error::File {
+                path: path.into(),
+                op: "creating",
+                source,
+            })?;
+        let io = |op, offset, source| Error::Io {
+            path: path.into(),
+            op,
+            offset,
+            source,
+        };
         let storage = FileStorage::new(file);
-        storage.write_at(&header.to_bytes(), 0).map_err(|e| io("writing header", 0, e))?;
+        storage
+            .write_at(&header.to_bytes(), 0)
+            .map_err(|e| io("writing header", 0, e))?;
         // Slot B exists but is empty, so the file is never shorter than both slots.
-        storage.set_len(2 * HEADER_SLOT_SIZE as u64).map_err(|e| io("sizing", 0, e))?;
+        storage
+            .set_len(2 * HEADER_SLOT_SIZE as u64)
+            .map_err(|e| io("sizing", 0, e))?;
         storage.sync().map_err(|e| io("syncing", 0, e))?;
         Ok(())
     }
@@ -124,14 +162,25 @@ impl Image {
             .read(true)
             .write(!opts.read_only)
             .open(path)
-            .map_err(|source| Error::File { path: path.into(), op: "opening", source })?;
+            .map_err(|source| Error::File {
+                path: path.into(),
+                op: "opening",
+                source,
+            })?;
         lock_file(&file, path, !opts.read_only, opts.force_share)?;
-        let lock_holder = file.try_clone().map_err(|source| Error::File { path: path.into(), op: "opening", source })?;
+        let lock_holder = file.try_clone().map_err(|source| Error::File {
+            path: path.into(),
+            op: "opening",
+            source,
+        })?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let mut image = Self::open_storage(storage, path, opts.read_only)?;
         image._lock_file = Some(lock_holder);
         if let Some((recorded, fmt)) = image.header().backing {
-            let backing_opts = OpenOptions { read_only: !opts.writable_backing, ..opts.clone() };
+            let backing_opts = OpenOptions {
+                read_only: !opts.writable_backing,
+                ..opts.clone()
+            };
             let resolved = resolve_backing_path(path, &recorded);
             image.backing = Some(Layer::open(&resolved, fmt, &backing_opts, depth + 1)?);
         }
@@ -149,7 +198,13 @@ impl Image {
             .map
             .iter()
             .map(|(&vc, d)| {
-                let e = Entry { host: d.host, units: d.units, zero: d.zero, durable: d.units, ..Default::default() };
+                let e = Entry {
+                    host: d.host,
+                    units: d.units,
+                    zero: d.zero,
+                    durable: d.units,
+                    ..Default::default()
+                };
                 (vc, e)
             })
             .collect();
@@ -186,16 +241,31 @@ impl Image {
 }
 
 fn corrupt(path: &Path, structure: &'static str, offset: u64, source: FormatError) -> Error {
-    Error::Corrupt { path: path.into(), structure, offset, source }
+    Error::Corrupt {
+        path: path.into(),
+        structure,
+        offset,
+        source,
+    }
 }
 
 fn inconsistent(path: &Path, reason: String) -> Error {
-    Error::Inconsistent { path: path.into(), reason }
+    Error::Inconsistent {
+        path: path.into(),
+        reason,
+    }
 }
 
 /// Reads `len` bytes at `offset`, or reports that they lie past the end of the file. The
 /// length comes from the file, so no allocation exceeds what the file really holds.
-fn read_region(storage: &dyn Storage, path: &Path, what: &str, offset: u64, len: u64, file_length: u64) -> Result<Vec<u8>> {
+fn read_region(
+    storage: &dyn Storage,
+    path: &Path,
+    what: &str,
+    offset: u64,
+    len: u64,
+    file_length: u64,
+) -> Result<Vec<u8>> {
     match offset.checked_add(len) {
         Some(end) if end <= file_length => {}
         _ => {
@@ -205,12 +275,22 @@ fn read_region(storage: &dyn Storage, path: &Path, what: &str, offset: u64, len:
     let mut buf = vec![0u8; len as usize];
     storage
         .read_at(&mut buf, offset)
-        .map_err(|source| Error::Io { path: path.into(), op: "reading", offset, source })?;
+        .map_err(|source| Error::Io {
+            path: path.into(),
+            op: "reading",
+            offset,
+            source,
+        })?;
     Ok(buf)
 }
 
 pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
-    let io = |op, offset, source| Error::Io { path: path.into(), op, offset, source };
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
     let file_length = storage.len().map_err(|e| io("reading length", 0, e))?;
     // The choice of slot: the valid one with the larger generation.
     let mut best: Option<(usize, Header)> = None;
@@ -219,11 +299,25 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         let at = (slot * HEADER_SLOT_SIZE) as u64;
         let mut b = vec![0u8; HEADER_SLOT_SIZE];
         let available = file_length.saturating_sub(at).min(HEADER_SLOT_SIZE as u64) as usize;
-        storage.read_at(&mut b[..available], at).map_err(|e| io("reading header", at, e))?;
+        storage
+            .read_at(&mut b[..available], at)
+            .map_err(|e| io("reading header", at, e))?;
         match Header::from_bytes(&b) {
-            Ok(h) if best.as_ref().is_none_or(|(_, cur)| h.generation > cur.generation) => best = Some((slot, h)),
+            Ok(h)
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, cur)| h.generation > cur.generation) =>
+            {
+                best = Some((slot, h))
+            }
             Ok(_) => {}
-            Err(e) => bad_slots.push((slot, e)),
+            // What a torn or never-written slot looks like: the other slot is current.
+            Err(e @ (FormatError::ChecksumMismatch { .. } | FormatError::BadMagic)) => {
+                bad_slots.push((slot, e))
+            }
+            // An intact slot that cannot be used may be newer than the other one: falling back
+            // would silently lose data, so refuse.
+            Err(e) => return Err(corrupt(path, "header", at, e)),
         }
     }
     let Some((active_slot, header)) = best else {
@@ -240,28 +334,66 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
 
     // The journal's size follows from the checkpoint's (FORMAT.md, "Journal"); checking it
     // here also bounds everything sized by it by the file's real length.
-    let expected = super::journal_capacity_for(header.checkpoint_entries * MAP_ENTRY_SIZE as u64, cs);
+    let expected =
+        super::journal_capacity_for(header.checkpoint_entries * MAP_ENTRY_SIZE as u64, cs);
     if header.journal_capacity != expected {
-        return Err(corrupt(path, "header", (active_slot * HEADER_SLOT_SIZE) as u64, format::invalid("journal_capacity", 0x58, format!("{} but the checkpoint implies {expected}", header.journal_capacity))));
+        return Err(corrupt(
+            path,
+            "header",
+            (active_slot * HEADER_SLOT_SIZE) as u64,
+            format::invalid(
+                "journal_capacity",
+                0x58,
+                format!(
+                    "{} but the checkpoint implies {expected}",
+                    header.journal_capacity
+                ),
+            ),
+        ));
     }
     if header.checkpoint_entries * MAP_ENTRY_SIZE as u64 > file_length {
-        return Err(inconsistent(path, format!("checkpoint of {} entries is larger than the file", header.checkpoint_entries)));
+        return Err(inconsistent(
+            path,
+            format!(
+                "checkpoint of {} entries is larger than the file",
+                header.checkpoint_entries
+            ),
+        ));
     }
 
     let mut map = BTreeMap::new();
     if header.checkpoint_entries > 0 {
         let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
-        let blob = read_region(storage, path, "checkpoint", header.checkpoint_offset, len, file_length)?;
+        let blob = read_region(
+            storage,
+            path,
+            "checkpoint",
+            header.checkpoint_offset,
+            len,
+            file_length,
+        )?;
         let computed = format::crc32(&[&blob]);
         if computed != header.checkpoint_crc {
-            return Err(corrupt(path, "checkpoint", header.checkpoint_offset, FormatError::ChecksumMismatch { stored: header.checkpoint_crc, computed }));
+            return Err(corrupt(
+                path,
+                "checkpoint",
+                header.checkpoint_offset,
+                FormatError::ChecksumMismatch {
+                    stored: header.checkpoint_crc,
+                    computed,
+                },
+            ));
         }
         let mut prev: Option<u64> = None;
         for (i, chunk) in blob.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
             let at = header.checkpoint_offset + (i * MAP_ENTRY_SIZE) as u64;
-            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host).map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
+            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host)
+                .map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
             if prev.is_some_and(|p| p >= e.virtual_cluster) {
-                return Err(inconsistent(path, format!("checkpoint entry at offset {at:#x} is out of order")));
+                return Err(inconsistent(
+                    path,
+                    format!("checkpoint entry at offset {at:#x} is out of order"),
+                ));
             }
             prev = Some(e.virtual_cluster);
             map.insert(e.virtual_cluster, e);
@@ -272,21 +404,37 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     // first one that is absent or fails its checksum (the flush that did not complete).
     let mut tail = 0u64;
     let mut seq = 1u64;
-    let journal_end = header.journal_offset.checked_add(header.journal_capacity).ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    let journal_end = header
+        .journal_offset
+        .checked_add(header.journal_capacity)
+        .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
     loop {
         let at = header.journal_offset + tail;
         if at + JOURNAL_RECORD_HEADER_SIZE as u64 > journal_end.min(file_length) {
             break;
         }
         let mut hb = [0u8; JOURNAL_RECORD_HEADER_SIZE];
-        storage.read_at(&mut hb, at).map_err(|e| io("reading journal", at, e))?;
-        let Some(rec) = JournalRecordHeader::parse(&hb, header.journal_epoch, seq) else { break };
+        storage
+            .read_at(&mut hb, at)
+            .map_err(|e| io("reading journal", at, e))?;
+        let Some(rec) = JournalRecordHeader::parse(&hb, header.journal_epoch, seq) else {
+            break;
+        };
         let len = JournalRecordHeader::padded_len(rec.entry_count as u64);
         let body_len = rec.entry_count as u64 * MAP_ENTRY_SIZE as u64;
-        if tail + len > header.journal_capacity || at + JOURNAL_RECORD_HEADER_SIZE as u64 + body_len > file_length {
+        if tail + len > header.journal_capacity
+            || at + JOURNAL_RECORD_HEADER_SIZE as u64 + body_len > file_length
+        {
             break;
         }
-        let body = read_region(storage, path, "journal record", at + JOURNAL_RECORD_HEADER_SIZE as u64, body_len, file_length)?;
+        let body = read_region(
+            storage,
+            path,
+            "journal record",
+            at + JOURNAL_RECORD_HEADER_SIZE as u64,
+            body_len,
+            file_length,
+        )?;
         if rec.verify(&hb, &body).is_err() {
             break;
         }
@@ -295,12 +443,18 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
             let vc = <byteorder::LittleEndian as byteorder::ByteOrder>::read_u64(&chunk[..8]);
             if chunk[8..].iter().all(|&b| b == 0) {
                 if vc >= virtual_clusters {
-                    return Err(corrupt(path, "journal entry", eat, format::invalid("virtual_cluster", 0, format!("{vc} is past the end"))));
+                    return Err(corrupt(
+                        path,
+                        "journal entry",
+                        eat,
+                        format::invalid("virtual_cluster", 0, format!("{vc} is past the end")),
+                    ));
                 }
                 map.remove(&vc);
                 continue;
             }
-            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host).map_err(|e| corrupt(path, "journal entry", eat, e))?;
+            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host)
+                .map_err(|e| corrupt(path, "journal entry", eat, e))?;
             map.insert(e.virtual_cluster, e);
         }
         tail += len;
@@ -309,10 +463,14 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     // A record further on that belongs to this journal means one in the middle is damaged:
     // later flushes would silently be lost, so this is corruption, not a torn tail.
     let mut probe = tail + crate::format::BLOCK_SIZE;
-    while header.journal_offset + probe + JOURNAL_RECORD_HEADER_SIZE as u64 <= journal_end.min(file_length) {
+    while header.journal_offset + probe + JOURNAL_RECORD_HEADER_SIZE as u64
+        <= journal_end.min(file_length)
+    {
         let at = header.journal_offset + probe;
         let mut hb = [0u8; JOURNAL_RECORD_HEADER_SIZE];
-        storage.read_at(&mut hb, at).map_err(|e| io("reading journal", at, e))?;
+        storage
+            .read_at(&mut hb, at)
+            .map_err(|e| io("reading journal", at, e))?;
         if JournalRecordHeader::parse(&hb, header.journal_epoch, seq + 1).is_some() {
             return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {} follows at {at:#x}", header.journal_offset + tail, seq + 1)));
         }
@@ -335,15 +493,39 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     for (&vc, e) in &map {
         for s in 0..2 {
             if e.units[s] != 0 {
-                used.push((e.host[s], Owner::Data { virtual_cluster: vc, slot: s }));
+                used.push((
+                    e.host[s],
+                    Owner::Data {
+                        virtual_cluster: vc,
+                        slot: s,
+                    },
+                ));
             }
         }
     }
     used.sort_unstable_by_key(|&(c, _)| c);
     for w in used.windows(2) {
         if w[0].0 == w[1].0 {
-            return Err(inconsistent(path, format!("host cluster {} (offset {:#x}) is claimed by both {} and {}", w[0].0, w[0].0 * cs, w[0].1, w[1].1)));
+            return Err(inconsistent(
+                path,
+                format!(
+                    "host cluster {} (offset {:#x}) is claimed by both {} and {}",
+                    w[0].0,
+                    w[0].0 * cs,
+                    w[0].1,
+                    w[1].1
+                ),
+            ));
         }
     }
-    Ok(Loaded { header, active_slot, map, journal_tail: tail, journal_next_seq: seq, used, file_length, bad_slots })
+    Ok(Loaded {
+        header,
+        active_slot,
+        map,
+        journal_tail: tail,
+        journal_next_seq: seq,
+        used,
+        file_length,
+        bad_slots,
+    })
 }
