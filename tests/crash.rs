@@ -148,6 +148,7 @@ fn run_workload<S: Storage + 'static>(
     backing: Option<&Path>,
     syncs: impl Fn(&S) -> usize,
     mut on_error: impl FnMut(&Image, Error, &[FlushRecord], u64),
+    before_close: impl FnOnce(&S),
 ) -> Vec<FlushRecord> {
     let mut rng = StdRng::seed_from_u64(w.seed);
     let backing_bytes = w.backing_len.map(|len| fit(&backing_content(w.seed, len), w.size as usize));
@@ -178,6 +179,7 @@ fn run_workload<S: Storage + 'static>(
         flushes.push(FlushRecord { start_sync, end_sync: syncs(&storage), state });
     }
     assert_eq!(fingerprint(&read_all(&image)), fingerprint(&model), "the workload image drifted from the model");
+    before_close(&storage);
     flushes
 }
 
@@ -192,7 +194,7 @@ fn record(w: &Workload) -> Recorded {
     let storage = Arc::new(CrashStorage::new(initial.clone()));
     let flushes = run_workload(w, storage.clone(), backing.as_deref(), CrashStorage::syncs, |_, e, _, _| {
         panic!("the workload failed on storage that cannot fail: {e}")
-    });
+    }, |_| {});
     Recorded { initial, log: storage.log(), flushes, backing, _dir: dir }
 }
 
@@ -416,12 +418,16 @@ fn an_injected_io_error_fails_the_request_and_the_last_flush_survives() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("base.raw");
     std::fs::write(&base, backing_content(w.seed, w.backing_len.unwrap_or(0))).expect("writing base.raw");
-    // A clean run counts the requests of each kind.
+    // A clean run counts the requests of each kind made before the image is closed (closing
+    // writes too, but cannot report an error).
     let clean = faulty(&w, FailOn::Write, usize::MAX);
-    run_workload(&w, clean.clone(), Some(&base), |s| s.syncs.load(Ordering::SeqCst), |_, e, _, _| panic!("clean run failed: {e}"));
+    let mut counts = [0usize; 3];
+    run_workload(&w, clean, Some(&base), |s| s.syncs.load(Ordering::SeqCst), |_, e, _, _| panic!("clean run failed: {e}"), |s| {
+        counts = [0, 1, 2].map(|i| s.counts[i].load(Ordering::SeqCst));
+    });
     let mut failures = 0;
     for fail_on in [FailOn::Write, FailOn::Sync, FailOn::Punch] {
-        let total = clean.counts[fail_on as usize].load(Ordering::SeqCst);
+        let total = counts[fail_on as usize];
         assert!(total > 0, "the workload made no {fail_on:?} request");
         for fail_at in 1..=total {
             let storage = faulty(&w, fail_on, fail_at);
@@ -433,7 +439,7 @@ fn an_injected_io_error_fails_the_request_and_the_last_flush_survives() {
                 assert!(image.write_at(b"x", 0).is_err(), "{fail_on:?} #{fail_at}: a write after the failure was accepted");
                 assert!(image.flush().is_err(), "{fail_on:?} #{fail_at}: a flush after the failure succeeded");
                 outcome = Some((flushes.last().map(|f| f.state), pending));
-            });
+            }, |_| {});
             let Some((last, pending)) = outcome else {
                 panic!("{fail_on:?} #{fail_at}: the failing request did not surface as an error");
             };
