@@ -248,8 +248,20 @@ fn open_crashed(bytes: Vec<u8>, rec: &Recorded, read_only: bool) -> Result<(Arc<
     Ok((storage, image))
 }
 
+/// `cowimg check` on a crash image: a crash leaves at most leaks, never corruption.
+fn check_finds_no_corruption(bytes: &[u8], rec: &Recorded, what: &str) {
+    let path = rec._dir.path().join("crashed-for-check.cow");
+    std::fs::write(&path, bytes).expect("writing the crash image");
+    let report = cowimg::image::ops::check(&path, false).unwrap_or_else(|e| panic!("{what}: check failed to run: {e}"));
+    assert!(report.corruptions.is_empty(), "{what}: check reports corruption: {:?}", report.corruptions);
+    std::fs::remove_file(&path).expect("removing the crash image");
+}
+
 fn check_crash_image(bytes: Vec<u8>, rec: &Recorded, syncs: usize, what: &str, continue_with: Option<&mut StdRng>, w: &Workload) -> Outcome {
     let (last, allowed) = allowed_states(&rec.flushes, syncs);
+    if continue_with.is_some() {
+        check_finds_no_corruption(&bytes, rec, what);
+    }
     let (storage, image) = open_crashed(bytes, rec, continue_with.is_none())
         .unwrap_or_else(|e| panic!("{what}: the crashed image does not open: {e}"));
     let content = read_all(&image);
@@ -297,12 +309,14 @@ fn check_every_sync_point(w: Workload) {
         let mut variants: Vec<(String, Vec<LogOp>)> = vec![(format!("crash at sync {k}, nothing after it"), Vec::new())];
         if !pending.is_empty() {
             variants.push((format!("crash at sync {k}, everything after it"), pending.clone()));
-            for v in 0..2 {
+            for v in 0..4 {
                 let subset: Vec<LogOp> = pending.iter().filter(|_| rng.gen_bool(0.5)).cloned().collect();
                 variants.push((format!("crash at sync {k}, random subset {v}"), subset));
             }
-            let tear: Vec<LogOp> = pending.iter().flat_map(|op| torn(op, &mut rng)).collect();
-            variants.push((format!("crash at sync {k}, torn sectors"), tear));
+            for v in 0..2 {
+                let tear: Vec<LogOp> = pending.iter().flat_map(|op| torn(op, &mut rng)).collect();
+                variants.push((format!("crash at sync {k}, torn sectors {v}"), tear));
+            }
         }
         let last_variant = variants.len() - 1;
         for (i, (what, subset)) in variants.into_iter().enumerate() {
@@ -310,8 +324,9 @@ fn check_every_sync_point(w: Workload) {
             for op in &subset {
                 apply(&mut bytes, op);
             }
-            // Every few sync points, the last (most torn) variant also carries on writing.
-            let continue_with = (k % 7 == 0 && i == last_variant).then_some(&mut rng);
+            // Every few sync points, the last (most torn) variant also goes through `check`
+            // and carries on writing.
+            let continue_with = (k % 2 == 0 && i == last_variant).then_some(&mut rng);
             let Outcome::State(which) = check_crash_image(bytes, &rec, k, &format!("{w:?}: {what}"), continue_with, &w);
             saw_in_progress += which;
             checked += 1;
