@@ -431,3 +431,35 @@ fn concurrent_writes_to_the_two_halves_of_one_unit_both_land() {
         image.flush().expect("flush");
     }
 }
+
+/// Whole clusters zeroed over a backing file become a zero run; zeroing or discarding part
+/// of one of them afterwards must keep the rest of that cluster zero, not let the backing
+/// file show through.
+#[test]
+fn zeroing_part_of_a_cluster_inside_a_zeroed_run_keeps_the_rest_of_it_zero() {
+    for second_discards in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = 16 * 1024u64;
+        let size = 8 * cluster;
+        let base = pattern(5, size as usize);
+        let base_path = dir.path().join("base.raw");
+        std::fs::write(&base_path, &base).expect("writing base.raw");
+        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(size, cluster)));
+        let image = open_mem(&storage, "mem.cow", Some(raw_layer(&base_path))).expect("opening mem.cow");
+        let mut model = base;
+        image.discard(cluster, 4 * cluster).expect("zeroing four whole clusters");
+        model[cluster as usize..5 * cluster as usize].fill(0);
+        let (at, len) = (2 * cluster + 8192, 4096u64);
+        if second_discards {
+            image.discard(at, len).expect("discarding part of a zeroed cluster");
+        } else {
+            image.write_zeroes(at, len).expect("zeroing part of a zeroed cluster");
+        }
+        model[at as usize..(at + len) as usize].fill(0);
+        assert_same_bytes(&read_all(&image), &model, "before a flush");
+        image.flush().expect("flush");
+        drop(image);
+        let image = open_mem(&storage, "mem.cow", Some(raw_layer(&base_path))).expect("reopening mem.cow");
+        assert_same_bytes(&read_all(&image), &model, "after reopening");
+    }
+}
