@@ -703,6 +703,12 @@ impl Image {
         };
         let mut punches = Vec::new();
         let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
+            if !st.map.contains_key(&vc) && st.zero_runs.contains(vc) {
+                // The cluster leaves its zero run, as in `plan_write`: its entry keeps the
+                // units outside `mask` zero.
+                st.zero_runs.remove(vc, vc + 1);
+                st.map.insert(vc, Entry { zero: g.full_mask(), ..Default::default() });
+            }
             let e = st.map.entry(vc).or_default();
             for s in 0..2 {
                 let dropped = e.units[s] & mask;
