@@ -19,6 +19,7 @@ mod open;
 pub mod ops;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
+pub use open::resolve_backing_path;
 
 use crate::error::{Error, Result};
 use crate::format::{
