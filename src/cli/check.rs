@@ -23,6 +23,10 @@ pub struct CheckArgs {
     /// Print JSON with qemu-img check's field names.
     #[arg(long)]
     pub json: bool,
+    /// Do not take the shared lock (check an image another process has open; the result
+    /// may then be inconsistent). Not with --repair.
+    #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
+    pub force_share: bool,
     pub image: PathBuf,
 }
 
@@ -40,10 +44,12 @@ struct CheckJson<'a> {
     total_clusters: u64,
     image_end_offset: u64,
     corruption_messages: &'a [String],
+    /// Header slots that fail their checksum: a torn header write, not corruption.
+    stale_header_slots: &'a [usize],
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let report = ops::check(&args.image, args.repair)?;
+    let report = ops::check_with(&args.image, args.repair, args.force_share)?;
     let remaining_leaks = report.leaks.saturating_sub(report.leaks_fixed);
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -58,6 +64,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             total_clusters: report.total_clusters,
             image_end_offset: report.image_end_offset,
             corruption_messages: &report.corruptions,
+            stale_header_slots: &report.stale_header_slots,
         };
         print_json(&mut out, &json)?;
     } else {
