@@ -18,6 +18,8 @@ mod free_clusters;
 mod layer;
 mod open;
 pub mod ops;
+#[cfg(test)]
+mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
 pub use open::resolve_backing_path;

@@ -73,25 +73,6 @@ pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
 impl Image {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        let invalid = |reason: String| Error::Invalid {
-            path: path.into(),
-            reason,
-        };
-        let cs = opts.cluster_size;
-        let cluster_bits = cs.trailing_zeros();
-        if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
-            return Err(invalid(format!(
-                "cluster size {cs} is not a power of two from 4 KiB to 2 MiB"
-            )));
-        }
-        if let Some((p, _)) = &opts.backing {
-            if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
-                return Err(invalid(format!(
-                    "backing path must be 1..={} bytes without NUL",
-                    format::header::MAX_BACKING_PATH
-                )));
-            }
-        }
         let size = match (opts.size, &opts.backing) {
             (Some(s), _) => s,
             (None, Some((p, fmt))) => {
@@ -103,31 +84,13 @@ impl Image {
                 Layer::open(&resolve_backing_path(path, p), *fmt, &ro, 1)?.size()
             }
             (None, None) => {
-                return Err(invalid(
-                    "a size is needed when there is no backing file".into(),
-                ))
+                return Err(Error::Invalid {
+                    path: path.into(),
+                    reason: "a size is needed when there is no backing file".into(),
+                });
             }
         };
-        if size > format::MAX_VIRTUAL_SIZE {
-            return Err(invalid(format!(
-                "size {size} exceeds the maximum of 2^60 bytes"
-            )));
-        }
-        let geometry = Geometry::new(cluster_bits);
-        let journal_capacity = super::journal_capacity_for(0, cs);
-        let header = Header {
-            generation: 1,
-            compatible_features: 0,
-            cluster_bits,
-            backing: opts.backing.clone(),
-            virtual_size: size,
-            checkpoint_offset: 0,
-            checkpoint_entries: 0,
-            checkpoint_crc: 0,
-            journal_offset: geometry.first_data_cluster() * cs,
-            journal_capacity,
-            journal_epoch: 1,
-        };
+        let header = new_header(path, opts, size)?;
         let file = FsOpenOptions::new()
             .read(true)
             .write(true)
@@ -138,22 +101,17 @@ impl Image {
                 op: "creating",
                 source,
             })?;
-        let io = |op, offset, source| Error::Io {
-            path: path.into(),
-            op,
-            offset,
-            source,
-        };
-        let storage = FileStorage::new(file);
-        storage
-            .write_at(&header.to_bytes(), 0)
-            .map_err(|e| io("writing header", 0, e))?;
-        // Slot B exists but is empty, so the file is never shorter than both slots.
-        storage
-            .set_len(2 * HEADER_SLOT_SIZE as u64)
-            .map_err(|e| io("sizing", 0, e))?;
-        storage.sync().map_err(|e| io("syncing", 0, e))?;
-        Ok(())
+        format_storage(&FileStorage::new(file), path, &header)
+    }
+
+    /// Writes a new, empty image of `opts.size` bytes (which must be set) onto `storage`,
+    /// for images that do not live in a file of their own (tests, fuzzing).
+    pub fn create_on(storage: &dyn Storage, name: &Path, opts: &CreateOptions) -> Result<()> {
+        let size = opts.size.ok_or_else(|| Error::Invalid {
+            path: name.into(),
+            reason: "a size is needed".into(),
+        })?;
+        format_storage(storage, name, &new_header(name, opts, size)?)
     }
 
     /// Opens an image file and its backing chain.
@@ -245,6 +203,65 @@ impl Image {
     pub fn attach_backing(&mut self, layer: Layer) {
         self.backing = Some(layer);
     }
+}
+
+/// The header of a new image, after checking the options.
+fn new_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
+    let invalid = |reason: String| Error::Invalid {
+        path: path.into(),
+        reason,
+    };
+    let cs = opts.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
+        return Err(invalid(format!(
+            "cluster size {cs} is not a power of two from 4 KiB to 2 MiB"
+        )));
+    }
+    if let Some((p, _)) = &opts.backing {
+        if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
+            return Err(invalid(format!(
+                "backing path must be 1..={} bytes without NUL",
+                format::header::MAX_BACKING_PATH
+            )));
+        }
+    }
+    if size > format::MAX_VIRTUAL_SIZE {
+        return Err(invalid(format!(
+            "size {size} exceeds the maximum of 2^60 bytes"
+        )));
+    }
+    let geometry = Geometry::new(cluster_bits);
+    Ok(Header {
+        generation: 1,
+        compatible_features: 0,
+        cluster_bits,
+        backing: opts.backing.clone(),
+        virtual_size: size,
+        checkpoint_offset: 0,
+        checkpoint_entries: 0,
+        checkpoint_crc: 0,
+        journal_offset: geometry.first_data_cluster() * cs,
+        journal_capacity: super::journal_capacity_for(0, cs),
+        journal_epoch: 1,
+    })
+}
+
+fn format_storage(storage: &dyn Storage, path: &Path, header: &Header) -> Result<()> {
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    storage
+        .write_at(&header.to_bytes(), 0)
+        .map_err(|e| io("writing header", 0, e))?;
+    // Slot B exists but is empty, so the file is never shorter than both slots.
+    storage
+        .set_len(2 * HEADER_SLOT_SIZE as u64)
+        .map_err(|e| io("sizing", 0, e))?;
+    storage.sync().map_err(|e| io("syncing", 0, e))
 }
 
 fn corrupt(path: &Path, structure: &'static str, offset: u64, source: FormatError) -> Error {
