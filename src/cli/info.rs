@@ -64,6 +64,8 @@ pub struct CowimgDetails {
     pub journal_capacity: u64,
     /// Virtual clusters that differ from the backing file.
     pub mapped_clusters: u64,
+    /// Whole clusters that read as zeros without a map entry (discarded or zeroed).
+    pub zero_clusters: u64,
     pub file_length: u64,
 }
 
@@ -139,6 +141,7 @@ pub fn cowimg_info(image: &Image) -> LayerInfo {
                 journal_used: stats.journal_used,
                 journal_capacity: stats.journal_capacity,
                 mapped_clusters: stats.mapped_clusters,
+                zero_clusters: stats.zero_run_clusters,
                 file_length: stats.file_length,
             },
         }),
@@ -204,6 +207,7 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
             d.journal_used, d.journal_capacity
         )?;
         writeln!(out, "    mapped clusters: {}", d.mapped_clusters)?;
+        writeln!(out, "    zero clusters: {}", d.zero_clusters)?;
         writeln!(out, "    file length: {} bytes", d.file_length)?;
     }
     Ok(())
