@@ -53,9 +53,21 @@ fn commit_into_a_raw_backing_file_matches_qemu_io_and_empties_the_overlay() {
     let out = cowimg_in(d, &["commit", "top.cow"]).ok();
     assert_eq!(out, "Image committed.\n");
     let reference = read_file(&d.join("ref.raw"));
-    assert_same_bytes(&read_file(&d.join("base.raw")), &reference, "committed backing file");
-    assert_eq!(own_extents(d, "top.cow"), Vec::<serde_json::Value>::new(), "overlay emptied");
-    assert_same_bytes(&contents(d, "top.cow"), &reference, "overlay reads the same");
+    assert_same_bytes(
+        &read_file(&d.join("base.raw")),
+        &reference,
+        "committed backing file",
+    );
+    assert_eq!(
+        own_extents(d, "top.cow"),
+        Vec::<serde_json::Value>::new(),
+        "overlay emptied"
+    );
+    assert_same_bytes(
+        &contents(d, "top.cow"),
+        &reference,
+        "overlay reads the same",
+    );
 }
 
 #[test]
@@ -66,16 +78,34 @@ fn commit_with_keep_leaves_the_overlay_as_it_was() {
     let dir = tempdir();
     let d = dir.path();
     make_base(d, "base.raw");
-    cowimg_in(d, &["create", "-c", "4K", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "top.cow",
+        ],
+    )
+    .ok();
     cowimg_io(d, "top.cow", WRITES).ok();
     qemu_io_raw(d, "ref.raw", WRITES).ok();
     let own_before = own_extents(d, "top.cow");
 
     cowimg_in(d, &["commit", "-d", "top.cow"]).ok();
     let reference = read_file(&d.join("ref.raw"));
-    assert_same_bytes(&read_file(&d.join("base.raw")), &reference, "committed backing file");
-    assert_eq!(own_extents(d, "top.cow"), own_before, "-d keeps the overlay's map");
-    assert_same_bytes(&contents(d, "top.cow"), &reference, "overlay reads the same");
+    assert_same_bytes(
+        &read_file(&d.join("base.raw")),
+        &reference,
+        "committed backing file",
+    );
+    assert_eq!(
+        own_extents(d, "top.cow"),
+        own_before,
+        "-d keeps the overlay's map"
+    );
+    assert_same_bytes(
+        &contents(d, "top.cow"),
+        &reference,
+        "overlay reads the same",
+    );
 }
 
 #[test]
@@ -87,7 +117,13 @@ fn commit_into_a_cowimg_middle_layer_leaves_the_raw_base_alone() {
     let d = dir.path();
     let original = make_base(d, "base.raw");
     let mid_writes = ["write -P 0x99 0 256K", "write -z 2M 8K"];
-    cowimg_in(d, &["create", "-c", "16K", "-b", "base.raw", "-F", "raw", "mid.cow"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "create", "-c", "16K", "-b", "base.raw", "-F", "raw", "mid.cow",
+        ],
+    )
+    .ok();
     cowimg_io(d, "mid.cow", &mid_writes).ok();
     qemu_io_raw(d, "ref.raw", &mid_writes).ok();
     cowimg_in(d, &["create", "-b", "mid.cow", "-F", "cowimg", "top.cow"]).ok();
@@ -96,9 +132,17 @@ fn commit_into_a_cowimg_middle_layer_leaves_the_raw_base_alone() {
 
     cowimg_in(d, &["commit", "-p", "top.cow"]).ok();
     let reference = read_file(&d.join("ref.raw"));
-    assert_same_bytes(&contents(d, "mid.cow"), &reference, "middle layer after commit");
+    assert_same_bytes(
+        &contents(d, "mid.cow"),
+        &reference,
+        "middle layer after commit",
+    );
     assert_same_bytes(&contents(d, "top.cow"), &reference, "top reads the same");
-    assert_same_bytes(&read_file(&d.join("base.raw")), &original, "raw base untouched");
+    assert_same_bytes(
+        &read_file(&d.join("base.raw")),
+        &original,
+        "raw base untouched",
+    );
     assert!(own_extents(d, "top.cow").is_empty(), "overlay emptied");
 }
 
@@ -127,8 +171,19 @@ fn a_commit_killed_midway_completes_when_run_again() {
     std::fs::File::create(&base)
         .and_then(|f| f.set_len(size as u64))
         .expect("creating the base");
-    cowimg_in(d, &["create", "-c", "1M", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
-    cowimg_io(d, "top.cow", &["write -P 0x5a 0 256M", "write -P 0xa5 100M 1000"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "create", "-c", "1M", "-b", "base.raw", "-F", "raw", "top.cow",
+        ],
+    )
+    .ok();
+    cowimg_io(
+        d,
+        "top.cow",
+        &["write -P 0x5a 0 256M", "write -P 0xa5 100M 1000"],
+    )
+    .ok();
     let mut expected = vec![0x5au8; size];
     expected[100 * MIB..100 * MIB + 1000].fill(0xa5);
 
@@ -166,9 +221,17 @@ fn a_commit_killed_midway_completes_when_run_again() {
     }
 
     cowimg_in(d, &["commit", "-d", "top.cow"]).ok();
-    assert_same_bytes(&read_file(&base), &expected, "backing file after the second commit");
+    assert_same_bytes(
+        &read_file(&base),
+        &expected,
+        "backing file after the second commit",
+    );
     cowimg_in(d, &["commit", "top.cow"]).ok();
-    assert_same_bytes(&read_file(&base), &expected, "backing file after the third commit");
+    assert_same_bytes(
+        &read_file(&base),
+        &expected,
+        "backing file after the third commit",
+    );
     assert_same_bytes(&contents(d, "top.cow"), &expected, "overlay reads the same");
     assert!(own_extents(d, "top.cow").is_empty(), "overlay emptied");
 }

@@ -8,7 +8,11 @@ use std::path::Path;
 fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
     assert_eq!(run.code, Some(code), "stderr: {}", run.stderr);
     for needle in needles {
-        assert!(run.stderr.contains(needle), "no {needle:?} in {:?}", run.stderr);
+        assert!(
+            run.stderr.contains(needle),
+            "no {needle:?} in {:?}",
+            run.stderr
+        );
     }
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
@@ -75,7 +79,9 @@ fn unknown_flags_and_formats_exit_1_not_clap_s_2() {
 #[test]
 fn every_command_has_help() {
     let dir = tempdir();
-    for command in ["create", "io", "info", "map", "check", "commit", "rebase", "convert", "serve"] {
+    for command in [
+        "create", "io", "info", "map", "check", "commit", "rebase", "convert", "serve",
+    ] {
         let out = cowimg_in(dir.path(), &[command, "--help"]).ok();
         assert!(out.contains("Usage: cowimg"), "{command}: {out}");
     }
@@ -134,8 +140,16 @@ fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
     assert_fails(&run, 1, &["img.cow", "could not get a write lock"]);
     assert_one_line(&run);
     // A reader needs the shared lock too; -U skips it.
-    assert_fails(&cowimg_in(d, &["info", "img.cow"]), 1, &["img.cow", "shared lock"]);
-    assert_fails(&cowimg_in(d, &["map", "img.cow"]), 1, &["img.cow", "shared lock"]);
+    assert_fails(
+        &cowimg_in(d, &["info", "img.cow"]),
+        1,
+        &["img.cow", "shared lock"],
+    );
+    assert_fails(
+        &cowimg_in(d, &["map", "img.cow"]),
+        1,
+        &["img.cow", "shared lock"],
+    );
     cowimg_in(d, &["info", "-U", "img.cow"]).ok();
     cowimg_in(d, &["map", "-U", "img.cow"]).ok();
     cowimg_in(d, &["io", "-r", "-U", "img.cow", "-c", "read -P 0 0 4k"]).ok();
@@ -169,15 +183,28 @@ fn check_exits_0_when_clean_and_3_for_leaks_until_repaired() {
     let dir = tempdir();
     let d = dir.path();
     cowimg_in(d, &["create", "-s", "4M", "img.cow"]).ok();
-    cowimg_io(d, "img.cow", &["write -P 1 0 256K", "flush", "write -P 2 0 64K"]).ok();
+    cowimg_io(
+        d,
+        "img.cow",
+        &["write -P 1 0 256K", "flush", "write -P 2 0 64K"],
+    )
+    .ok();
     let run = check(d, &["img.cow"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.stdout.starts_with("No errors were found on the image.\n"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .starts_with("No errors were found on the image.\n"),
+        "{}",
+        run.stdout
+    );
 
     // Two cluster-sized blocks of bytes past the end that nothing references (written in
     // place: rewriting the whole file would fill its holes and leak those clusters too).
     let path = d.join("img.cow");
-    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("opening");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("opening");
     let end = file.metadata().expect("stat").len().next_multiple_of(65536);
     std::os::unix::fs::FileExt::write_all_at(&file, &random_bytes(2 * 65536, 3), end)
         .expect("appending");
@@ -216,7 +243,11 @@ fn check_exits_2_when_both_header_slots_are_damaged_and_1_when_the_file_is_missi
     let run = check(d, &["img.cow"]);
     assert_eq!(run.code, Some(2), "{}{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("ERROR img.cow"), "{}", run.stdout);
-    assert!(run.stdout.contains("1 errors were found on the image."), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("1 errors were found on the image."),
+        "{}",
+        run.stdout
+    );
     let report = json(&check(d, &["--json", "img.cow"]).stdout);
     assert_eq!(report["corruptions"], 1);
 
@@ -241,12 +272,22 @@ fn a_truncated_image_is_an_error_not_a_panic() {
         .open(&path)
         .and_then(|f| f.set_len(len / 2))
         .expect("truncating");
-    for args in [&["info", "img.cow"][..], &["map", "img.cow"], &["io", "img.cow", "-c", "read 0 1M"]] {
+    for args in [
+        &["info", "img.cow"][..],
+        &["map", "img.cow"],
+        &["io", "img.cow", "-c", "read 0 1M"],
+    ] {
         let run = cowimg_in(d, args);
         assert_fails(&run, 1, &["img.cow"]);
     }
     assert_eq!(check(d, &["img.cow"]).code, Some(2));
-    // Bytes that are not an image at all.
-    write_file(&d.join("junk.cow"), &random_bytes(10000, 4));
-    assert_fails(&cowimg_in(d, &["info", "junk.cow"]), 1, &["junk.cow", "offset"]);
+    // The magic, then garbage.
+    let mut junk = random_bytes(10000, 4);
+    junk[..8].copy_from_slice(b"\x89COWIMG\n");
+    write_file(&d.join("junk.cow"), &junk);
+    assert_fails(
+        &cowimg_in(d, &["info", "junk.cow"]),
+        1,
+        &["junk.cow", "offset"],
+    );
 }

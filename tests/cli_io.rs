@@ -63,7 +63,11 @@ fn io_on_an_overlay_matches_qemu_io_on_a_raw_copy() {
     for session in [FIRST_SESSION, SECOND_SESSION] {
         cowimg_io(d, "top.cow", session).ok();
         qemu_io_raw(d, "ref.raw", session).ok();
-        assert_same_bytes(&contents(d, "top.cow"), &read_file(&d.join("ref.raw")), "overlay");
+        assert_same_bytes(
+            &contents(d, "top.cow"),
+            &read_file(&d.join("ref.raw")),
+            "overlay",
+        );
     }
     assert_same_bytes(
         &read_file(&d.join("base.raw")),
@@ -81,17 +85,37 @@ fn io_through_a_two_level_chain_matches_qemu_io() {
     let d = dir.path();
     make_backing(d);
     // Different cluster sizes on each level: 16K (4K units) and 1M (16K units).
-    cowimg_in(d, &["create", "-c", "16K", "-b", "base.raw", "-F", "raw", "mid.cow"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "create", "-c", "16K", "-b", "base.raw", "-F", "raw", "mid.cow",
+        ],
+    )
+    .ok();
     cowimg_io(d, "mid.cow", FIRST_SESSION).ok();
     qemu_io_raw(d, "ref.raw", FIRST_SESSION).ok();
     let after_first = read_file(&d.join("ref.raw"));
 
-    cowimg_in(d, &["create", "-c", "1M", "-b", "mid.cow", "-F", "cowimg", "top.cow"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "create", "-c", "1M", "-b", "mid.cow", "-F", "cowimg", "top.cow",
+        ],
+    )
+    .ok();
     cowimg_io(d, "top.cow", SECOND_SESSION).ok();
     qemu_io_raw(d, "ref.raw", SECOND_SESSION).ok();
 
-    assert_same_bytes(&contents(d, "top.cow"), &read_file(&d.join("ref.raw")), "top of the chain");
-    assert_same_bytes(&contents(d, "mid.cow"), &after_first, "middle layer, untouched by top");
+    assert_same_bytes(
+        &contents(d, "top.cow"),
+        &read_file(&d.join("ref.raw")),
+        "top of the chain",
+    );
+    assert_same_bytes(
+        &contents(d, "mid.cow"),
+        &after_first,
+        "middle layer, untouched by top",
+    );
 }
 
 #[test]
@@ -100,15 +124,24 @@ fn reading_a_wrong_pattern_fails_and_names_the_first_mismatching_offset() {
     let d = dir.path();
     cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
     cowimg_io(d, "img.cow", &["write -P 0xab 5000 10"]).ok();
-    let run = cowimg_io(d, "img.cow", &["read -P 0 4096 8192", "read -P 0xab 5000 10"]);
+    let run = cowimg_io(
+        d,
+        "img.cow",
+        &["read -P 0 4096 8192", "read -P 0xab 5000 10"],
+    );
     assert_eq!(run.code, Some(1));
     assert!(
-        run.stderr.contains("Pattern verification failed at offset 5000"),
+        run.stderr
+            .contains("Pattern verification failed at offset 5000"),
         "{}",
         run.stderr
     );
     // The script went on: the second read ran and passed.
-    assert!(run.stdout.contains("read 10/10 bytes at offset 5000"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("read 10/10 bytes at offset 5000"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -116,12 +149,29 @@ fn io_prints_qemu_io_lines_and_fails_on_bad_commands() {
     let dir = tempdir();
     let d = dir.path();
     cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
-    let run = cowimg_io(d, "img.cow", &["write 0 4k", "discard 4k 4k", "bogus 1 2", "write 1M 1"]);
+    let run = cowimg_io(
+        d,
+        "img.cow",
+        &["write 0 4k", "discard 4k 4k", "bogus 1 2", "write 1M 1"],
+    );
     assert_eq!(run.code, Some(1));
-    assert!(run.stdout.contains("wrote 4096/4096 bytes at offset 0\n4 KiB, 1 ops; "));
-    assert!(run.stdout.contains("discard 4096/4096 bytes at offset 4096"));
-    assert!(run.stderr.contains("command \"bogus\" not found"), "{}", run.stderr);
-    assert!(run.stderr.contains("write failed: img.cow: request at offset 0x100000"), "{}", run.stderr);
+    assert!(run
+        .stdout
+        .contains("wrote 4096/4096 bytes at offset 0\n4 KiB, 1 ops; "));
+    assert!(run
+        .stdout
+        .contains("discard 4096/4096 bytes at offset 4096"));
+    assert!(
+        run.stderr.contains("command \"bogus\" not found"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("write failed: img.cow: request at offset 0x100000"),
+        "{}",
+        run.stderr
+    );
     // The write that succeeded is there (default pattern 0xcd).
     let bytes = contents(d, "img.cow");
     assert!(bytes[..4096].iter().all(|&b| b == 0xcd));
@@ -133,9 +183,24 @@ fn read_only_io_refuses_writes_and_changes_nothing() {
     let d = dir.path();
     cowimg_in(d, &["create", "-s", "64K", "img.cow"]).ok();
     let before = read_file(&d.join("img.cow"));
-    let run = cowimg_in(d, &["io", "-r", "img.cow", "-c", "write 0 1", "-c", "read -P 0 0 64K"]);
+    let run = cowimg_in(
+        d,
+        &[
+            "io",
+            "-r",
+            "img.cow",
+            "-c",
+            "write 0 1",
+            "-c",
+            "read -P 0 0 64K",
+        ],
+    );
     assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("img.cow: image is read-only"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("img.cow: image is read-only"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stdout.contains("read 65536/65536 bytes at offset 0"));
     assert_eq!(read_file(&d.join("img.cow")), before);
 }
@@ -149,7 +214,13 @@ fn convert_to_cowimg_over_the_same_backing_stores_only_the_difference() {
     cowimg_io(d, "top.cow", &["write -P 1 1M 64K", "write -z 2M 64K"]).ok();
     let expected = contents(d, "top.cow");
 
-    cowimg_in(d, &["convert", "-O", "cowimg", "-B", "base.raw", "-F", "raw", "top.cow", "copy.cow"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "convert", "-O", "cowimg", "-B", "base.raw", "-F", "raw", "top.cow", "copy.cow",
+        ],
+    )
+    .ok();
     assert_same_bytes(&contents(d, "copy.cow"), &expected, "converted overlay");
     // Only the written and the zeroed cluster are the copy's own.
     let map = json(&cowimg_in(d, &["map", "--json", "copy.cow"]).ok());
@@ -163,9 +234,16 @@ fn convert_to_cowimg_over_the_same_backing_stores_only_the_difference() {
             (n("start"), n("length"), e["data"] == true)
         })
         .collect();
-    assert_eq!(own, [(MIB as u64, 65536, true), (2 * MIB as u64, 65536, false)]);
+    assert_eq!(
+        own,
+        [(MIB as u64, 65536, true), (2 * MIB as u64, 65536, false)]
+    );
 
-    cowimg_in(d, &["convert", "-O", "cowimg", "-c", "4K", "top.cow", "flat.cow"]).ok();
+    cowimg_in(
+        d,
+        &["convert", "-O", "cowimg", "-c", "4K", "top.cow", "flat.cow"],
+    )
+    .ok();
     assert_same_bytes(&contents(d, "flat.cow"), &expected, "flattened copy");
     let info = json(&cowimg_in(d, &["info", "--json", "flat.cow"]).ok());
     assert_eq!(info["cluster-size"], 4096);
@@ -177,12 +255,26 @@ fn convert_refuses_a_backing_file_for_raw_output_and_a_backing_without_format() 
     let dir = tempdir();
     let d = dir.path();
     make_backing(d);
-    let run = cowimg_in(d, &["convert", "-B", "base.raw", "-F", "raw", "base.raw", "out.raw"]);
+    let run = cowimg_in(
+        d,
+        &[
+            "convert", "-B", "base.raw", "-F", "raw", "base.raw", "out.raw",
+        ],
+    );
     assert_eq!(run.code, Some(1));
     assert!(run.stderr.contains("-B needs -O cowimg"), "{}", run.stderr);
-    let run = cowimg_in(d, &["convert", "-O", "cowimg", "-B", "base.raw", "base.raw", "out.cow"]);
+    let run = cowimg_in(
+        d,
+        &[
+            "convert", "-O", "cowimg", "-B", "base.raw", "base.raw", "out.cow",
+        ],
+    );
     assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("backing format must be given with -F"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("backing format must be given with -F"),
+        "{}",
+        run.stderr
+    );
     assert!(!d.join("out.raw").exists() && !d.join("out.cow").exists());
 }
 
@@ -194,7 +286,9 @@ fn a_closed_stdout_is_not_an_error() {
     let d = dir.path();
     cowimg_in(d, &["create", "-s", "64M", "img.cow"]).ok();
     // Every other 4K unit written: thousands of map lines, far more than a pipe buffer.
-    let commands: Vec<String> = (0..4096).map(|i| format!("write {} 4k", i * 8192)).collect();
+    let commands: Vec<String> = (0..4096)
+        .map(|i| format!("write {} 4k", i * 8192))
+        .collect();
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
     cowimg_io(d, "img.cow", &commands).ok();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cowimg"))
@@ -205,10 +299,24 @@ fn a_closed_stdout_is_not_an_error() {
         .spawn()
         .expect("spawning cowimg map");
     let mut first = [0u8; 1];
-    child.stdout.take().expect("stdout").read_exact(&mut first).expect("reading");
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("reading");
     // Dropping the read end closes the pipe.
     let output = child.wait_with_output().expect("waiting for cowimg map");
     assert_eq!(first[0], b'[');
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -16,7 +16,9 @@ enum Kind {
 }
 
 fn num(e: &Value, key: &str) -> u64 {
-    e[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {e}"))
+    e[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {e}"))
 }
 
 /// A 4 MiB raw base: random data in the first 3 MiB, a hole in the last.
@@ -49,7 +51,16 @@ fn map_json_shows_what_was_written_discarded_and_left_to_the_backing_file() {
     // Expected state of every 4K unit: (depth, kind). The backing file holds data below
     // 3 MiB and a hole above; a partial write owns its whole unit.
     let mut expected: Vec<(u64, Kind)> = (0..4 * MIB / UNIT)
-        .map(|u| (1, if u * UNIT < 3 * MIB { Kind::Data } else { Kind::Zero }))
+        .map(|u| {
+            (
+                1,
+                if u * UNIT < 3 * MIB {
+                    Kind::Data
+                } else {
+                    Kind::Zero
+                },
+            )
+        })
         .collect();
     let mut own = |start: u64, len: u64, kind: Kind| {
         for u in start / UNIT..(start + len).div_ceil(UNIT) {
@@ -81,7 +92,12 @@ fn map_json_shows_what_was_written_discarded_and_left_to_the_backing_file() {
             Kind::Zero
         };
         for u in start / UNIT..(start + length) / UNIT {
-            assert_eq!(expected[u as usize], (depth, kind), "unit at {:#x} in {e}", u * UNIT);
+            assert_eq!(
+                expected[u as usize],
+                (depth, kind),
+                "unit at {:#x} in {e}",
+                u * UNIT
+            );
         }
         // Where a range has a host offset, that is where its bytes are.
         let range = start as usize..(start + length) as usize;
@@ -115,7 +131,13 @@ fn map_of_an_image_without_backing_shows_unallocated_ranges_as_absent_zeros() {
         .map(|e| {
             assert_eq!(num(e, "depth"), 0);
             let b = |k: &str| e[k].as_bool().expect("a bool");
-            (num(e, "start"), num(e, "length"), b("present"), b("zero"), b("data"))
+            (
+                num(e, "start"),
+                num(e, "length"),
+                b("present"),
+                b("zero"),
+                b("data"),
+            )
         })
         .collect();
     assert_eq!(
@@ -136,10 +158,16 @@ fn human_map_lists_data_ranges_with_the_file_that_holds_them() {
     cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
     cowimg_io(d, "top.cow", &["write 0 64K", "write -z 1M 2M"]).ok();
     let out = cowimg_in(d, &["map", "top.cow"]).ok();
-    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert_eq!(rows[0], ["Offset", "Length", "Mapped", "to", "File"]);
     assert_eq!(rows.len(), 3, "{out}");
-    assert_eq!((rows[1][0], rows[1][1], rows[1][3]), ("0", "0x10000", "top.cow"));
+    assert_eq!(
+        (rows[1][0], rows[1][1], rows[1][3]),
+        ("0", "0x10000", "top.cow")
+    );
     assert_eq!(rows[2], ["0x10000", "0xf0000", "0x10000", "base.raw"]);
 }
 
@@ -150,7 +178,20 @@ fn info_json_names_the_recorded_and_the_resolved_backing_file() {
     std::fs::create_dir(d.join("sub")).expect("mkdir");
     write_file(&d.join("sub/base.raw"), &random_bytes(3 * MIB as usize, 9));
     // Recorded relative to the overlay's directory, not to the working directory.
-    let out = cowimg_in(d, &["create", "-c", "16K", "-b", "base.raw", "-F", "raw", "sub/top.cow"]).ok();
+    let out = cowimg_in(
+        d,
+        &[
+            "create",
+            "-c",
+            "16K",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "sub/top.cow",
+        ],
+    )
+    .ok();
     assert_eq!(
         out,
         "Formatting 'sub/top.cow', fmt=cowimg cluster_size=16384 backing_file=base.raw \
@@ -188,7 +229,13 @@ fn info_backing_chain_lists_every_layer_down_to_the_raw_file() {
     let d = dir.path();
     make_sparse_base(d);
     cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "mid.cow"]).ok();
-    cowimg_in(d, &["create", "-s", "8M", "-b", "mid.cow", "-F", "cowimg", "top.cow"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "create", "-s", "8M", "-b", "mid.cow", "-F", "cowimg", "top.cow",
+        ],
+    )
+    .ok();
     let chain = json(&cowimg_in(d, &["info", "--json", "--backing-chain", "top.cow"]).ok());
     let layers = chain.as_array().expect("an array");
     let names: Vec<(&str, &str, u64)> = layers
@@ -200,16 +247,27 @@ fn info_backing_chain_lists_every_layer_down_to_the_raw_file() {
         .collect();
     assert_eq!(
         names,
-        [("top.cow", "cowimg", 8 * MIB), ("mid.cow", "cowimg", 4 * MIB), ("base.raw", "raw", 4 * MIB)]
+        [
+            ("top.cow", "cowimg", 8 * MIB),
+            ("mid.cow", "cowimg", 4 * MIB),
+            ("base.raw", "raw", 4 * MIB)
+        ]
     );
     assert_eq!(layers[1]["backing-filename-format"], "raw");
     assert!(layers[2].get("cluster-size").is_none());
     // The raw file's last MiB is a hole.
-    assert!(num(&layers[2], "actual-size") <= 3 * MIB + 64 * KIB, "{}", layers[2]);
+    assert!(
+        num(&layers[2], "actual-size") <= 3 * MIB + 64 * KIB,
+        "{}",
+        layers[2]
+    );
 
     let human = cowimg_in(d, &["info", "--backing-chain", "top.cow"]).ok();
     assert_eq!(human.matches("image: ").count(), 3, "{human}");
-    assert!(human.contains("\n\nimage: base.raw\nfile format: raw\n"), "{human}");
+    assert!(
+        human.contains("\n\nimage: base.raw\nfile format: raw\n"),
+        "{human}"
+    );
 }
 
 #[test]
@@ -223,7 +281,11 @@ fn info_works_when_the_backing_file_is_missing_but_the_chain_does_not() {
     assert_eq!(info["virtual-size"], 4 * MIB);
     let run = cowimg_in(d, &["info", "--backing-chain", "top.cow"]);
     assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("base.raw: opening: No such file"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("base.raw: opening: No such file"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -231,7 +293,17 @@ fn a_16_tib_overlay_is_created_written_and_inspected_cheaply() {
     let dir = tempdir();
     let d = dir.path();
     cowimg_in(d, &["create", "img.cow", "16T"]).ok();
-    cowimg_io(d, "img.cow", &["write 0 64K", "write -P 1 15T 4k", "discard 8T 1G", "read -P 1 15T 4k"]).ok();
+    cowimg_io(
+        d,
+        "img.cow",
+        &[
+            "write 0 64K",
+            "write -P 1 15T 4k",
+            "discard 8T 1G",
+            "read -P 1 15T 4k",
+        ],
+    )
+    .ok();
     let info = json(&cowimg_in(d, &["info", "--json", "img.cow"]).ok());
     assert_eq!(info["virtual-size"], 16u64 << 40);
     assert!(num(&info, "actual-size") < 4 * MIB, "{info}");
@@ -250,7 +322,8 @@ fn create_takes_the_size_from_the_backing_file_or_a_positional_argument() {
     cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "a.cow"]).ok();
     cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "b.cow", "1G"]).ok();
     cowimg_in(d, &["create", "-f", "cowimg", "-c", "2M", "c.cow", "1.5G"]).ok();
-    let field = |image: &str, key: &str| num(&json(&cowimg_in(d, &["info", "--json", image]).ok()), key);
+    let field =
+        |image: &str, key: &str| num(&json(&cowimg_in(d, &["info", "--json", image]).ok()), key);
     assert_eq!(field("a.cow", "virtual-size"), 4 * MIB);
     assert_eq!(field("b.cow", "virtual-size"), 1 << 30);
     assert_eq!(field("c.cow", "virtual-size"), 1536 * MIB);
@@ -264,15 +337,44 @@ fn create_refuses_a_backing_file_without_its_format_and_an_existing_file() {
     make_sparse_base(d);
     let run = cowimg_in(d, &["create", "-b", "base.raw", "top.cow"]);
     assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("backing format must be given with -F"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("backing format must be given with -F"),
+        "{}",
+        run.stderr
+    );
     assert!(!d.join("top.cow").exists());
 
     let run = cowimg_in(d, &["create", "-s", "1M", "base.raw"]);
     assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("base.raw: creating: File exists"), "{}", run.stderr);
-    assert_eq!(std::fs::metadata(d.join("base.raw")).expect("stat").len(), 4 * MIB);
+    assert!(
+        run.stderr.contains("base.raw: creating: File exists"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::metadata(d.join("base.raw")).expect("stat").len(),
+        4 * MIB
+    );
 
     let run = cowimg_in(d, &["create", "none.cow"]);
     assert_eq!(run.code, Some(1));
     assert!(run.stderr.contains("a size is needed"), "{}", run.stderr);
+}
+
+#[test]
+fn info_shows_a_file_without_the_cowimg_magic_as_raw() {
+    let dir = tempdir();
+    let d = dir.path();
+    make_sparse_base(d);
+    let info = json(&cowimg_in(d, &["info", "--json", "base.raw"]).ok());
+    assert_eq!(info["format"], "raw");
+    assert_eq!(info["virtual-size"], 4 * MIB);
+    assert!(info.get("cluster-size").is_none(), "{info}");
+    let human = cowimg_in(d, &["info", "base.raw"]).ok();
+    assert!(
+        human.starts_with(
+            "image: base.raw\nfile format: raw\nvirtual size: 4 MiB (4194304 bytes)\n"
+        ),
+        "{human}"
+    );
 }

@@ -1,11 +1,12 @@
 //! `cowimg info`: what `qemu-img info` shows, with qemu-img's JSON field names.
 use super::size::human_size;
 use super::{open_read_only, open_without_backing, print_json};
-use crate::image::{resolve_backing_path, Image, Layer};
+use crate::format::header::MAGIC;
+use crate::image::{resolve_backing_path, Image, Layer, RawFile};
 use clap::Args;
 use serde::Serialize;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -70,7 +71,10 @@ pub struct CowimgDetails {
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
-    let layers = if args.backing_chain {
+    let layers = if !starts_with_cowimg_magic(&args.image)? {
+        let raw = RawFile::open(&args.image, false, args.force_share)?;
+        vec![raw_info(&Layer::Raw(raw))?]
+    } else if args.backing_chain {
         chain_info(&open_read_only(&args.image, args.force_share)?)?
     } else {
         // Like qemu-img info, the backing file is not opened: an overlay whose backing file
@@ -97,6 +101,18 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `qemu-img info` probes the file it is given, and so does this: a file without the
+/// cowimg magic is shown as raw. (Backing files are never probed: their format is recorded.)
+fn starts_with_cowimg_magic(path: &Path) -> anyhow::Result<bool> {
+    let file = std::fs::File::open(path).map_err(|source| crate::Error::File {
+        path: path.into(),
+        op: "opening",
+        source,
+    })?;
+    let mut magic = [0u8; MAGIC.len()];
+    Ok(file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC)
 }
 
 /// Every layer from `image` down.

@@ -54,7 +54,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         let numerator: u128 = fraction.parse().map_err(|_| invalid())?;
         let denominator = 10u128.pow(fraction.len() as u32);
         let scaled = numerator * unit;
-        if scaled % denominator != 0 {
+        if !scaled.is_multiple_of(denominator) {
             return Err(format!(
                 "invalid size '{text}': not a whole number of bytes"
             ));

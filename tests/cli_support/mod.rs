@@ -123,7 +123,17 @@ pub fn read_file(path: &Path) -> Vec<u8> {
 pub fn contents(dir: &Path, image: &str) -> Vec<u8> {
     let out: PathBuf = dir.join(format!("{image}.contents.raw"));
     let _ = std::fs::remove_file(&out);
-    cowimg_in(dir, &["convert", "-O", "raw", image, out.to_str().expect("utf-8 path")]).ok();
+    cowimg_in(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            image,
+            out.to_str().expect("utf-8 path"),
+        ],
+    )
+    .ok();
     let bytes = read_file(&out);
     std::fs::remove_file(&out).expect("removing the converted copy");
     bytes
