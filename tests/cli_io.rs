@@ -320,3 +320,47 @@ fn a_closed_stdout_is_not_an_error() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn convert_refuses_to_overwrite_its_own_input() {
+    let dir = tempdir();
+    let d = dir.path();
+    let base = make_backing(d);
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
+    cowimg_io(d, "top.cow", &["write -P 1 0 64K"]).ok();
+    let top = read_file(&d.join("top.cow"));
+    std::fs::create_dir(d.join("sub")).expect("mkdir");
+    write_file(&d.join("other.raw"), b"other");
+    for (args, needle) in [
+        (&["convert", "top.cow", "top.cow"][..], "the source itself"),
+        (
+            &["convert", "-O", "cowimg", "top.cow", "./top.cow"],
+            "the source itself",
+        ),
+        (
+            &["convert", "top.cow", "base.raw"],
+            "a backing file (base.raw)",
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "cowimg",
+                "-B",
+                "other.raw",
+                "-F",
+                "raw",
+                "base.raw",
+                "sub/../other.raw",
+            ],
+            "cannot be its own backing file",
+        ),
+    ] {
+        let run = cowimg_in(d, args);
+        assert_eq!(run.code, Some(1), "{}", run.stderr);
+        assert!(run.stderr.contains(needle), "{}", run.stderr);
+    }
+    assert_same_bytes(&read_file(&d.join("base.raw")), &base, "base untouched");
+    assert_same_bytes(&read_file(&d.join("top.cow")), &top, "source untouched");
+    assert_eq!(read_file(&d.join("other.raw")), b"other");
+}

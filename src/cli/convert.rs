@@ -4,10 +4,11 @@ use super::size::parse_cluster_size;
 use super::{backing_option, parse_format};
 use crate::format::BackingFormat;
 use crate::image::ops::{self, ConvertOptions, OutputFormat};
-use crate::image::CreateOptions;
+use crate::image::{resolve_backing_path, CreateOptions, Layer};
 use anyhow::bail;
 use clap::Args;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
@@ -56,6 +57,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let source = ops::open_source(&args.source, args.source_format)?;
+    refuse_to_overwrite_an_input(&source, &args.destination, backing.as_ref())?;
     let opts = ConvertOptions {
         output: args.output_format,
         backing,
@@ -69,4 +71,50 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     })?;
     progress.finish();
     Ok(ExitCode::SUCCESS)
+}
+
+/// DST is truncated or replaced before it is written: if it were the source, a layer of the
+/// source's chain, or the new image's own backing file, the data to copy would be
+/// destroyed first.
+fn refuse_to_overwrite_an_input(
+    source: &Layer,
+    destination: &Path,
+    backing: Option<&(String, BackingFormat)>,
+) -> anyhow::Result<()> {
+    let Some(target) = file_identity(destination) else {
+        return Ok(()); // a new file cannot be an input
+    };
+    let mut layer = Some(source);
+    while let Some(current) = layer {
+        if file_identity(current.path()) == Some(target) {
+            bail!(
+                "{}: is {} of the source; refusing to overwrite it",
+                destination.display(),
+                if std::ptr::eq(current, source) {
+                    "the source itself".to_string()
+                } else {
+                    format!("a backing file ({})", current.path().display())
+                }
+            );
+        }
+        layer = match current {
+            Layer::Cowimg(image) => image.backing(),
+            Layer::Raw(_) => None,
+        };
+    }
+    if let Some((recorded, _)) = backing {
+        if file_identity(&resolve_backing_path(destination, recorded)) == Some(target) {
+            bail!(
+                "{}: cannot be its own backing file (-B {recorded})",
+                destination.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Device and inode: the same file under any name.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.dev(), metadata.ino()))
 }
