@@ -378,3 +378,86 @@ fn info_shows_a_file_without_the_cowimg_magic_as_raw() {
         "{human}"
     );
 }
+
+/// (start, length, depth, present, zero, data) with adjacent equal runs merged: host
+/// offsets differ between formats, the rest must not.
+fn normalized_map(map: &Value) -> Vec<(u64, u64, u64, bool, bool, bool)> {
+    let mut out: Vec<(u64, u64, u64, bool, bool, bool)> = Vec::new();
+    for e in map.as_array().expect("an array") {
+        let b = |k: &str| e[k].as_bool().expect("a bool");
+        let entry = (
+            num(e, "start"),
+            num(e, "length"),
+            num(e, "depth"),
+            b("present"),
+            b("zero"),
+            b("data"),
+        );
+        match out.last_mut() {
+            Some(last)
+                if last.0 + last.1 == entry.0
+                    && (last.2, last.3, last.4, last.5) == (entry.2, entry.3, entry.4, entry.5) =>
+            {
+                last.1 += entry.1
+            }
+            _ => out.push(entry),
+        }
+    }
+    out
+}
+
+#[test]
+fn map_json_agrees_with_qemu_img_map_of_a_qcow2_overlay() {
+    if !have_tool("qemu-img") || !have_tool("qemu-io") {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    make_sparse_base(d);
+    // Cluster-aligned, so that qcow2's 64K clusters and cowimg's 4K units agree.
+    let writes = [
+        "write -P 1 64K 128K",
+        "write -z 512K 64K",
+        "discard 1M 192K",
+        "write -P 2 3M 64K",
+        "discard 3712K 64K",
+    ];
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
+    cowimg_io(d, "top.cow", &writes).ok();
+    qemu_in(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+        ],
+    )
+    .ok();
+    let mut args = vec!["-f", "qcow2", "top.qcow2"];
+    for w in writes {
+        args.extend(["-c", w]);
+    }
+    qemu_in(d, "qemu-io", &args).ok();
+
+    let ours = json(&cowimg_in(d, &["map", "--json", "top.cow"]).ok());
+    let theirs = json(&qemu_in(d, "qemu-img", &["map", "--output=json", "top.qcow2"]).ok());
+    assert_eq!(normalized_map(&ours), normalized_map(&theirs));
+    qemu_in(
+        d,
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", "top.qcow2", "q.raw"],
+    )
+    .ok();
+    assert_same_bytes(
+        &contents(d, "top.cow"),
+        &read_file(&d.join("q.raw")),
+        "same contents",
+    );
+}
