@@ -27,6 +27,7 @@ pub struct CheckArgs {
     /// may then be inconsistent). Not with --repair.
     #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
     pub force_share: bool,
+    /// The cowimg image (its backing file is not checked).
     pub image: PathBuf,
 }
 

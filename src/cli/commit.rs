@@ -14,6 +14,7 @@ pub struct CommitArgs {
     /// Keep the overlay's contents after committing (default: empty it).
     #[arg(short = 'd', long = "keep-overlay")]
     pub keep_overlay: bool,
+    /// The overlay whose changes go into its backing file.
     pub image: PathBuf,
 }
 

@@ -32,7 +32,9 @@ pub struct ConvertArgs {
     /// Show a progress bar.
     #[arg(short = 'p', long)]
     pub progress: bool,
+    /// The image to copy: cowimg (with its backing chain) or raw.
     pub source: PathBuf,
+    /// The new file; an existing one is replaced.
     pub destination: PathBuf,
 }
 

@@ -21,6 +21,7 @@ pub struct InfoArgs {
     /// Do not take the shared lock (inspect an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// The image; a file without the cowimg magic is shown as raw.
     pub image: PathBuf,
 }
 

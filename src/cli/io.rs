@@ -21,7 +21,7 @@ const DEFAULT_PATTERN: u8 = 0xcd;
     read [-P BYTE] [-q] OFF LEN     read; with -P verify that every byte is BYTE\n  \
     write [-P BYTE] [-q] OFF LEN    write BYTE (default 0xcd)\n  \
     write -z [-q] OFF LEN           write zeroes\n  \
-    discard [-q] OFF LEN            discard (alias: trim)\n  \
+    discard [-q] OFF LEN            discard: frees the space, reads as zeros (alias: trim)\n  \
     flush                           make every earlier write durable\n\
     Without -c, commands are read from stdin, one per line."
 )]
@@ -35,6 +35,7 @@ pub struct IoArgs {
     /// A command to run; repeat for a script. Commands run in order.
     #[arg(short = 'c', long = "cmd", value_name = "CMD")]
     pub commands: Vec<String>,
+    /// The cowimg image (its backing chain is opened read-only).
     pub image: PathBuf,
 }
 

@@ -14,6 +14,7 @@ pub struct MapArgs {
     /// Do not take the shared lock (inspect an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// The cowimg image (with its backing chain).
     pub image: PathBuf,
 }
 

@@ -110,12 +110,12 @@ pub fn one_line(error: &anyhow::Error) -> String {
     line
 }
 
+/// Only an error of our own output counts: those reach here as a bare io::Error, while a
+/// library error (say, a peer closing a socket) is wrapped and must still be reported.
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Parses `-F`/`-f` values.

@@ -27,6 +27,7 @@ pub struct RebaseArgs {
     /// Show a progress bar.
     #[arg(short = 'p', long)]
     pub progress: bool,
+    /// The overlay whose backing file changes.
     pub image: PathBuf,
 }
 
