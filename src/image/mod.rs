@@ -22,6 +22,7 @@ pub mod ops;
 mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
+pub use open::resolve_backing_path;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -509,19 +510,7 @@ impl Image {
             let unit = ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
             let bit = 1u64 << unit;
             let covers = offset <= unit_start && end >= unit_start + us;
-            if !st.map.contains_key(&vcluster) && st.zero_runs.contains(vcluster) {
-                // The cluster leaves its zero run; its entry says zero for the other units.
-                // A record lists the entry after the run, so replay gives the same result.
-                st.zero_runs.remove(vcluster, vcluster + 1);
-                st.map.insert(
-                    vcluster,
-                    Entry {
-                        zero: g.full_mask(),
-                        ..Default::default()
-                    },
-                );
-            }
-            let e = st.map.entry(vcluster).or_default();
+            let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vcluster);
             let Some(slot) = Self::pick_slot(e, bit) else {
                 return Plan::WaitForCommit(st.commits);
             };
@@ -703,13 +692,7 @@ impl Image {
         };
         let mut punches = Vec::new();
         let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
-            if !st.map.contains_key(&vc) && st.zero_runs.contains(vc) {
-                // The cluster leaves its zero run, as in `plan_write`: its entry keeps the
-                // units outside `mask` zero.
-                st.zero_runs.remove(vc, vc + 1);
-                st.map.insert(vc, Entry { zero: g.full_mask(), ..Default::default() });
-            }
-            let e = st.map.entry(vc).or_default();
+            let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vc);
             for s in 0..2 {
                 let dropped = e.units[s] & mask;
                 if dropped == 0 {
@@ -1261,6 +1244,29 @@ impl Drop for Image {
             let _ = self.seal();
         }
     }
+}
+
+/// The entry of `vcluster`, created if needed. A cluster in a zero run leaves the run: its
+/// new entry says zero for every unit, so that units the caller does not change keep
+/// reading as zeros instead of falling through to the backing file. A record lists the
+/// entry after the run, so replay gives the same result.
+fn entry_leaving_zero_run<'a>(
+    map: &'a mut BTreeMap<u64, Entry>,
+    zero_runs: &mut ClusterRuns,
+    g: Geometry,
+    vcluster: u64,
+) -> &'a mut Entry {
+    if !map.contains_key(&vcluster) && zero_runs.contains(vcluster) {
+        zero_runs.remove(vcluster, vcluster + 1);
+        map.insert(
+            vcluster,
+            Entry {
+                zero: g.full_mask(),
+                ..Default::default()
+            },
+        );
+    }
+    map.entry(vcluster).or_default()
 }
 
 /// Figures `info` shows about the map and the file.
