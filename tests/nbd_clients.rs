@@ -175,7 +175,7 @@ const QEMU_IO_COMMANDS: &[&str] = &[
     "write -P 0x77 7M 1M",
     "write -P 0x88 8388000 608",
     "write -P 0x99 4095 2",
-    "read -P 0x11 8k 56k",
+    "read -P 0x11 8k 52k",
     "read -P 0x99 4095 2",
     "read -P 0x33 1M 512k",
     "read -P 0x0 1536k 256k",
