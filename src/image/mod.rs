@@ -22,6 +22,7 @@ pub mod ops;
 mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
+pub use open::resolve_backing_path;
 
 use crate::error::{Error, Result};
 use crate::format::{
