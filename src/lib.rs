@@ -17,11 +17,11 @@
 //! image.flush()?;
 //! # Ok::<(), cowimg::Error>(())
 //! ```
+pub mod cli;
 pub mod error;
 pub mod format;
 pub mod image;
 pub mod nbd;
-pub mod cli;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::Mutex;
 
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait Storage: Send + Sync {
     /// Reads exactly `buf.len()` bytes; reading past the end is an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -131,13 +132,18 @@ pub fn apply_write(bytes: &mut Vec<u8>, buf: &[u8], offset: u64) {
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let b = self.lock();
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= b.len() as u64);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= b.len() as u64);
         match end {
             Some(end) => {
                 buf.copy_from_slice(&b[offset as usize..end as usize]);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end")),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end",
+            )),
         }
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

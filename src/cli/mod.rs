@@ -5,7 +5,12 @@ use std::process::ExitCode;
 pub mod serve;
 
 #[derive(Parser, Debug)]
-#[command(name = "cowimg", version, about = "Block-level copy-on-write disk images", propagate_version = true)]
+#[command(
+    name = "cowimg",
+    version,
+    about = "Block-level copy-on-write disk images",
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

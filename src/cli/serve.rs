@@ -27,7 +27,10 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let opts = OpenOptions { read_only: args.read_only, ..Default::default() };
+    let opts = OpenOptions {
+        read_only: args.read_only,
+        ..Default::default()
+    };
     let image = Arc::new(Image::open(&args.image, &opts)?);
     let listen = if std::env::var_os("LISTEN_FDS").is_some() {
         Listen::Systemd
@@ -36,7 +39,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         Listen::Tcp(args.bind)
     };
-    let config = ServeConfig { listen, export_name: args.export_name, read_only: args.read_only, max_connections: args.max_connections };
+    let config = ServeConfig {
+        listen,
+        export_name: args.export_name,
+        read_only: args.read_only,
+        max_connections: args.max_connections,
+    };
     crate::nbd::serve(image, config)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -148,20 +148,24 @@ impl Header {
         if b[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
             return Err(FormatError::BadMagic);
         }
-        let version = LE::read_u32(&b[OFF_VERSION..]);
-        if version != VERSION {
-            return Err(FormatError::UnsupportedVersion(version, VERSION));
-        }
-        // The checksum comes before every other field: a torn slot must be told apart from a
-        // slot that is intact but describes something this build cannot read.
+        // The checksum comes before every other field: a torn slot (which recovery skips)
+        // must be told apart from an intact slot this build cannot read (which it must not).
         let stored = LE::read_u32(&b[OFF_CRC..]);
         let computed = crc32(&[&b[..OFF_CRC]]);
         if stored != computed {
             return Err(FormatError::ChecksumMismatch { stored, computed });
         }
+        let version = LE::read_u32(&b[OFF_VERSION..]);
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion(version, VERSION));
+        }
         let header_size = LE::read_u32(&b[OFF_HEADER_SIZE..]);
         if header_size as usize != HEADER_SLOT_SIZE {
-            return Err(invalid("header_size", OFF_HEADER_SIZE, format!("{header_size} is not 4096")));
+            return Err(invalid(
+                "header_size",
+                OFF_HEADER_SIZE,
+                format!("{header_size} is not 4096"),
+            ));
         }
         let incompatible = LE::read_u64(&b[OFF_INCOMPAT..]);
         if incompatible & !SUPPORTED_INCOMPATIBLE != 0 {
@@ -171,29 +175,57 @@ impl Header {
         }
         let cluster_bits = b[OFF_CLUSTER_BITS] as u32;
         let geometry = Geometry::checked(cluster_bits).ok_or_else(|| {
-            invalid("cluster_bits", OFF_CLUSTER_BITS, format!("{cluster_bits} is outside 12..=21"))
+            invalid(
+                "cluster_bits",
+                OFF_CLUSTER_BITS,
+                format!("{cluster_bits} is outside 12..=21"),
+            )
         })?;
         let path_len = LE::read_u16(&b[OFF_BACKING_LEN..]) as usize;
         if path_len > MAX_BACKING_PATH {
-            return Err(invalid("backing_path_len", OFF_BACKING_LEN, format!("{path_len} exceeds {MAX_BACKING_PATH}")));
+            return Err(invalid(
+                "backing_path_len",
+                OFF_BACKING_LEN,
+                format!("{path_len} exceeds {MAX_BACKING_PATH}"),
+            ));
         }
         let path_bytes = &b[OFF_BACKING_PATH..OFF_BACKING_PATH + path_len];
         let backing = match b[OFF_BACKING_FORMAT] {
             0 if path_len == 0 => None,
-            0 => return Err(invalid("backing_format", OFF_BACKING_FORMAT, "none, but a backing path is set")),
+            0 => {
+                return Err(invalid(
+                    "backing_format",
+                    OFF_BACKING_FORMAT,
+                    "none, but a backing path is set",
+                ))
+            }
             f @ (1 | 2) => {
                 if path_len == 0 {
-                    return Err(invalid("backing_path_len", OFF_BACKING_LEN, "a backing format is set but the path is empty"));
+                    return Err(invalid(
+                        "backing_path_len",
+                        OFF_BACKING_LEN,
+                        "a backing format is set but the path is empty",
+                    ));
                 }
                 let path = std::str::from_utf8(path_bytes)
                     .map_err(|_| invalid("backing_path", OFF_BACKING_PATH, "not UTF-8"))?;
                 if path.contains('\0') {
                     return Err(invalid("backing_path", OFF_BACKING_PATH, "contains NUL"));
                 }
-                let fmt = if f == 1 { BackingFormat::Raw } else { BackingFormat::Cowimg };
+                let fmt = if f == 1 {
+                    BackingFormat::Raw
+                } else {
+                    BackingFormat::Cowimg
+                };
                 Some((path.to_string(), fmt))
             }
-            f => return Err(invalid("backing_format", OFF_BACKING_FORMAT, format!("unknown value {f}"))),
+            f => {
+                return Err(invalid(
+                    "backing_format",
+                    OFF_BACKING_FORMAT,
+                    format!("unknown value {f}"),
+                ))
+            }
         };
         for (field, off, len) in [
             ("reserved", OFF_RESERVED0, 4),
@@ -204,12 +236,23 @@ impl Header {
                 return Err(invalid(field, off, "must be zero"));
             }
         }
-        if b[OFF_BACKING_PATH + path_len..OFF_CRC].iter().any(|&x| x != 0) {
-            return Err(invalid("padding", OFF_BACKING_PATH + path_len, "must be zero"));
+        if b[OFF_BACKING_PATH + path_len..OFF_CRC]
+            .iter()
+            .any(|&x| x != 0)
+        {
+            return Err(invalid(
+                "padding",
+                OFF_BACKING_PATH + path_len,
+                "must be zero",
+            ));
         }
         let virtual_size = LE::read_u64(&b[OFF_VIRTUAL_SIZE..]);
         if virtual_size > MAX_VIRTUAL_SIZE {
-            return Err(invalid("virtual_size", OFF_VIRTUAL_SIZE, format!("{virtual_size} exceeds 2^60")));
+            return Err(invalid(
+                "virtual_size",
+                OFF_VIRTUAL_SIZE,
+                format!("{virtual_size} exceeds 2^60"),
+            ));
         }
         let cs = geometry.cluster_size();
         let checkpoint_offset = LE::read_u64(&b[OFF_CKPT_OFFSET..]);
@@ -218,15 +261,30 @@ impl Header {
             return Err(invalid("checkpoint_offset", OFF_CKPT_OFFSET, format!("{checkpoint_offset:#x} is not cluster aligned or disagrees with checkpoint_entries {checkpoint_entries}")));
         }
         if checkpoint_entries > geometry.clusters_for(virtual_size) {
-            return Err(invalid("checkpoint_entries", OFF_CKPT_ENTRIES, format!("{checkpoint_entries} entries for a {virtual_size}-byte image")));
+            return Err(invalid(
+                "checkpoint_entries",
+                OFF_CKPT_ENTRIES,
+                format!("{checkpoint_entries} entries for a {virtual_size}-byte image"),
+            ));
         }
         let journal_offset = LE::read_u64(&b[OFF_JOURNAL_OFFSET..]);
         let journal_capacity = LE::read_u64(&b[OFF_JOURNAL_CAPACITY..]);
         if journal_offset == 0 || journal_offset % cs != 0 || journal_offset > MAX_VIRTUAL_SIZE {
-            return Err(invalid("journal_offset", OFF_JOURNAL_OFFSET, format!("{journal_offset:#x} is not a cluster-aligned data offset")));
+            return Err(invalid(
+                "journal_offset",
+                OFF_JOURNAL_OFFSET,
+                format!("{journal_offset:#x} is not a cluster-aligned data offset"),
+            ));
         }
-        if journal_capacity == 0 || journal_capacity % super::BLOCK_SIZE != 0 || journal_capacity > MAX_VIRTUAL_SIZE {
-            return Err(invalid("journal_capacity", OFF_JOURNAL_CAPACITY, format!("{journal_capacity} is not a positive multiple of 4096")));
+        if journal_capacity == 0
+            || journal_capacity % super::BLOCK_SIZE != 0
+            || journal_capacity > MAX_VIRTUAL_SIZE
+        {
+            return Err(invalid(
+                "journal_capacity",
+                OFF_JOURNAL_CAPACITY,
+                format!("{journal_capacity} is not a positive multiple of 4096"),
+            ));
         }
         Ok(Header {
             generation: LE::read_u64(&b[OFF_GENERATION..]),

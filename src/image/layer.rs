@@ -30,17 +30,35 @@ impl RawFile {
             .read(true)
             .write(writable)
             .open(path)
-            .map_err(|source| Error::File { path: path.into(), op: "opening", source })?;
+            .map_err(|source| Error::File {
+                path: path.into(),
+                op: "opening",
+                source,
+            })?;
         super::lock_file(&file, path, writable, force_share)?;
         let size = file
             .metadata()
-            .map_err(|source| Error::File { path: path.into(), op: "reading metadata", source })?
+            .map_err(|source| Error::File {
+                path: path.into(),
+                op: "reading metadata",
+                source,
+            })?
             .len();
-        Ok(RawFile { path: path.into(), file, size, writable })
+        Ok(RawFile {
+            path: path.into(),
+            file,
+            size,
+            writable,
+        })
     }
 
     fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
-        Error::Io { path: self.path.clone(), op, offset, source }
+        Error::Io {
+            path: self.path.clone(),
+            op,
+            offset,
+            source,
+        }
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -55,7 +73,12 @@ impl RawFile {
 
 impl Layer {
     /// Opens a backing file. `depth` counts the layers above it.
-    pub fn open(path: &Path, format: BackingFormat, opts: &OpenOptions, depth: usize) -> Result<Layer> {
+    pub fn open(
+        path: &Path,
+        format: BackingFormat,
+        opts: &OpenOptions,
+        depth: usize,
+    ) -> Result<Layer> {
         if depth >= MAX_CHAIN_DEPTH {
             return Err(Error::Invalid {
                 path: path.into(),
@@ -63,8 +86,14 @@ impl Layer {
             });
         }
         match format {
-            BackingFormat::Raw => Ok(Layer::Raw(RawFile::open(path, !opts.read_only, opts.force_share)?)),
-            BackingFormat::Cowimg => Ok(Layer::Cowimg(Box::new(Image::open_at_depth(path, opts, depth)?))),
+            BackingFormat::Raw => Ok(Layer::Raw(RawFile::open(
+                path,
+                !opts.read_only,
+                opts.force_share,
+            )?)),
+            BackingFormat::Cowimg => Ok(Layer::Cowimg(Box::new(Image::open_at_depth(
+                path, opts, depth,
+            )?))),
         }
     }
 
@@ -94,7 +123,10 @@ impl Layer {
         match self {
             Layer::Raw(r) => r.read_at(buf, offset),
             Layer::Cowimg(i) => {
-                let avail = i.virtual_size().saturating_sub(offset).min(buf.len() as u64) as usize;
+                let avail = i
+                    .virtual_size()
+                    .saturating_sub(offset)
+                    .min(buf.len() as u64) as usize;
                 if avail > 0 {
                     i.read_at(&mut buf[..avail], offset)?;
                 }
@@ -108,9 +140,13 @@ impl Layer {
         match self {
             Layer::Raw(r) => {
                 if !r.writable {
-                    return Err(Error::ReadOnly { path: r.path.clone() });
+                    return Err(Error::ReadOnly {
+                        path: r.path.clone(),
+                    });
                 }
-                r.file.write_all_at(buf, offset).map_err(|e| r.io_err("writing", offset, e))
+                r.file
+                    .write_all_at(buf, offset)
+                    .map_err(|e| r.io_err("writing", offset, e))
             }
             Layer::Cowimg(i) => i.write_at(buf, offset),
         }
@@ -121,15 +157,25 @@ impl Layer {
         match self {
             Layer::Raw(r) => {
                 if !r.writable {
-                    return Err(Error::ReadOnly { path: r.path.clone() });
+                    return Err(Error::ReadOnly {
+                        path: r.path.clone(),
+                    });
                 }
                 let end = offset.saturating_add(len).min(r.size.max(offset + len));
-                let storage = crate::storage::FileStorage::new(r.file.try_clone().map_err(|e| r.io_err("duplicating", offset, e))?);
+                let storage = crate::storage::FileStorage::new(
+                    r.file
+                        .try_clone()
+                        .map_err(|e| r.io_err("duplicating", offset, e))?,
+                );
                 use crate::storage::Storage;
-                storage.punch_hole(offset, end - offset).map_err(|e| r.io_err("punching a hole", offset, e))?;
+                storage
+                    .punch_hole(offset, end - offset)
+                    .map_err(|e| r.io_err("punching a hole", offset, e))?;
                 // Punching does not extend a file; a range past the end must still exist.
                 if end > r.size {
-                    r.file.set_len(end).map_err(|e| r.io_err("extending", end, e))?;
+                    r.file
+                        .set_len(end)
+                        .map_err(|e| r.io_err("extending", end, e))?;
                 }
                 Ok(())
             }
@@ -159,21 +205,51 @@ impl Layer {
             Layer::Raw(r) => {
                 let mut pos = offset;
                 while pos < inside_end {
-                    let data = next_data_in(&r.file, pos).map_err(|e| r.io_err("seeking data", pos, e))?;
+                    let data =
+                        next_data_in(&r.file, pos).map_err(|e| r.io_err("seeking data", pos, e))?;
                     let data = data.unwrap_or(inside_end).min(inside_end);
                     if data > pos {
-                        super::push_extent(out, Extent { offset: pos, length: data - pos, depth, kind: ExtentKind::Zero, host_offset: Some(pos) });
+                        super::push_extent(
+                            out,
+                            Extent {
+                                offset: pos,
+                                length: data - pos,
+                                depth,
+                                kind: ExtentKind::Zero,
+                                host_offset: Some(pos),
+                            },
+                        );
                         pos = data;
                         continue;
                     }
-                    let hole = next_hole_in(&r.file, pos).map_err(|e| r.io_err("seeking a hole", pos, e))?.clamp(pos + 1, inside_end);
-                    super::push_extent(out, Extent { offset: pos, length: hole - pos, depth, kind: ExtentKind::Data, host_offset: Some(pos) });
+                    let hole = next_hole_in(&r.file, pos)
+                        .map_err(|e| r.io_err("seeking a hole", pos, e))?
+                        .clamp(pos + 1, inside_end);
+                    super::push_extent(
+                        out,
+                        Extent {
+                            offset: pos,
+                            length: hole - pos,
+                            depth,
+                            kind: ExtentKind::Data,
+                            host_offset: Some(pos),
+                        },
+                    );
                     pos = hole;
                 }
             }
         }
         if end > inside_end {
-            super::push_extent(out, Extent { offset: inside_end, length: end - inside_end, depth, kind: ExtentKind::Unallocated, host_offset: None });
+            super::push_extent(
+                out,
+                Extent {
+                    offset: inside_end,
+                    length: end - inside_end,
+                    depth,
+                    kind: ExtentKind::Unallocated,
+                    host_offset: None,
+                },
+            );
         }
         Ok(())
     }

@@ -13,19 +13,23 @@
 //! no I/O straddles either moment. `state` guards the map and the allocator and is held only
 //! for bookkeeping, never across data I/O.
 
+mod cluster_runs;
 mod free_clusters;
 mod layer;
 mod open;
 pub mod ops;
+#[cfg(test)]
+mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
 
 use crate::error::{Error, Result};
 use crate::format::{
-    BackingFormat, Geometry, Header, JournalRecordHeader, MapEntry, BLOCK_SIZE, HEADER_SLOT_SIZE,
-    MAP_ENTRY_SIZE,
+    BackingFormat, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, BLOCK_SIZE,
+    HEADER_SLOT_SIZE, MAP_ENTRY_SIZE,
 };
 use crate::storage::Storage;
+use cluster_runs::ClusterRuns;
 use free_clusters::FreeClusters;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,7 +49,11 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { size: None, cluster_size: 1 << crate::format::DEFAULT_CLUSTER_BITS, backing: None }
+        CreateOptions {
+            size: None,
+            cluster_size: 1 << crate::format::DEFAULT_CLUSTER_BITS,
+            backing: None,
+        }
     }
 }
 
@@ -91,7 +99,11 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
             (None, None) => true,
             _ => false,
         };
-        if last.offset + last.length == e.offset && last.depth == e.depth && last.kind == e.kind && host_follows {
+        if last.offset + last.length == e.offset
+            && last.depth == e.depth
+            && last.kind == e.kind
+            && host_follows
+        {
             last.length += e.length;
             return;
         }
@@ -111,6 +123,8 @@ struct Entry {
     inflight: [u64; 2],
     /// Units dropped by discard whose bytes still occupy disk space; punched once unpinned.
     discarded: [u64; 2],
+    /// Units written since the last snapshot: the next record's data digest covers them.
+    written: u64,
     dirty: bool,
 }
 
@@ -150,11 +164,24 @@ struct State {
     active_slot: usize,
     map: BTreeMap<u64, Entry>,
     dirty: Vec<u64>,
+    /// Clusters without an entry that read as zeros entirely: discards of whole clusters
+    /// over a backing file cost one run, however large.
+    zero_runs: ClusterRuns,
+    /// Run changes since the last snapshot, in order; a record lists them before entries.
+    dirty_runs: Vec<MapItem>,
     free: FreeClusters,
     journal_tail: u64,
     journal_next_seq: u64,
     /// Completed flushes, for writers waiting on a pinned unit.
     commits: u64,
+    /// The last journal record published data that no later barrier has confirmed.
+    last_record_has_data: bool,
+}
+
+impl State {
+    fn journal_position(&self) -> u64 {
+        self.header.journal_offset + self.journal_tail
+    }
 }
 
 pub struct Image {
@@ -184,12 +211,56 @@ fn exclusive(g: &RwLock<()>) -> RwLockWriteGuard<'_, ()> {
 }
 
 /// Takes the advisory lock qemu users expect: exclusive for writers, shared for readers.
-pub(crate) fn lock_file(file: &std::fs::File, path: &Path, writable: bool, force_share: bool) -> Result<()> {
+pub(crate) fn lock_file(
+    file: &std::fs::File,
+    path: &Path,
+    writable: bool,
+    force_share: bool,
+) -> Result<()> {
     if force_share && !writable {
         return Ok(());
     }
-    let r = if writable { file.try_lock() } else { file.try_lock_shared() };
-    r.map_err(|_| Error::Locked { path: path.into(), kind: if writable { "write" } else { "shared" } })
+    let r = if writable {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    r.map_err(|_| Error::Locked {
+        path: path.into(),
+        kind: if writable { "write" } else { "shared" },
+    })
+}
+
+/// Merges consecutive runs whose source continues, then hands them to `f`.
+struct RunMerger<F: FnMut(u64, u64, Source)> {
+    run: Option<(u64, u64, Source)>,
+    f: F,
+}
+
+impl<F: FnMut(u64, u64, Source)> RunMerger<F> {
+    fn push(&mut self, start: u64, length: u64, src: Source) {
+        if length == 0 {
+            return;
+        }
+        if let Some((rs, rl, rsrc)) = &mut self.run {
+            let follows = match (*rsrc, src) {
+                (Source::Host(a), Source::Host(b)) => a + *rl == b,
+                (a, b) => a == b,
+            };
+            if *rs + *rl == start && follows {
+                *rl += length;
+                return;
+            }
+            (self.f)(*rs, *rl, *rsrc);
+        }
+        self.run = Some((start, length, src));
+    }
+
+    fn finish(mut self) {
+        if let Some((s, l, src)) = self.run.take() {
+            (self.f)(s, l, src);
+        }
+    }
 }
 
 /// One unit of a planned write.
@@ -218,7 +289,13 @@ enum Plan {
 /// What a flush took from the map while I/O was paused.
 struct Snapshot {
     clusters: Vec<u64>,
-    record: Vec<u8>,
+    /// Encoded items of the journal record, their written bitmaps, and the host offsets of
+    /// the written units in record order (what the data digest covers).
+    items: Vec<u8>,
+    written: Vec<u64>,
+    written_units: Vec<u64>,
+    epoch: u64,
+    sequence: u64,
     checkpoint: Option<PlannedCheckpoint>,
 }
 
@@ -260,22 +337,36 @@ impl Image {
     }
 
     fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
-        Error::Io { path: self.path.clone(), op, offset, source }
+        Error::Io {
+            path: self.path.clone(),
+            op,
+            offset,
+            source,
+        }
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if end <= self.virtual_size => Ok(()),
-            _ => Err(Error::OutOfRange { path: self.path.clone(), offset, length, size: self.virtual_size }),
+            _ => Err(Error::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                length,
+                size: self.virtual_size,
+            }),
         }
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly { path: self.path.clone() });
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Failed { path: self.path.clone() });
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
         }
         Ok(())
     }
@@ -291,23 +382,26 @@ impl Image {
 
     /// Calls `f(virtual_offset, length, source)` for the runs of `[offset, offset+len)` in
     /// this layer, merged where the source continues.
-    fn for_each_run(&self, st: &State, offset: u64, len: u64, mut f: impl FnMut(u64, u64, Source)) {
+    fn for_each_run(&self, st: &State, offset: u64, len: u64, f: impl FnMut(u64, u64, Source)) {
         let g = self.geometry;
         let end = offset + len;
-        let mut run: Option<(u64, u64, Source)> = None;
-        let mut emit = |start: u64, length: u64, src: Source, run: &mut Option<(u64, u64, Source)>| {
-            if let Some((rs, rl, rsrc)) = run {
-                let follows = match (*rsrc, src) {
-                    (Source::Host(a), Source::Host(b)) => a + *rl == b,
-                    (a, b) => a == b,
-                };
-                if *rs + *rl == start && follows {
-                    *rl += length;
-                    return;
-                }
-                f(*rs, *rl, *rsrc);
+        let mut out = RunMerger { run: None, f };
+        // A gap between entries falls through, except where whole-cluster zero runs lie.
+        let gap = |out: &mut RunMerger<_>, from: u64, to: u64| {
+            let mut p = from;
+            for (zs, ze) in st
+                .zero_runs
+                .overlapping(from >> g.cluster_bits, ((to - 1) >> g.cluster_bits) + 1)
+            {
+                let (zs, ze) = (
+                    (zs << g.cluster_bits).max(from),
+                    (ze << g.cluster_bits).min(to),
+                );
+                out.push(p, zs - p, Source::Backing);
+                out.push(zs, ze - zs, Source::Zero);
+                p = ze;
             }
-            *run = Some((start, length, src));
+            out.push(p, to - p, Source::Backing);
         };
         let mut pos = offset;
         let first_cluster = offset >> g.cluster_bits;
@@ -315,13 +409,14 @@ impl Image {
         for (&vc, e) in st.map.range(first_cluster..=last_cluster) {
             let cluster_start = vc << g.cluster_bits;
             if cluster_start > pos {
-                emit(pos, cluster_start - pos, Source::Backing, &mut run);
+                gap(&mut out, pos, cluster_start);
                 pos = cluster_start;
             }
             let cluster_end = (cluster_start + g.cluster_size()).min(end);
             while pos < cluster_end {
                 let unit = ((pos - cluster_start) >> g.unit_bits) as u32;
-                let unit_end = (cluster_start + ((unit as u64 + 1) << g.unit_bits)).min(cluster_end);
+                let unit_end =
+                    (cluster_start + ((unit as u64 + 1) << g.unit_bits)).min(cluster_end);
                 let bit = 1u64 << unit;
                 let within = pos - cluster_start - ((unit as u64) << g.unit_bits);
                 let src = match e.slot_of(bit) {
@@ -329,16 +424,14 @@ impl Image {
                     None if e.zero & bit != 0 => Source::Zero,
                     None => Source::Backing,
                 };
-                emit(pos, unit_end - pos, src, &mut run);
+                out.push(pos, unit_end - pos, src);
                 pos = unit_end;
             }
         }
         if pos < end {
-            emit(pos, end - pos, Source::Backing, &mut run);
+            gap(&mut out, pos, end);
         }
-        if let Some((s, l, src)) = run {
-            f(s, l, src);
-        }
+        out.finish();
     }
 
     fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -356,7 +449,10 @@ impl Image {
         for &(start, length, src) in runs {
             let b = &mut buf[(start - offset) as usize..(start - offset + length) as usize];
             match src {
-                Source::Host(h) => self.storage.read_at(b, h).map_err(|e| self.io_err("reading", h, e))?,
+                Source::Host(h) => self
+                    .storage
+                    .read_at(b, h)
+                    .map_err(|e| self.io_err("reading", h, e))?,
                 Source::Zero => b.fill(0),
                 Source::Backing => self.read_backing(b, start)?,
             }
@@ -374,7 +470,9 @@ impl Image {
         let mut runs = Vec::new();
         {
             let st = lock(&self.state);
-            self.for_each_run(&st, offset, buf.len() as u64, |s, l, src| runs.push((s, l, src)));
+            self.for_each_run(&st, offset, buf.len() as u64, |s, l, src| {
+                runs.push((s, l, src))
+            });
         }
         self.read_runs(buf, offset, &runs)
     }
@@ -409,6 +507,18 @@ impl Image {
             let unit = ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
             let bit = 1u64 << unit;
             let covers = offset <= unit_start && end >= unit_start + us;
+            if !st.map.contains_key(&vcluster) && st.zero_runs.contains(vcluster) {
+                // The cluster leaves its zero run; its entry says zero for the other units.
+                // A record lists the entry after the run, so replay gives the same result.
+                st.zero_runs.remove(vcluster, vcluster + 1);
+                st.map.insert(
+                    vcluster,
+                    Entry {
+                        zero: g.full_mask(),
+                        ..Default::default()
+                    },
+                );
+            }
             let e = st.map.entry(vcluster).or_default();
             let Some(slot) = Self::pick_slot(e, bit) else {
                 return Plan::WaitForCommit(st.commits);
@@ -466,10 +576,14 @@ impl Image {
             }
             let mut st = lock(&self.state);
             for u in &units {
-                let e = st.map.get_mut(&u.vcluster).expect("planned clusters stay mapped while I/O is shared");
+                let e = st
+                    .map
+                    .get_mut(&u.vcluster)
+                    .expect("planned clusters stay mapped while I/O is shared");
                 e.units[u.slot] |= u.bit;
                 e.units[1 - u.slot] &= !u.bit;
                 e.zero &= !u.bit;
+                e.written |= u.bit;
                 if !e.dirty {
                     e.dirty = true;
                     st.dirty.push(u.vcluster);
@@ -486,7 +600,9 @@ impl Image {
         let mut pending: Option<(u64, usize, usize)> = None; // host, buf start, buf end
         let flush_pending = |p: &mut Option<(u64, usize, usize)>| -> Result<()> {
             if let Some((host, s, e)) = p.take() {
-                self.storage.write_at(&buf[s..e], host).map_err(|err| self.io_err("writing", host, err))?;
+                self.storage
+                    .write_at(&buf[s..e], host)
+                    .map_err(|err| self.io_err("writing", host, err))?;
             }
             Ok(())
         };
@@ -511,12 +627,18 @@ impl Image {
             let mut unit = vec![0u8; us as usize];
             let visible = (self.virtual_size - u.unit_start).min(us) as usize;
             match u.old {
-                Source::Host(h) => self.storage.read_at(&mut unit, h).map_err(|e| self.io_err("reading", h, e))?,
+                Source::Host(h) => self
+                    .storage
+                    .read_at(&mut unit, h)
+                    .map_err(|e| self.io_err("reading", h, e))?,
                 Source::Zero => {}
                 Source::Backing => self.read_backing(&mut unit[..visible], u.unit_start)?,
             }
-            unit[(from - u.unit_start) as usize..(to - u.unit_start) as usize].copy_from_slice(&buf[bs..be]);
-            self.storage.write_at(&unit, u.host).map_err(|e| self.io_err("writing", u.host, e))?;
+            unit[(from - u.unit_start) as usize..(to - u.unit_start) as usize]
+                .copy_from_slice(&buf[bs..be]);
+            self.storage
+                .write_at(&unit, u.host)
+                .map_err(|e| self.io_err("writing", u.host, e))?;
         }
         flush_pending(&mut pending)
     }
@@ -562,7 +684,7 @@ impl Image {
             ones(hi) & !ones(lo)
         };
         let mut punches = Vec::new();
-        let mut touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
+        let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
             let e = st.map.entry(vc).or_default();
             for s in 0..2 {
                 let dropped = e.units[s] & mask;
@@ -592,13 +714,52 @@ impl Image {
             }
         };
         if has_backing {
-            // Every cluster needs a marker that masks the backing file.
-            for vc in first_cluster..=last_cluster {
-                touch(&mut st, vc, mask_for(vc), &mut punches);
+            // Every cluster needs a marker that masks the backing file: clusters with an
+            // entry get zero bits, whole clusters without one join a zero run.
+            let full = g.full_mask();
+            let whole_start = if mask_for(first_cluster) == full {
+                first_cluster
+            } else {
+                first_cluster + 1
+            };
+            let whole_end = if mask_for(last_cluster) == full {
+                last_cluster + 1
+            } else {
+                last_cluster
+            };
+            for vc in [first_cluster, last_cluster] {
+                if !(whole_start..whole_end).contains(&vc) {
+                    touch(&mut st, vc, mask_for(vc), &mut punches);
+                }
+            }
+            if whole_start < whole_end {
+                let mapped: Vec<u64> = st
+                    .map
+                    .range(whole_start..whole_end)
+                    .map(|(&k, _)| k)
+                    .collect();
+                let mut p = whole_start;
+                for &vc in mapped.iter().chain(std::iter::once(&whole_end)) {
+                    if vc > p {
+                        st.zero_runs.insert(p, vc);
+                        st.dirty_runs.push(MapItem::ZeroRun {
+                            start: p,
+                            count: vc - p,
+                        });
+                    }
+                    if vc < whole_end {
+                        touch(&mut st, vc, full, &mut punches);
+                    }
+                    p = vc + 1;
+                }
             }
         } else {
             // Without a backing file an unmapped unit already reads as zeros.
-            let mapped: Vec<u64> = st.map.range(first_cluster..=last_cluster).map(|(&k, _)| k).collect();
+            let mapped: Vec<u64> = st
+                .map
+                .range(first_cluster..=last_cluster)
+                .map(|(&k, _)| k)
+                .collect();
             for vc in mapped {
                 touch(&mut st, vc, mask_for(vc), &mut punches);
             }
@@ -618,7 +779,9 @@ impl Image {
             return Ok(());
         }
         if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Failed { path: self.path.clone() });
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
         }
         let _one_at_a_time = lock(&self.flush_serial);
         let Some(snapshot) = self.take_snapshot() else {
@@ -634,46 +797,86 @@ impl Image {
         let _pause = exclusive(&self.gate);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        if st.dirty.is_empty() {
+        if st.dirty.is_empty() && st.dirty_runs.is_empty() {
             return None;
         }
         let mut clusters = std::mem::take(&mut st.dirty);
         clusters.sort_unstable();
-        let mut entries = vec![0u8; clusters.len() * MAP_ENTRY_SIZE];
+        let runs = std::mem::take(&mut st.dirty_runs);
+        // Runs first: an entry recorded after a run overrides it for its cluster.
+        let mut items = vec![0u8; (runs.len() + clusters.len()) * MAP_ENTRY_SIZE];
+        let mut written = vec![0u64; runs.len() + clusters.len()];
+        let mut written_units = Vec::new();
+        for (i, item) in runs.iter().enumerate() {
+            item.write_to(&mut items[i * MAP_ENTRY_SIZE..]);
+        }
         for (i, vc) in clusters.iter().enumerate() {
             let e = st.map.get_mut(vc).expect("dirty clusters are mapped");
             e.dirty = false;
             e.inflight = e.units;
-            e.to_disk(*vc).write_to(&mut entries[i * MAP_ENTRY_SIZE..]);
+            let stored = e.written & (e.units[0] | e.units[1]);
+            e.written = 0;
+            for u in bits(stored) {
+                let slot = usize::from(e.units[0] & (1 << u) == 0);
+                written_units.push(self.host_offset(e.host[slot], u));
+            }
+            written[runs.len() + i] = stored;
+            let item = match e.to_disk(*vc) {
+                d if d.is_empty() => MapItem::Removal(*vc),
+                d => MapItem::Cluster(d),
+            };
+            item.write_to(&mut items[(runs.len() + i) * MAP_ENTRY_SIZE..]);
         }
-        let needed = JournalRecordHeader::padded_len(clusters.len() as u64);
-        let checkpoint = (st.journal_tail + needed > st.header.journal_capacity).then(|| self.plan_checkpoint(st));
-        let record = if checkpoint.is_some() {
-            Vec::new()
-        } else {
-            JournalRecordHeader::encode(st.header.journal_epoch, st.journal_next_seq, &entries)
-        };
-        Some(Snapshot { clusters, record, checkpoint })
+        let needed = JournalRecordHeader::padded_len((runs.len() + clusters.len()) as u64);
+        let checkpoint = (st.journal_tail + needed > st.header.journal_capacity)
+            .then(|| self.plan_checkpoint(st));
+        Some(Snapshot {
+            clusters,
+            items,
+            written,
+            written_units,
+            epoch: st.header.journal_epoch,
+            sequence: st.journal_next_seq,
+            checkpoint,
+        })
     }
 
     /// Serializes the whole map (as of the snapshot) and places it and a fresh journal.
     fn plan_checkpoint(&self, st: &mut State) -> PlannedCheckpoint {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let live: Vec<MapEntry> = st.map.iter().map(|(&vc, e)| e.to_disk(vc)).filter(|d| !d.is_empty()).collect();
+        let mut live: Vec<MapItem> = st
+            .map
+            .iter()
+            .map(|(&vc, e)| e.to_disk(vc))
+            .filter(|d| !d.is_empty())
+            .map(MapItem::Cluster)
+            .collect();
+        live.extend(st.zero_runs.iter().map(|(start, end)| MapItem::ZeroRun {
+            start,
+            count: end - start,
+        }));
+        live.sort_unstable_by_key(MapItem::start);
         let mut blob = vec![0u8; live.len() * MAP_ENTRY_SIZE];
         for (i, d) in live.iter().enumerate() {
             d.write_to(&mut blob[i * MAP_ENTRY_SIZE..]);
         }
         let ckpt_clusters = (blob.len() as u64).div_ceil(cs);
-        let ckpt_start = if ckpt_clusters > 0 { st.free.allocate_run(ckpt_clusters) } else { 0 };
+        let ckpt_start = if ckpt_clusters > 0 {
+            st.free.allocate_run(ckpt_clusters)
+        } else {
+            0
+        };
         let journal_capacity = journal_capacity_for(blob.len() as u64, cs);
         let journal_clusters = journal_capacity / cs;
         let journal_start = st.free.allocate_run(journal_clusters);
         let old = &st.header;
         let mut old_regions = vec![(old.journal_offset / cs, old.journal_capacity.div_ceil(cs))];
         if old.checkpoint_offset != 0 {
-            old_regions.push((old.checkpoint_offset / cs, (old.checkpoint_entries * MAP_ENTRY_SIZE as u64).div_ceil(cs)));
+            old_regions.push((
+                old.checkpoint_offset / cs,
+                (old.checkpoint_entries * MAP_ENTRY_SIZE as u64).div_ceil(cs),
+            ));
         }
         let generation = old.generation + 1;
         let header = Header {
@@ -686,40 +889,103 @@ impl Image {
             journal_epoch: generation,
             ..old.clone()
         };
-        PlannedCheckpoint { blob, header, slot: 1 - st.active_slot, old_regions }
+        PlannedCheckpoint {
+            blob,
+            header,
+            slot: 1 - st.active_slot,
+            old_regions,
+        }
     }
 
     fn persist(&self, snap: &Snapshot) -> Result<()> {
-        // Crash point 1: data not yet durable; nothing references it.
-        self.storage.sync().map_err(|e| self.io_err("syncing data", 0, e))?;
         match &snap.checkpoint {
             None => {
-                let (offset, tail) = {
-                    let st = lock(&self.state);
-                    (st.header.journal_offset, st.journal_tail)
-                };
-                // Crash point 2: a torn record fails its checksum and is ignored.
-                let at = offset + tail;
-                self.storage.write_at(&snap.record, at).map_err(|e| self.io_err("writing journal record", at, e))?;
-                self.storage.sync().map_err(|e| self.io_err("syncing journal", at, e))?;
+                // One barrier for data and record together: the record carries a digest of
+                // the data it publishes, and recovery checks the last record against it
+                // (FORMAT.md, "Crash safety").
+                let digest = self.digest_units(&snap.written_units)?;
+                let record = JournalRecordHeader::encode(
+                    snap.epoch,
+                    snap.sequence,
+                    &snap.items,
+                    &snap.written,
+                    digest,
+                );
+                let at = lock(&self.state).journal_position();
+                self.storage
+                    .write_at(&record, at)
+                    .map_err(|e| self.io_err("writing journal record", at, e))?;
+                self.storage
+                    .sync()
+                    .map_err(|e| self.io_err("syncing journal", at, e))?;
             }
             Some(c) => {
+                // The checkpoint replaces the journal, so it must be durable, data included,
+                // before the header that points at it.
                 if !c.blob.is_empty() {
                     let at = c.header.checkpoint_offset;
-                    self.storage.write_at(&c.blob, at).map_err(|e| self.io_err("writing checkpoint", at, e))?;
-                    self.storage.sync().map_err(|e| self.io_err("syncing checkpoint", at, e))?;
+                    self.storage
+                        .write_at(&c.blob, at)
+                        .map_err(|e| self.io_err("writing checkpoint", at, e))?;
                 }
+                self.storage.sync().map_err(|e| {
+                    self.io_err("syncing checkpoint", c.header.checkpoint_offset, e)
+                })?;
                 self.write_header_slot(&c.header, c.slot)?;
             }
         }
         Ok(())
     }
 
+    /// The data digest of a record: xxh3-64 over the listed units, in order.
+    fn digest_units(&self, units: &[u64]) -> Result<u64> {
+        digest_units(self.storage.as_ref(), self.geometry.unit_size(), units)
+            .map_err(|(at, e)| self.io_err("reading back written data", at, e))
+    }
+
+    /// Appends an empty record after one that published data, so that the next open knows
+    /// that record's data reached the disk and need not read it back.
+    fn seal(&self) -> Result<()> {
+        let _one_at_a_time = lock(&self.flush_serial);
+        let (record, at) = {
+            let st = lock(&self.state);
+            if !st.last_record_has_data || st.journal_tail + BLOCK_SIZE > st.header.journal_capacity
+            {
+                return Ok(());
+            }
+            (
+                JournalRecordHeader::encode(
+                    st.header.journal_epoch,
+                    st.journal_next_seq,
+                    &[],
+                    &[],
+                    digest_units_empty(),
+                ),
+                st.journal_position(),
+            )
+        };
+        self.storage
+            .write_at(&record, at)
+            .map_err(|e| self.io_err("writing journal record", at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing journal", at, e))?;
+        let mut st = lock(&self.state);
+        st.journal_tail += record.len() as u64;
+        st.journal_next_seq += 1;
+        st.last_record_has_data = false;
+        Ok(())
+    }
+
     fn write_header_slot(&self, header: &Header, slot: usize) -> Result<()> {
         let at = (slot * HEADER_SLOT_SIZE) as u64;
         // Crash point 3: a torn slot fails its checksum; the other slot is still current.
-        self.storage.write_at(&header.to_bytes(), at).map_err(|e| self.io_err("writing header", at, e))?;
-        self.storage.sync().map_err(|e| self.io_err("syncing header", at, e))
+        self.storage
+            .write_at(&header.to_bytes(), at)
+            .map_err(|e| self.io_err("writing header", at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing header", at, e))
     }
 
     /// The snapshot is durable: unpin what it replaced, free clusters nothing references.
@@ -732,7 +998,9 @@ impl Image {
         let mut punches = Vec::new();
         let mut freed = Vec::new();
         for vc in &snap.clusters {
-            let Some(e) = st.map.get_mut(vc) else { continue };
+            let Some(e) = st.map.get_mut(vc) else {
+                continue;
+            };
             e.durable = e.inflight;
             e.inflight = [0, 0];
             for s in 0..2 {
@@ -766,10 +1034,12 @@ impl Image {
                 st.active_slot = c.slot;
                 st.journal_tail = 0;
                 st.journal_next_seq = 1;
+                st.last_record_has_data = false;
             }
             None => {
-                st.journal_tail += snap.record.len() as u64;
+                st.journal_tail += JournalRecordHeader::padded_len(snap.written.len() as u64);
                 st.journal_next_seq += 1;
+                st.last_record_has_data = !snap.written_units.is_empty();
             }
         }
         // Punch before the clusters can be handed out again.
@@ -784,6 +1054,34 @@ impl Image {
         st.commits += 1;
         self.committed.notify_all();
         Ok(())
+    }
+
+    /// This layer's own runs (data or zero markers), in order, without the backing file.
+    fn own_runs(&self) -> Vec<(u64, u64, Source)> {
+        let mut runs = Vec::new();
+        if self.virtual_size > 0 {
+            let st = lock(&self.state);
+            self.for_each_run(&st, 0, self.virtual_size, |s, l, src| {
+                if src != Source::Backing {
+                    runs.push((s, l, src));
+                }
+            });
+        }
+        runs
+    }
+
+    /// The ranges that fall through to the backing file, in order.
+    fn fall_through_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        if self.virtual_size > 0 {
+            let st = lock(&self.state);
+            self.for_each_run(&st, 0, self.virtual_size, |s, l, src| {
+                if src == Source::Backing {
+                    runs.push((s, l));
+                }
+            });
+        }
+        runs
     }
 
     /// The allocation status of `[offset, offset+len)` through the whole chain.
@@ -801,7 +1099,13 @@ impl Image {
         self.block_status(0, self.virtual_size)
     }
 
-    pub(crate) fn status_at_depth(&self, offset: u64, len: u64, depth: u32, out: &mut Vec<Extent>) -> Result<()> {
+    pub(crate) fn status_at_depth(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
         let mut runs = Vec::new();
         {
             let st = lock(&self.state);
@@ -809,11 +1113,38 @@ impl Image {
         }
         for (start, length, src) in runs {
             match src {
-                Source::Host(h) => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Data, host_offset: Some(h) }),
-                Source::Zero => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Zero, host_offset: None }),
+                Source::Host(h) => push_extent(
+                    out,
+                    Extent {
+                        offset: start,
+                        length,
+                        depth,
+                        kind: ExtentKind::Data,
+                        host_offset: Some(h),
+                    },
+                ),
+                Source::Zero => push_extent(
+                    out,
+                    Extent {
+                        offset: start,
+                        length,
+                        depth,
+                        kind: ExtentKind::Zero,
+                        host_offset: None,
+                    },
+                ),
                 Source::Backing => match &self.backing {
                     Some(b) => b.status(start, length, depth + 1, out)?,
-                    None => push_extent(out, Extent { offset: start, length, depth, kind: ExtentKind::Unallocated, host_offset: None }),
+                    None => push_extent(
+                        out,
+                        Extent {
+                            offset: start,
+                            length,
+                            depth,
+                            kind: ExtentKind::Unallocated,
+                            host_offset: None,
+                        },
+                    ),
                 },
             }
         }
@@ -823,7 +1154,11 @@ impl Image {
     /// Counts for `info`: mapped clusters and units, and the file's allocated bytes.
     pub fn stats(&self) -> ImageStats {
         let st = lock(&self.state);
-        let mut s = ImageStats { mapped_clusters: st.map.len() as u64, ..Default::default() };
+        let mut s = ImageStats {
+            mapped_clusters: st.map.len() as u64,
+            zero_run_clusters: st.zero_runs.clusters(),
+            ..Default::default()
+        };
         for e in st.map.values() {
             s.data_units += (e.units[0] | e.units[1]).count_ones() as u64;
             s.zero_units += e.zero.count_ones() as u64;
@@ -845,6 +1180,12 @@ impl Image {
             let _io = shared(&self.gate);
             let mut guard = lock(&self.state);
             let st = &mut *guard;
+            st.zero_runs.clear();
+            let count = self.geometry.clusters_for(self.virtual_size);
+            if count > 0 {
+                st.dirty_runs
+                    .push(MapItem::FallThroughRun { start: 0, count });
+            }
             for (&vc, e) in st.map.iter_mut() {
                 e.units = [0, 0];
                 e.zero = 0;
@@ -867,7 +1208,11 @@ impl Image {
             None => (None, None),
         };
         let mut st = lock(&self.state);
-        let header = Header { generation: st.header.generation + 1, backing: record, ..st.header.clone() };
+        let header = Header {
+            generation: st.header.generation + 1,
+            backing: record,
+            ..st.header.clone()
+        };
         let slot = 1 - st.active_slot;
         self.write_header_slot(&header, slot)?;
         st.header = header;
@@ -878,10 +1223,22 @@ impl Image {
     }
 }
 
+impl Drop for Image {
+    /// Closing flushes, as qemu does: a dropped image is not a crash. Errors cannot be
+    /// reported here; callers that care call [`Image::flush`] first.
+    fn drop(&mut self) {
+        if !self.read_only && !self.failed.load(Ordering::Acquire) && self.flush().is_ok() {
+            let _ = self.seal();
+        }
+    }
+}
+
 /// Figures `info` shows about the map and the file.
 #[derive(Debug, Clone, Default)]
 pub struct ImageStats {
     pub mapped_clusters: u64,
+    /// Clusters without an entry that read as zeros (whole-cluster discards).
+    pub zero_run_clusters: u64,
     pub host_clusters: u64,
     pub data_units: u64,
     pub zero_units: u64,
@@ -895,7 +1252,38 @@ pub struct ImageStats {
 /// A journal holds at least 1 MiB of records and twice the checkpoint's size, so that the
 /// cost of rewriting the checkpoint is spread over at least as many bytes of records.
 fn journal_capacity_for(checkpoint_bytes: u64, cluster_size: u64) -> u64 {
-    (1u64 << 20).max(2 * checkpoint_bytes).next_multiple_of(cluster_size.max(BLOCK_SIZE))
+    (1u64 << 20)
+        .max(2 * checkpoint_bytes)
+        .next_multiple_of(cluster_size.max(BLOCK_SIZE))
+}
+
+/// xxh3-64 over the units at the given host offsets, in order; reads contiguous units in
+/// one call. Shared with recovery, which recomputes it.
+pub(crate) fn digest_units(
+    storage: &dyn Storage,
+    unit_size: u64,
+    units: &[u64],
+) -> std::result::Result<u64, (u64, std::io::Error)> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < units.len() {
+        let mut n = 1;
+        while i + n < units.len() && units[i + n] == units[i] + n as u64 * unit_size && n < 256 {
+            n += 1;
+        }
+        buf.resize(n * unit_size as usize, 0);
+        storage
+            .read_at(&mut buf, units[i])
+            .map_err(|e| (units[i], e))?;
+        hasher.update(&buf);
+        i += n;
+    }
+    Ok(hasher.digest())
+}
+
+fn digest_units_empty() -> u64 {
+    xxhash_rust::xxh3::Xxh3::new().digest()
 }
 
 /// The indices of the set bits.

@@ -1,10 +1,11 @@
 //! Creating and opening images: choosing the header slot, loading the checkpoint, replaying
 //! the journal, and checking that no two things claim the same host cluster.
+use super::cluster_runs::ClusterRuns;
 use super::layer::Layer;
 use super::{lock_file, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, HEADER_SLOT_SIZE,
+    self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, HEADER_SLOT_SIZE,
     JOURNAL_RECORD_HEADER_SIZE, MAP_ENTRY_SIZE,
 };
 use crate::storage::{FileStorage, Storage};
@@ -18,8 +19,11 @@ pub(crate) struct Loaded {
     pub header: Header,
     pub active_slot: usize,
     pub map: BTreeMap<u64, MapEntry>,
+    pub zero_runs: ClusterRuns,
     pub journal_tail: u64,
     pub journal_next_seq: u64,
+    /// The last record published data and no record seals it (see `Image::seal`).
+    pub last_record_has_data: bool,
     /// Every host cluster in use, sorted, and who uses it (for messages).
     pub used: Vec<(u64, Owner)>,
     pub file_length: u64,
@@ -41,8 +45,15 @@ impl std::fmt::Display for Owner {
             Owner::Header => write!(f, "the header"),
             Owner::Checkpoint => write!(f, "the checkpoint"),
             Owner::Journal => write!(f, "the journal"),
-            Owner::Data { virtual_cluster, slot } => {
-                write!(f, "slot {} of virtual cluster {virtual_cluster}", ["A", "B"][*slot])
+            Owner::Data {
+                virtual_cluster,
+                slot,
+            } => {
+                write!(
+                    f,
+                    "slot {} of virtual cluster {virtual_cluster}",
+                    ["A", "B"][*slot]
+                )
             }
         }
     }
@@ -62,56 +73,45 @@ pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
 impl Image {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        let invalid = |reason: String| Error::Invalid { path: path.into(), reason };
-        let cs = opts.cluster_size;
-        let cluster_bits = cs.trailing_zeros();
-        if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
-            return Err(invalid(format!("cluster size {cs} is not a power of two from 4 KiB to 2 MiB")));
-        }
-        if let Some((p, _)) = &opts.backing {
-            if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
-                return Err(invalid(format!("backing path must be 1..={} bytes without NUL", format::header::MAX_BACKING_PATH)));
-            }
-        }
         let size = match (opts.size, &opts.backing) {
             (Some(s), _) => s,
             (None, Some((p, fmt))) => {
-                let ro = OpenOptions { read_only: true, force_share: true, ..Default::default() };
+                let ro = OpenOptions {
+                    read_only: true,
+                    force_share: true,
+                    ..Default::default()
+                };
                 Layer::open(&resolve_backing_path(path, p), *fmt, &ro, 1)?.size()
             }
-            (None, None) => return Err(invalid("a size is needed when there is no backing file".into())),
+            (None, None) => {
+                return Err(Error::Invalid {
+                    path: path.into(),
+                    reason: "a size is needed when there is no backing file".into(),
+                });
+            }
         };
-        if size > format::MAX_VIRTUAL_SIZE {
-            return Err(invalid(format!("size {size} exceeds the maximum of 2^60 bytes")));
-        }
-        let geometry = Geometry::new(cluster_bits);
-        let journal_capacity = super::journal_capacity_for(0, cs);
-        let header = Header {
-            generation: 1,
-            compatible_features: 0,
-            cluster_bits,
-            backing: opts.backing.clone(),
-            virtual_size: size,
-            checkpoint_offset: 0,
-            checkpoint_entries: 0,
-            checkpoint_crc: 0,
-            journal_offset: geometry.first_data_cluster() * cs,
-            journal_capacity,
-            journal_epoch: 1,
-        };
+        let header = new_header(path, opts, size)?;
         let file = FsOpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(|source| Error::File { path: path.into(), op: "creating", source })?;
-        let io = |op, offset, source| Error::Io { path: path.into(), op, offset, source };
-        let storage = FileStorage::new(file);
-        storage.write_at(&header.to_bytes(), 0).map_err(|e| io("writing header", 0, e))?;
-        // Slot B exists but is empty, so the file is never shorter than both slots.
-        storage.set_len(2 * HEADER_SLOT_SIZE as u64).map_err(|e| io("sizing", 0, e))?;
-        storage.sync().map_err(|e| io("syncing", 0, e))?;
-        Ok(())
+            .map_err(|source| Error::File {
+                path: path.into(),
+                op: "creating",
+                source,
+            })?;
+        format_storage(&FileStorage::new(file), path, &header)
+    }
+
+    /// Writes a new, empty image of `opts.size` bytes (which must be set) onto `storage`,
+    /// for images that do not live in a file of their own (tests, fuzzing).
+    pub fn create_on(storage: &dyn Storage, name: &Path, opts: &CreateOptions) -> Result<()> {
+        let size = opts.size.ok_or_else(|| Error::Invalid {
+            path: name.into(),
+            reason: "a size is needed".into(),
+        })?;
+        format_storage(storage, name, &new_header(name, opts, size)?)
     }
 
     /// Opens an image file and its backing chain.
@@ -124,14 +124,25 @@ impl Image {
             .read(true)
             .write(!opts.read_only)
             .open(path)
-            .map_err(|source| Error::File { path: path.into(), op: "opening", source })?;
+            .map_err(|source| Error::File {
+                path: path.into(),
+                op: "opening",
+                source,
+            })?;
         lock_file(&file, path, !opts.read_only, opts.force_share)?;
-        let lock_holder = file.try_clone().map_err(|source| Error::File { path: path.into(), op: "opening", source })?;
+        let lock_holder = file.try_clone().map_err(|source| Error::File {
+            path: path.into(),
+            op: "opening",
+            source,
+        })?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let mut image = Self::open_storage(storage, path, opts.read_only)?;
         image._lock_file = Some(lock_holder);
         if let Some((recorded, fmt)) = image.header().backing {
-            let backing_opts = OpenOptions { read_only: !opts.writable_backing, ..opts.clone() };
+            let backing_opts = OpenOptions {
+                read_only: !opts.writable_backing,
+                ..opts.clone()
+            };
             let resolved = resolve_backing_path(path, &recorded);
             image.backing = Some(Layer::open(&resolved, fmt, &backing_opts, depth + 1)?);
         }
@@ -149,7 +160,13 @@ impl Image {
             .map
             .iter()
             .map(|(&vc, d)| {
-                let e = Entry { host: d.host, units: d.units, zero: d.zero, durable: d.units, ..Default::default() };
+                let e = Entry {
+                    host: d.host,
+                    units: d.units,
+                    zero: d.zero,
+                    durable: d.units,
+                    ..Default::default()
+                };
                 (vc, e)
             })
             .collect();
@@ -166,10 +183,13 @@ impl Image {
                 active_slot: loaded.active_slot,
                 map,
                 dirty: Vec::new(),
+                zero_runs: loaded.zero_runs,
+                dirty_runs: Vec::new(),
                 free,
                 journal_tail: loaded.journal_tail,
                 journal_next_seq: loaded.journal_next_seq,
                 commits: 0,
+                last_record_has_data: loaded.last_record_has_data,
                 header: loaded.header,
             }),
             committed: Condvar::new(),
@@ -185,17 +205,91 @@ impl Image {
     }
 }
 
+/// The header of a new image, after checking the options.
+fn new_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
+    let invalid = |reason: String| Error::Invalid {
+        path: path.into(),
+        reason,
+    };
+    let cs = opts.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
+        return Err(invalid(format!(
+            "cluster size {cs} is not a power of two from 4 KiB to 2 MiB"
+        )));
+    }
+    if let Some((p, _)) = &opts.backing {
+        if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
+            return Err(invalid(format!(
+                "backing path must be 1..={} bytes without NUL",
+                format::header::MAX_BACKING_PATH
+            )));
+        }
+    }
+    if size > format::MAX_VIRTUAL_SIZE {
+        return Err(invalid(format!(
+            "size {size} exceeds the maximum of 2^60 bytes"
+        )));
+    }
+    let geometry = Geometry::new(cluster_bits);
+    Ok(Header {
+        generation: 1,
+        compatible_features: 0,
+        cluster_bits,
+        backing: opts.backing.clone(),
+        virtual_size: size,
+        checkpoint_offset: 0,
+        checkpoint_entries: 0,
+        checkpoint_crc: 0,
+        journal_offset: geometry.first_data_cluster() * cs,
+        journal_capacity: super::journal_capacity_for(0, cs),
+        journal_epoch: 1,
+    })
+}
+
+fn format_storage(storage: &dyn Storage, path: &Path, header: &Header) -> Result<()> {
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    storage
+        .write_at(&header.to_bytes(), 0)
+        .map_err(|e| io("writing header", 0, e))?;
+    // Slot B exists but is empty, so the file is never shorter than both slots.
+    storage
+        .set_len(2 * HEADER_SLOT_SIZE as u64)
+        .map_err(|e| io("sizing", 0, e))?;
+    storage.sync().map_err(|e| io("syncing", 0, e))
+}
+
 fn corrupt(path: &Path, structure: &'static str, offset: u64, source: FormatError) -> Error {
-    Error::Corrupt { path: path.into(), structure, offset, source }
+    Error::Corrupt {
+        path: path.into(),
+        structure,
+        offset,
+        source,
+    }
 }
 
 fn inconsistent(path: &Path, reason: String) -> Error {
-    Error::Inconsistent { path: path.into(), reason }
+    Error::Inconsistent {
+        path: path.into(),
+        reason,
+    }
 }
 
 /// Reads `len` bytes at `offset`, or reports that they lie past the end of the file. The
 /// length comes from the file, so no allocation exceeds what the file really holds.
-fn read_region(storage: &dyn Storage, path: &Path, what: &str, offset: u64, len: u64, file_length: u64) -> Result<Vec<u8>> {
+fn read_region(
+    storage: &dyn Storage,
+    path: &Path,
+    what: &str,
+    offset: u64,
+    len: u64,
+    file_length: u64,
+) -> Result<Vec<u8>> {
     match offset.checked_add(len) {
         Some(end) if end <= file_length => {}
         _ => {
@@ -205,12 +299,22 @@ fn read_region(storage: &dyn Storage, path: &Path, what: &str, offset: u64, len:
     let mut buf = vec![0u8; len as usize];
     storage
         .read_at(&mut buf, offset)
-        .map_err(|source| Error::Io { path: path.into(), op: "reading", offset, source })?;
+        .map_err(|source| Error::Io {
+            path: path.into(),
+            op: "reading",
+            offset,
+            source,
+        })?;
     Ok(buf)
 }
 
 pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
-    let io = |op, offset, source| Error::Io { path: path.into(), op, offset, source };
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
     let file_length = storage.len().map_err(|e| io("reading length", 0, e))?;
     // The choice of slot: the valid one with the larger generation.
     let mut best: Option<(usize, Header)> = None;
@@ -219,11 +323,25 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         let at = (slot * HEADER_SLOT_SIZE) as u64;
         let mut b = vec![0u8; HEADER_SLOT_SIZE];
         let available = file_length.saturating_sub(at).min(HEADER_SLOT_SIZE as u64) as usize;
-        storage.read_at(&mut b[..available], at).map_err(|e| io("reading header", at, e))?;
+        storage
+            .read_at(&mut b[..available], at)
+            .map_err(|e| io("reading header", at, e))?;
         match Header::from_bytes(&b) {
-            Ok(h) if best.as_ref().is_none_or(|(_, cur)| h.generation > cur.generation) => best = Some((slot, h)),
+            Ok(h)
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, cur)| h.generation > cur.generation) =>
+            {
+                best = Some((slot, h))
+            }
             Ok(_) => {}
-            Err(e) => bad_slots.push((slot, e)),
+            // What a torn or never-written slot looks like: the other slot is current.
+            Err(e @ (FormatError::ChecksumMismatch { .. } | FormatError::BadMagic)) => {
+                bad_slots.push((slot, e))
+            }
+            // An intact slot that cannot be used may be newer than the other one: falling back
+            // would silently lose data, so refuse.
+            Err(e) => return Err(corrupt(path, "header", at, e)),
         }
     }
     let Some((active_slot, header)) = best else {
@@ -240,31 +358,82 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
 
     // The journal's size follows from the checkpoint's (FORMAT.md, "Journal"); checking it
     // here also bounds everything sized by it by the file's real length.
-    let expected = super::journal_capacity_for(header.checkpoint_entries * MAP_ENTRY_SIZE as u64, cs);
+    let expected =
+        super::journal_capacity_for(header.checkpoint_entries * MAP_ENTRY_SIZE as u64, cs);
     if header.journal_capacity != expected {
-        return Err(corrupt(path, "header", (active_slot * HEADER_SLOT_SIZE) as u64, format::invalid("journal_capacity", 0x58, format!("{} but the checkpoint implies {expected}", header.journal_capacity))));
+        return Err(corrupt(
+            path,
+            "header",
+            (active_slot * HEADER_SLOT_SIZE) as u64,
+            format::invalid(
+                "journal_capacity",
+                0x58,
+                format!(
+                    "{} but the checkpoint implies {expected}",
+                    header.journal_capacity
+                ),
+            ),
+        ));
     }
     if header.checkpoint_entries * MAP_ENTRY_SIZE as u64 > file_length {
-        return Err(inconsistent(path, format!("checkpoint of {} entries is larger than the file", header.checkpoint_entries)));
+        return Err(inconsistent(
+            path,
+            format!(
+                "checkpoint of {} entries is larger than the file",
+                header.checkpoint_entries
+            ),
+        ));
     }
 
     let mut map = BTreeMap::new();
+    let mut zero_runs = ClusterRuns::default();
     if header.checkpoint_entries > 0 {
         let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
-        let blob = read_region(storage, path, "checkpoint", header.checkpoint_offset, len, file_length)?;
+        let blob = read_region(
+            storage,
+            path,
+            "checkpoint",
+            header.checkpoint_offset,
+            len,
+            file_length,
+        )?;
         let computed = format::crc32(&[&blob]);
         if computed != header.checkpoint_crc {
-            return Err(corrupt(path, "checkpoint", header.checkpoint_offset, FormatError::ChecksumMismatch { stored: header.checkpoint_crc, computed }));
+            return Err(corrupt(
+                path,
+                "checkpoint",
+                header.checkpoint_offset,
+                FormatError::ChecksumMismatch {
+                    stored: header.checkpoint_crc,
+                    computed,
+                },
+            ));
         }
-        let mut prev: Option<u64> = None;
+        // Items are sorted and disjoint: each starts at or after the end of the previous one.
+        let mut next_free = 0u64;
         for (i, chunk) in blob.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
             let at = header.checkpoint_offset + (i * MAP_ENTRY_SIZE) as u64;
-            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host).map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
-            if prev.is_some_and(|p| p >= e.virtual_cluster) {
-                return Err(inconsistent(path, format!("checkpoint entry at offset {at:#x} is out of order")));
+            let item = MapItem::from_bytes(chunk, g, virtual_clusters, max_host, false)
+                .map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
+            if item.start() < next_free {
+                return Err(inconsistent(
+                    path,
+                    format!("checkpoint entry at offset {at:#x} overlaps or is out of order"),
+                ));
             }
-            prev = Some(e.virtual_cluster);
-            map.insert(e.virtual_cluster, e);
+            match item {
+                MapItem::Cluster(e) => {
+                    next_free = e.virtual_cluster + 1;
+                    map.insert(e.virtual_cluster, e);
+                }
+                MapItem::ZeroRun { start, count } => {
+                    next_free = start + count;
+                    zero_runs.insert(start, start + count);
+                }
+                MapItem::Removal(_) | MapItem::FallThroughRun { .. } => {
+                    unreachable!("from_bytes admits these only in journals")
+                }
+            }
         }
     }
 
@@ -272,47 +441,97 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     // first one that is absent or fails its checksum (the flush that did not complete).
     let mut tail = 0u64;
     let mut seq = 1u64;
-    let journal_end = header.journal_offset.checked_add(header.journal_capacity).ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    let journal_end = header
+        .journal_offset
+        .checked_add(header.journal_capacity)
+        .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    let mut records: Vec<ReplayRecord> = Vec::new();
     loop {
         let at = header.journal_offset + tail;
         if at + JOURNAL_RECORD_HEADER_SIZE as u64 > journal_end.min(file_length) {
             break;
         }
         let mut hb = [0u8; JOURNAL_RECORD_HEADER_SIZE];
-        storage.read_at(&mut hb, at).map_err(|e| io("reading journal", at, e))?;
-        let Some(rec) = JournalRecordHeader::parse(&hb, header.journal_epoch, seq) else { break };
-        let len = JournalRecordHeader::padded_len(rec.entry_count as u64);
-        let body_len = rec.entry_count as u64 * MAP_ENTRY_SIZE as u64;
-        if tail + len > header.journal_capacity || at + JOURNAL_RECORD_HEADER_SIZE as u64 + body_len > file_length {
+        storage
+            .read_at(&mut hb, at)
+            .map_err(|e| io("reading journal", at, e))?;
+        let Some(rec) = JournalRecordHeader::parse(&hb, header.journal_epoch, seq) else {
+            break;
+        };
+        let len = JournalRecordHeader::padded_len(rec.item_count as u64);
+        let body_len = JournalRecordHeader::body_len(rec.item_count as u64);
+        let body_at = at + JOURNAL_RECORD_HEADER_SIZE as u64;
+        if tail + len > header.journal_capacity || body_at + body_len > file_length {
             break;
         }
-        let body = read_region(storage, path, "journal record", at + JOURNAL_RECORD_HEADER_SIZE as u64, body_len, file_length)?;
+        let body = read_region(
+            storage,
+            path,
+            "journal record",
+            body_at,
+            body_len,
+            file_length,
+        )?;
         if rec.verify(&hb, &body).is_err() {
             break;
         }
-        for (i, chunk) in body.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
-            let eat = at + (JOURNAL_RECORD_HEADER_SIZE + i * MAP_ENTRY_SIZE) as u64;
-            let vc = <byteorder::LittleEndian as byteorder::ByteOrder>::read_u64(&chunk[..8]);
-            if chunk[8..].iter().all(|&b| b == 0) {
-                if vc >= virtual_clusters {
-                    return Err(corrupt(path, "journal entry", eat, format::invalid("virtual_cluster", 0, format!("{vc} is past the end"))));
-                }
-                map.remove(&vc);
-                continue;
+        let (item_bytes, written) = rec.split_body(&body);
+        let mut items = Vec::with_capacity(written.len());
+        for (i, chunk) in item_bytes.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
+            let eat = body_at + (i * MAP_ENTRY_SIZE) as u64;
+            let item = MapItem::from_bytes(chunk, g, virtual_clusters, max_host, true)
+                .map_err(|e| corrupt(path, "journal entry", eat, e))?;
+            let stored = match item {
+                MapItem::Cluster(e) => e.units[0] | e.units[1],
+                _ => 0,
+            };
+            if written[i] & !stored != 0 {
+                return Err(corrupt(
+                    path,
+                    "journal entry",
+                    eat,
+                    format::invalid("written", 0, "marks units the entry does not store"),
+                ));
             }
-            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host).map_err(|e| corrupt(path, "journal entry", eat, e))?;
-            map.insert(e.virtual_cluster, e);
+            items.push(item);
         }
+        records.push(ReplayRecord {
+            items,
+            written,
+            digest: rec.data_digest,
+            len,
+        });
         tail += len;
         seq += 1;
     }
+    // Every record but the last had a barrier after it. The last one was written together
+    // with its data under one barrier: it counts only if its data is all there.
+    if let Some(last) = records.last() {
+        if !last_record_data_is_intact(storage, g, file_length, last) {
+            tail -= last.len;
+            seq -= 1;
+            records.pop();
+        }
+    }
+    for rec in &records {
+        for &item in &rec.items {
+            apply_item(&mut map, &mut zero_runs, item);
+        }
+    }
+    let last_record_has_data = records
+        .last()
+        .is_some_and(|r| r.written.iter().any(|&w| w != 0));
     // A record further on that belongs to this journal means one in the middle is damaged:
     // later flushes would silently be lost, so this is corruption, not a torn tail.
     let mut probe = tail + crate::format::BLOCK_SIZE;
-    while header.journal_offset + probe + JOURNAL_RECORD_HEADER_SIZE as u64 <= journal_end.min(file_length) {
+    while header.journal_offset + probe + JOURNAL_RECORD_HEADER_SIZE as u64
+        <= journal_end.min(file_length)
+    {
         let at = header.journal_offset + probe;
         let mut hb = [0u8; JOURNAL_RECORD_HEADER_SIZE];
-        storage.read_at(&mut hb, at).map_err(|e| io("reading journal", at, e))?;
+        storage
+            .read_at(&mut hb, at)
+            .map_err(|e| io("reading journal", at, e))?;
         if JournalRecordHeader::parse(&hb, header.journal_epoch, seq + 1).is_some() {
             return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {} follows at {at:#x}", header.journal_offset + tail, seq + 1)));
         }
@@ -335,15 +554,100 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     for (&vc, e) in &map {
         for s in 0..2 {
             if e.units[s] != 0 {
-                used.push((e.host[s], Owner::Data { virtual_cluster: vc, slot: s }));
+                used.push((
+                    e.host[s],
+                    Owner::Data {
+                        virtual_cluster: vc,
+                        slot: s,
+                    },
+                ));
             }
         }
     }
     used.sort_unstable_by_key(|&(c, _)| c);
     for w in used.windows(2) {
         if w[0].0 == w[1].0 {
-            return Err(inconsistent(path, format!("host cluster {} (offset {:#x}) is claimed by both {} and {}", w[0].0, w[0].0 * cs, w[0].1, w[1].1)));
+            return Err(inconsistent(
+                path,
+                format!(
+                    "host cluster {} (offset {:#x}) is claimed by both {} and {}",
+                    w[0].0,
+                    w[0].0 * cs,
+                    w[0].1,
+                    w[1].1
+                ),
+            ));
         }
     }
-    Ok(Loaded { header, active_slot, map, journal_tail: tail, journal_next_seq: seq, used, file_length, bad_slots })
+    Ok(Loaded {
+        header,
+        active_slot,
+        map,
+        zero_runs,
+        journal_tail: tail,
+        journal_next_seq: seq,
+        last_record_has_data,
+        used,
+        file_length,
+        bad_slots,
+    })
+}
+
+/// Applies one journal item: a cluster item replaces whatever its cluster had, a run replaces
+/// whatever its clusters had.
+fn apply_item(map: &mut BTreeMap<u64, MapEntry>, zero_runs: &mut ClusterRuns, item: MapItem) {
+    match item {
+        MapItem::Cluster(e) => {
+            zero_runs.remove(e.virtual_cluster, e.virtual_cluster + 1);
+            map.insert(e.virtual_cluster, e);
+        }
+        MapItem::Removal(vc) => {
+            zero_runs.remove(vc, vc + 1);
+            map.remove(&vc);
+        }
+        MapItem::ZeroRun { start, count } | MapItem::FallThroughRun { start, count } => {
+            let inside: Vec<u64> = map.range(start..start + count).map(|(&k, _)| k).collect();
+            for vc in inside {
+                map.remove(&vc);
+            }
+            if matches!(item, MapItem::ZeroRun { .. }) {
+                zero_runs.insert(start, start + count);
+            } else {
+                zero_runs.remove(start, start + count);
+            }
+        }
+    }
+}
+
+/// A journal record that passed its checksum, kept until replay knows which is the last.
+struct ReplayRecord {
+    items: Vec<MapItem>,
+    written: Vec<u64>,
+    digest: u64,
+    len: u64,
+}
+
+/// Recomputes the data digest of a record from the units it marks written.
+fn last_record_data_is_intact(
+    storage: &dyn Storage,
+    g: Geometry,
+    file_length: u64,
+    rec: &ReplayRecord,
+) -> bool {
+    let mut units = Vec::new();
+    for (item, &written) in rec.items.iter().zip(&rec.written) {
+        let MapItem::Cluster(e) = item else { continue };
+        let mut w = written;
+        while w != 0 {
+            let u = w.trailing_zeros();
+            w &= w - 1;
+            let slot = usize::from(e.units[0] & (1 << u) == 0);
+            let at = (e.host[slot] << g.cluster_bits) + ((u as u64) << g.unit_bits);
+            if at + g.unit_size() > file_length {
+                return false;
+            }
+            units.push(at);
+        }
+    }
+    super::digest_units(storage, g.unit_size(), &units).is_ok_and(|d| d == rec.digest)
 }

@@ -1,11 +1,21 @@
 //! Whole-image operations built on the image API: commit, rebase, convert, check.
-use super::{Image, Layer, OpenOptions};
+use super::open::{load, resolve_backing_path};
+use super::{ExtentKind, Image, Layer, OpenOptions, Source};
 use crate::error::{Error, Result};
-use crate::format::BackingFormat;
+use crate::format::{header::MAGIC, BackingFormat};
+use crate::storage::{FileStorage, Storage};
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Progress callback: (bytes done, bytes total).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Data is copied in chunks of this size: large enough that per-call costs vanish, small
+/// enough to stay far from the memory budget.
+const COPY_CHUNK: usize = 4 << 20;
+/// Granularity at which copies look for zeros (to leave holes) and for differences.
+const SCAN_BLOCK: usize = 4096;
 
 #[derive(Debug, Clone, Default)]
 pub struct CommitStats {
@@ -15,18 +25,134 @@ pub struct CommitStats {
 
 /// Writes the overlay's data and zero markers into its backing file (opened writable, see
 /// [`OpenOptions::writable_backing`]), flushes the backing file, then empties the overlay
-/// unless `keep_overlay`. Running it again after an interruption completes it.
+/// unless `keep_overlay`. The overlay keeps reading the same throughout, so running it again
+/// after an interruption completes it.
 pub fn commit(image: &Image, keep_overlay: bool, progress: Progress) -> Result<CommitStats> {
-    let _ = (image, keep_overlay, progress);
-    todo!("commit")
+    let backing = image.backing().ok_or_else(|| Error::Invalid {
+        path: image.path().into(),
+        reason: "has no backing file to commit into".into(),
+    })?;
+    if backing.size() < image.virtual_size() {
+        return Err(Error::Invalid {
+            path: backing.path().into(),
+            reason: format!(
+                "backing file ({} bytes) is smaller than the overlay ({} bytes)",
+                backing.size(),
+                image.virtual_size()
+            ),
+        });
+    }
+    let runs = image.own_runs();
+    let total: u64 = runs.iter().map(|r| r.1).sum();
+    let mut stats = CommitStats::default();
+    let mut buf = vec![0u8; COPY_CHUNK.min(total as usize)];
+    let mut done = 0;
+    progress(0, total);
+    for (start, length, src) in runs {
+        match src {
+            Source::Zero => {
+                backing.write_zeroes(start, length)?;
+                stats.bytes_zeroed += length;
+                done += length;
+                progress(done, total);
+            }
+            _ => {
+                let mut pos = start;
+                while pos < start + length {
+                    let n = (start + length - pos).min(buf.len() as u64) as usize;
+                    image.read_at(&mut buf[..n], pos)?;
+                    backing.write_at(&buf[..n], pos)?;
+                    pos += n as u64;
+                    done += n as u64;
+                    progress(done, total);
+                }
+                stats.bytes_written += length;
+            }
+        }
+    }
+    // The backing file must hold everything before the overlay lets go of it.
+    backing.flush()?;
+    if !keep_overlay {
+        image.clear()?;
+    }
+    Ok(stats)
 }
 
-/// Changes the backing file. Safe mode (`unsafe_pointer_only == false`) first copies into
-/// the overlay every unallocated range where the old and new backing files differ, so that
-/// the image reads the same afterwards. `None` removes the backing file.
-pub fn rebase(image: &mut Image, new_backing: Option<(String, BackingFormat)>, unsafe_pointer_only: bool, progress: Progress) -> Result<()> {
-    let _ = (image, new_backing, unsafe_pointer_only, progress);
-    todo!("rebase")
+/// Changes the backing file. Safe mode (`pointer_only == false`) first copies into the
+/// overlay every fall-through range where the old and new backing files differ, so that the
+/// image reads the same afterwards. `None` removes the backing file.
+pub fn rebase(
+    image: &mut Image,
+    new_backing: Option<(String, BackingFormat)>,
+    pointer_only: bool,
+    progress: Progress,
+) -> Result<()> {
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let new_layer = match &new_backing {
+        Some((recorded, fmt)) => Some(Layer::open(
+            &resolve_backing_path(image.path(), recorded),
+            *fmt,
+            &ro,
+            1,
+        )?),
+        None => None,
+    };
+    if !pointer_only {
+        let runs = image.fall_through_runs();
+        let total: u64 = runs.iter().map(|r| r.1).sum();
+        let mut done = 0;
+        let mut old = vec![0u8; COPY_CHUNK];
+        let mut new = vec![0u8; COPY_CHUNK];
+        progress(0, total);
+        for (start, length) in runs {
+            let mut pos = start;
+            while pos < start + length {
+                let n = (start + length - pos).min(COPY_CHUNK as u64) as usize;
+                read_or_zero(image.backing(), &mut old[..n], pos)?;
+                read_or_zero(new_layer.as_ref(), &mut new[..n], pos)?;
+                for (off, len) in differing_spans(&old[..n], &new[..n]) {
+                    image.write_at(&old[off..off + len], pos + off as u64)?;
+                }
+                pos += n as u64;
+                done += n as u64;
+                progress(done, total);
+            }
+        }
+        image.flush()?;
+    }
+    image.set_backing(
+        new_backing
+            .zip(new_layer)
+            .map(|((path, _), layer)| (path, layer)),
+    )
+}
+
+fn read_or_zero(layer: Option<&Layer>, buf: &mut [u8], offset: u64) -> Result<()> {
+    match layer {
+        Some(l) => l.read_at(buf, offset),
+        None => {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+}
+
+/// Spans (offset, length) of `SCAN_BLOCK` granularity where `a` and `b` differ, merged.
+fn differing_spans(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for (i, (x, y)) in a.chunks(SCAN_BLOCK).zip(b.chunks(SCAN_BLOCK)).enumerate() {
+        if x != y {
+            let off = i * SCAN_BLOCK;
+            match spans.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += x.len(),
+                _ => spans.push((off, x.len())),
+            }
+        }
+    }
+    spans
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,14 +174,171 @@ pub struct ConvertOptions {
 /// the file starts with the cowimg magic, else raw (as qemu-img probes its inputs; backing
 /// files, by contrast, are never probed).
 pub fn open_source(path: &Path, format: Option<BackingFormat>) -> Result<Layer> {
-    let _ = (path, format, OpenOptions::default());
-    todo!("open_source")
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let file = File::open(path).map_err(|source| Error::File {
+                path: path.into(),
+                op: "opening",
+                source,
+            })?;
+            let mut magic = [0u8; 8];
+            let is_cowimg = file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC;
+            if is_cowimg {
+                BackingFormat::Cowimg
+            } else {
+                BackingFormat::Raw
+            }
+        }
+    };
+    Layer::open(
+        path,
+        format,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+        0,
+    )
 }
 
-/// Copies the merged contents of `src` into a new file `dst`.
+/// Copies the merged contents of `src` into a new file `dst` (replacing it if it exists).
 pub fn convert(src: &Layer, dst: &Path, opts: &ConvertOptions, progress: Progress) -> Result<()> {
-    let _ = (src, dst, opts, progress);
-    todo!("convert")
+    let size = src.size();
+    let mut extents = Vec::new();
+    if size > 0 {
+        src.status(0, size, 0, &mut extents)?;
+    }
+    let total = size;
+    progress(0, total);
+    match opts.output {
+        OutputFormat::Raw => convert_to_raw(src, dst, size, &extents, progress),
+        OutputFormat::Cowimg => convert_to_cowimg(src, dst, size, &extents, opts, progress),
+    }
+}
+
+fn convert_to_raw(
+    src: &Layer,
+    dst: &Path,
+    size: u64,
+    extents: &[super::Extent],
+    progress: Progress,
+) -> Result<()> {
+    let out = FsOpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)
+        .map_err(|source| Error::File {
+            path: dst.into(),
+            op: "creating",
+            source,
+        })?;
+    let io = |op, offset, source| Error::Io {
+        path: dst.into(),
+        op,
+        offset,
+        source,
+    };
+    out.set_len(size).map_err(|e| io("sizing", size, e))?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {
+        let mut pos = e.offset;
+        while pos < e.offset + e.length {
+            let n = (e.offset + e.length - pos).min(COPY_CHUNK as u64) as usize;
+            src.read_at(&mut buf[..n], pos)?;
+            // Blocks of zeros stay holes, as qemu-img convert -S 4k leaves them.
+            for (off, len) in nonzero_spans(&buf[..n]) {
+                let at = pos + off as u64;
+                out.write_all_at(&buf[off..off + len], at)
+                    .map_err(|e| io("writing", at, e))?;
+            }
+            pos += n as u64;
+            progress(pos, size);
+        }
+    }
+    out.sync_data().map_err(|e| io("syncing", 0, e))?;
+    progress(size, size);
+    Ok(())
+}
+
+fn convert_to_cowimg(
+    src: &Layer,
+    dst: &Path,
+    size: u64,
+    extents: &[super::Extent],
+    opts: &ConvertOptions,
+    progress: Progress,
+) -> Result<()> {
+    if dst.exists() {
+        std::fs::remove_file(dst).map_err(|source| Error::File {
+            path: dst.into(),
+            op: "replacing",
+            source,
+        })?;
+    }
+    let create = super::CreateOptions {
+        size: Some(size),
+        cluster_size: opts.cluster_size,
+        backing: opts.backing.clone(),
+    };
+    Image::create(dst, &create)?;
+    let out = Image::open(dst, &OpenOptions::default())?;
+    let base = out.backing();
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut base_buf = vec![0u8; COPY_CHUNK];
+    for e in extents {
+        let data = e.kind == ExtentKind::Data;
+        if !data && base.is_none() {
+            continue; // reads as zeros already
+        }
+        let mut pos = e.offset;
+        while pos < e.offset + e.length {
+            let n = (e.offset + e.length - pos).min(COPY_CHUNK as u64) as usize;
+            if data {
+                src.read_at(&mut buf[..n], pos)?;
+            } else {
+                buf[..n].fill(0);
+            }
+            let spans = match base {
+                // Store only what differs from the backing file.
+                Some(b) => {
+                    read_or_zero(Some(b), &mut base_buf[..n], pos)?;
+                    differing_spans(&buf[..n], &base_buf[..n])
+                }
+                None => nonzero_spans(&buf[..n]),
+            };
+            for (off, len) in spans {
+                let chunk = &buf[off..off + len];
+                let at = pos + off as u64;
+                if chunk.iter().all(|&b| b == 0) {
+                    out.write_zeroes(at, len as u64)?;
+                } else {
+                    out.write_at(chunk, at)?;
+                }
+            }
+            pos += n as u64;
+            progress(pos, size);
+        }
+    }
+    out.flush()?;
+    progress(size, size);
+    Ok(())
+}
+
+/// Spans of `SCAN_BLOCK` granularity that hold a non-zero byte, merged.
+fn nonzero_spans(buf: &[u8]) -> Vec<(usize, usize)> {
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in buf.chunks(SCAN_BLOCK).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            let off = i * SCAN_BLOCK;
+            match spans.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += block.len(),
+                _ => spans.push((off, block.len())),
+            }
+        }
+    }
+    spans
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -66,6 +349,9 @@ pub struct CheckReport {
     /// Host clusters that hold bytes on disk but are referenced by nothing.
     pub leaks: u64,
     pub leaks_fixed: u64,
+    /// Header slots that fail their checksum: what a torn header write leaves behind. Not
+    /// corruption; the next checkpoint rewrites the slot.
+    pub stale_header_slots: Vec<usize>,
     pub allocated_clusters: u64,
     pub total_clusters: u64,
     pub image_end_offset: u64,
@@ -74,6 +360,103 @@ pub struct CheckReport {
 /// Verifies every checksum and every map entry of the image at `path`. With `repair`,
 /// punches leaked clusters. Errors are only for files that cannot be read at all.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    let _ = (path, repair, Error::Failed { path: path.into() });
-    todo!("check")
+    check_with(path, repair, false)
+}
+
+/// [`check`], optionally without taking the file lock (`qemu-img check -U`).
+pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckReport> {
+    let file = FsOpenOptions::new()
+        .read(true)
+        .write(repair)
+        .open(path)
+        .map_err(|source| Error::File {
+            path: path.into(),
+            op: "opening",
+            source,
+        })?;
+    super::lock_file(&file, path, repair, force_share && !repair)?;
+    let storage = FileStorage::new(file);
+    let mut report = CheckReport {
+        filename: path.display().to_string(),
+        ..Default::default()
+    };
+    let loaded = match load(&storage, path) {
+        Ok(l) => l,
+        Err(e @ (Error::Corrupt { .. } | Error::Inconsistent { .. })) => {
+            report.corruptions.push(e.to_string());
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
+    let g = loaded.header.geometry();
+    let cs = g.cluster_size();
+    report.total_clusters = g.clusters_for(loaded.header.virtual_size);
+    report.image_end_offset = loaded.file_length;
+    report.stale_header_slots = loaded
+        .bad_slots
+        .iter()
+        .map(|&(slot, _)| slot)
+        .filter(|_| loaded.file_length > 0)
+        .collect();
+    // Every referenced unit must lie inside the file: it was written whole before any
+    // record pointed at it.
+    for (&vc, e) in &loaded.map {
+        for s in 0..2 {
+            if e.units[s] == 0 {
+                continue;
+            }
+            report.allocated_clusters += 1;
+            let last_unit = 63 - e.units[s].leading_zeros() as u64;
+            let end = e.host[s] * cs + (last_unit + 1) * g.unit_size();
+            if end > loaded.file_length {
+                report.corruptions.push(format!(
+                    "{}: slot {} of virtual cluster {vc} (host offset {:#x}) extends past the end of the file ({:#x})",
+                    path.display(),
+                    ["A", "B"][s],
+                    e.host[s] * cs,
+                    loaded.file_length
+                ));
+            }
+        }
+    }
+    // Leaks: clusters no one owns that still hold bytes on disk (a crash between writing
+    // data and publishing it leaves these; they are reused by later allocations anyway).
+    let mut owned = loaded.used.iter().map(|&(c, _)| c).peekable();
+    let end_cluster = loaded.file_length.div_ceil(cs);
+    let mut pos = g.first_data_cluster() * cs;
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    while pos < loaded.file_length {
+        let Some(data) = storage
+            .next_data(pos)
+            .map_err(|e| io("seeking data", pos, e))?
+        else {
+            break;
+        };
+        let cluster = data / cs;
+        if cluster >= end_cluster {
+            break;
+        }
+        while owned.peek().is_some_and(|&c| c < cluster) {
+            owned.next();
+        }
+        if owned.peek() != Some(&cluster) {
+            report.leaks += 1;
+            if repair {
+                storage
+                    .punch_hole(cluster * cs, cs)
+                    .map_err(|e| io("punching a leaked cluster", cluster * cs, e))?;
+                report.leaks_fixed += 1;
+            }
+        }
+        pos = (cluster + 1) * cs;
+    }
+    if repair && report.leaks_fixed > 0 {
+        storage.sync().map_err(|e| io("syncing", 0, e))?;
+    }
+    Ok(report)
 }
