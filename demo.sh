@@ -291,6 +291,12 @@ show "$COWIMG" map -U overlay.cow
 head -n 25 map.txt
 [ "$(wc -l < map.txt)" -gt 25 ] && echo "... ($(wc -l < map.txt) lines)"
 cowimg info -U overlay.cow
+echo "The same through NBD: the cowimg:layer context says which layer holds each range"
+echo "(1: overlay.cow, 2: base.raw):"
+show nbdinfo --map=cowimg:layer "$URI"
+nbdinfo --map=cowimg:layer "$URI" > layers.txt
+head -n 12 layers.txt
+[ "$(wc -l < layers.txt)" -gt 12 ] && echo "... ($(wc -l < layers.txt) lines)"
 
 step "Detach: unmount, detach the device, stop the server (it flushes on SIGTERM)"
 run umount merged
