@@ -181,6 +181,10 @@ struct State {
     commits: u64,
     /// The last journal record published data that no later barrier has confirmed.
     last_record_has_data: bool,
+    /// Snapshots taken and published, numbered from 1; flushes serialize, so a published
+    /// number covers every snapshot taken up to it.
+    snapshots_taken: u64,
+    snapshots_published: u64,
 }
 
 impl State {
@@ -202,8 +206,6 @@ pub struct Image {
     state: Mutex<State>,
     committed: Condvar,
     flush_serial: Mutex<()>,
-    /// Held by every write that covers only part of a unit (see [`Image::write_at`]).
-    partial_units: Mutex<()>,
     failed: AtomicBool,
 }
 
@@ -599,13 +601,6 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
-        // A write that covers only part of a unit may copy the rest of the unit from where it
-        // lies now (read-modify-write). Two such copies of one unit running at once would
-        // each put back the bytes the other is writing, so partial-unit writes take turns;
-        // whole-unit writes never copy and stay parallel.
-        let us = self.geometry.unit_size();
-        let partial = offset % us != 0 || (offset + buf.len() as u64) % us != 0;
-        let _one_partial_write_at_a_time = partial.then(|| lock(&self.partial_units));
         loop {
             let io = shared(&self.gate);
             let plan = self.plan_write(&mut lock(&self.state), offset, buf.len() as u64);
@@ -837,7 +832,20 @@ impl Image {
                 path: self.path.clone(),
             });
         }
+        // Group commit: the first snapshot taken after this call covers every write that
+        // completed before it. Flushes that queue behind a running one all return once the
+        // next one completes, so N concurrent flushes cost two barriers, not N.
+        let covering_snapshot = lock(&self.state).snapshots_taken + 1;
         let _one_at_a_time = lock(&self.flush_serial);
+        if lock(&self.state).snapshots_published >= covering_snapshot {
+            return Ok(());
+        }
+        // The flush this one waited for may have failed.
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
+        }
         let Some(snapshot) = self.take_snapshot() else {
             return Ok(());
         };
@@ -857,7 +865,10 @@ impl Image {
         let _pause = exclusive(&self.gate);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
+        st.snapshots_taken += 1;
         if st.dirty.is_empty() && st.dirty_runs.is_empty() {
+            // Every completed write is in a published snapshot already.
+            st.snapshots_published = st.snapshots_taken;
             return None;
         }
         let mut clusters = std::mem::take(&mut st.dirty);
@@ -1112,6 +1123,7 @@ impl Image {
             st.free.free_run(start, n);
         }
         st.commits += 1;
+        st.snapshots_published = st.snapshots_taken;
         self.committed.notify_all();
         Ok(())
     }

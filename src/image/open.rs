@@ -190,11 +190,12 @@ impl Image {
                 journal_next_seq: loaded.journal_next_seq,
                 commits: 0,
                 last_record_has_data: loaded.last_record_has_data,
+                snapshots_taken: 0,
+                snapshots_published: 0,
                 header: loaded.header,
             }),
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
-            partial_units: Mutex::new(()),
             failed: false.into(),
         })
     }
@@ -524,8 +525,14 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
                 for (slot, field, offset) in [(0, "host_a", 0x08), (1, "host_b", 0x10)] {
                     if e.units[slot] != 0 && e.host[slot] >= max_host {
                         let eat = rec.body_at + (i * MAP_ENTRY_SIZE) as u64;
-                        let reason = format!("host cluster {} is past the end of the file", e.host[slot]);
-                        return Err(corrupt(path, "journal entry", eat, format::invalid(field, offset, reason)));
+                        let reason =
+                            format!("host cluster {} is past the end of the file", e.host[slot]);
+                        return Err(corrupt(
+                            path,
+                            "journal entry",
+                            eat,
+                            format::invalid(field, offset, reason),
+                        ));
                     }
                 }
             }
