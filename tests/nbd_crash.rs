@@ -24,7 +24,14 @@ fn block_data(block: u64, gen: u32) -> Vec<u8> {
     d
 }
 
-fn send_request(s: &mut UnixStream, command: u16, flags: u16, cookie: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+fn send_request(
+    s: &mut UnixStream,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    data: &[u8],
+) -> io::Result<()> {
     let mut m = Vec::with_capacity(28 + data.len());
     m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
     m.extend_from_slice(&flags.to_be_bytes());
@@ -40,8 +47,14 @@ fn send_request(s: &mut UnixStream, command: u16, flags: u16, cookie: u64, offse
 fn read_reply(s: &mut UnixStream) -> io::Result<(u32, u64)> {
     let mut b = [0u8; 16];
     s.read_exact(&mut b)?;
-    assert_eq!(u32::from_be_bytes(b[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
-    Ok((u32::from_be_bytes(b[4..8].try_into().unwrap()), u64::from_be_bytes(b[8..].try_into().unwrap())))
+    assert_eq!(
+        u32::from_be_bytes(b[..4].try_into().unwrap()),
+        SIMPLE_REPLY_MAGIC
+    );
+    Ok((
+        u32::from_be_bytes(b[4..8].try_into().unwrap()),
+        u64::from_be_bytes(b[8..].try_into().unwrap()),
+    ))
 }
 
 /// What the test knows about each block.
@@ -56,13 +69,25 @@ struct Model {
 impl Model {
     fn allowed(&self, block: u64) -> Vec<Option<u32>> {
         let mut v = vec![self.durable.get(&block).copied()];
-        v.extend(self.maybe.get(&block).into_iter().flatten().map(|&g| Some(g)));
+        v.extend(
+            self.maybe
+                .get(&block)
+                .into_iter()
+                .flatten()
+                .map(|&g| Some(g)),
+        );
         v
     }
 }
 
 /// Runs writes until the server dies; returns how many flushes completed.
-fn workload(writer: &mut UnixStream, flusher: &mut UnixStream, model: &mut Model, rng: &mut rand::rngs::StdRng, gen: &mut u32) -> u32 {
+fn workload(
+    writer: &mut UnixStream,
+    flusher: &mut UnixStream,
+    model: &mut Model,
+    rng: &mut rand::rngs::StdRng,
+    gen: &mut u32,
+) -> u32 {
     let mut flushes = 0;
     for batch in 0u64.. {
         *gen += 1;
@@ -77,7 +102,16 @@ fn workload(writer: &mut UnixStream, flusher: &mut UnixStream, model: &mut Model
         for (i, &b) in blocks.iter().enumerate() {
             model.maybe.entry(b).or_default().push(*gen);
             let flags = if fua[i] { FLAG_FUA } else { 0 };
-            if send_request(writer, CMD_WRITE, flags, i as u64, b * BLOCK as u64, &block_data(b, *gen)).is_err() {
+            if send_request(
+                writer,
+                CMD_WRITE,
+                flags,
+                i as u64,
+                b * BLOCK as u64,
+                &block_data(b, *gen),
+            )
+            .is_err()
+            {
                 return flushes;
             }
         }
@@ -138,23 +172,46 @@ fn flushed_writes_survive_kill_9_during_a_write_workload() {
         let flushes = workload(&mut w.s, &mut f.s, &mut model, &mut rng, &mut gen);
         killer.join().unwrap();
         drop(server);
-        assert!(flushes > 0, "cycle {cycle}: no flush completed before the kill");
+        assert!(
+            flushes > 0,
+            "cycle {cycle}: no flush completed before the kill"
+        );
 
         let report = cowimg::image::ops::check(&img, false).expect("check runs");
-        assert!(report.corruptions.is_empty(), "cycle {cycle}: corrupt after kill -9: {report:?}");
+        assert!(
+            report.corruptions.is_empty(),
+            "cycle {cycle}: corrupt after kill -9: {report:?}"
+        );
         if report.leaks > 0 {
-            eprintln!("cycle {cycle}: {} leaked clusters after kill -9 (unflushed writes)", report.leaks);
+            eprintln!(
+                "cycle {cycle}: {} leaked clusters after kill -9 (unflushed writes)",
+                report.leaks
+            );
         }
-        let image = Image::open(&img, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let image = Image::open(
+            &img,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut buf = vec![0u8; BLOCK];
         let mut checked = 0;
         for block in 0..BLOCKS {
             image.read_at(&mut buf, block * BLOCK as u64).unwrap();
-            let found = if buf.iter().all(|&b| b == 0) { None } else { Some(u32::from_be_bytes(buf[8..12].try_into().unwrap())) };
+            let found = if buf.iter().all(|&b| b == 0) {
+                None
+            } else {
+                Some(u32::from_be_bytes(buf[8..12].try_into().unwrap()))
+            };
             let allowed = model.allowed(block);
             assert!(allowed.contains(&found), "cycle {cycle}: block {block} holds generation {found:?}, expected one of {allowed:?}");
             if let Some(g) = found {
-                assert!(buf == block_data(block, g), "cycle {cycle}: block {block} is torn or misplaced");
+                assert!(
+                    buf == block_data(block, g),
+                    "cycle {cycle}: block {block} is torn or misplaced"
+                );
             }
             // What is on disk now is the durable state for the next cycle.
             match found {
