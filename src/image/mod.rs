@@ -198,6 +198,8 @@ pub struct Image {
     state: Mutex<State>,
     committed: Condvar,
     flush_serial: Mutex<()>,
+    /// Held by every write that covers only part of a unit (see [`Image::write_at`]).
+    partial_units: Mutex<()>,
     failed: AtomicBool,
 }
 
@@ -535,11 +537,19 @@ impl Image {
         Plan::Ready(plan)
     }
 
+    /// Waits for the flush in progress to complete, or to fail (then no commit will come).
     fn wait_for_commit(&self, seen: u64) {
         let mut st = lock(&self.state);
-        while st.commits == seen {
+        while st.commits == seen && !self.failed.load(Ordering::Acquire) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Wakes the writers of `wait_for_commit` after a failure. Taking the state lock orders
+    /// this after any waiter's check of `failed`, so none misses the wake-up.
+    fn wake_waiting_writers(&self) {
+        let _st = lock(&self.state);
+        self.committed.notify_all();
     }
 
     /// Writes `buf` at `offset`. The data is durable after the next [`Image::flush`].
@@ -549,6 +559,13 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
+        // A write that covers only part of a unit may copy the rest of the unit from where it
+        // lies now (read-modify-write). Two such copies of one unit running at once would
+        // each put back the bytes the other is writing, so partial-unit writes take turns;
+        // whole-unit writes never copy and stay parallel.
+        let us = self.geometry.unit_size();
+        let partial = offset % us != 0 || (offset + buf.len() as u64) % us != 0;
+        let _one_partial_write_at_a_time = partial.then(|| lock(&self.partial_units));
         loop {
             let io = shared(&self.gate);
             let plan = self.plan_write(&mut lock(&self.state), offset, buf.len() as u64);
@@ -557,6 +574,7 @@ impl Image {
                 Plan::WaitForCommit(seen) => {
                     drop(io);
                     self.wait_for_commit(seen);
+                    self.check_writable()?;
                     continue;
                 }
             };
@@ -777,9 +795,15 @@ impl Image {
             return Ok(());
         };
         if let Err(e) = self.persist(&snapshot) {
-            return self.fail(e);
+            let failed = self.fail(e);
+            self.wake_waiting_writers();
+            return failed;
         }
-        self.publish(snapshot)
+        let published = self.publish(snapshot);
+        if published.is_err() {
+            self.wake_waiting_writers();
+        }
+        published
     }
 
     fn take_snapshot(&self) -> Option<Snapshot> {
