@@ -469,3 +469,43 @@ fn pipelined_requests_are_all_answered_with_their_cookies() {
     }
     finish(server, &img);
 }
+
+#[test]
+fn an_image_read_error_is_answered_with_eio_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x33; SIZE as usize]).unwrap();
+    let img = dir.path().join("top.cow");
+    create_overlay(&img, &base, cowimg::format::BackingFormat::Raw);
+    {
+        let image = Image::open(&img, &OpenOptions::default()).unwrap();
+        image.write_at(&[0x5a; 65536], 0).unwrap();
+        image.flush().unwrap();
+    }
+    let mut server = Server::start(dir.path(), &img, &[]);
+    // The backing file loses its contents under the running server: reads that fall
+    // through to it fail.
+    std::fs::File::options()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for structured in [false, true] {
+        let mut c = RawClient::connect(&server.socket);
+        c.go(structured, &[]);
+        assert_eq!(c.call(CMD_READ, 0, 1 << 20, 4096, &[]).error, 5, "EIO");
+        let r = c.call(CMD_READ, 0, 0, 4096, &[]);
+        assert_eq!(
+            (r.error, r.data[0]),
+            (0, 0x5a),
+            "data of the overlay itself still reads"
+        );
+    }
+    server.stop();
+    assert!(
+        server.log().contains("base.raw"),
+        "the image error is logged: {}",
+        server.log()
+    );
+}

@@ -175,7 +175,7 @@ fn socket_activation_takes_the_listening_socket_from_fd_3() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let child = cmd.spawn().unwrap();
     drop(listener);
     let mut c = RawClient::connect(&path);
     let (size, _) = c.go(true, &[]);

@@ -323,11 +323,9 @@ impl<S: Read + Write> Session<'_, S> {
                     "TLS is not supported by this server",
                 )?,
                 OPT_INFO | OPT_GO => {
-                    if self.info(h.option, &data)?.is_some() {
-                        if h.option == OPT_GO {
-                            let (name, _) = parse_info_request(&data).unwrap_or((&[], Vec::new()));
-                            return Ok(self.negotiated(name, "GO"));
-                        }
+                    if self.info(h.option, &data)? && h.option == OPT_GO {
+                        let (name, _) = parse_info_request(&data).unwrap_or((&[], Vec::new()));
+                        return Ok(self.negotiated(name, "GO"));
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
@@ -363,13 +361,13 @@ impl<S: Read + Write> Session<'_, S> {
         }
     }
 
-    /// Answers INFO or GO; returns the transmission flags when the export was accepted.
-    fn info(&mut self, option: u32, data: &[u8]) -> io::Result<Option<u16>> {
+    /// Answers INFO or GO; returns true when the export was accepted.
+    fn info(&mut self, option: u32, data: &[u8]) -> io::Result<bool> {
         let (name, requests) = match parse_info_request(data) {
             Ok(r) => r,
             Err(msg) => {
                 self.error(option, REP_ERR_INVALID, &msg)?;
-                return Ok(None);
+                return Ok(false);
             }
         };
         if !self.export.matches(name) {
@@ -379,7 +377,7 @@ impl<S: Read + Write> Session<'_, S> {
                 self.export.name
             );
             self.error(option, REP_ERR_UNKNOWN, &msg)?;
-            return Ok(None);
+            return Ok(false);
         }
         let flags = self.export.transmission_flags(self.structured);
         option_reply(
@@ -415,7 +413,7 @@ impl<S: Read + Write> Session<'_, S> {
         }
         option_reply(&mut self.out, option, REP_ACK, &[]);
         self.send()?;
-        Ok(Some(flags))
+        Ok(true)
     }
 
     fn meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
