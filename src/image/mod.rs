@@ -126,10 +126,10 @@ struct Entry {
     discarded: [u64; 2],
     /// Units written since the last snapshot: the next record's data digest covers them.
     written: u64,
-    /// Units with a write in flight that does not go in place (a first write, or a move to
-    /// the other slot): it copies the rest of the unit from the old contents, so no other
-    /// write may touch the unit until it has finished, or one of the two would be lost.
-    moving: u64,
+    /// Units with a write in flight. A write that moves a unit copies the rest of it from
+    /// the old contents, and a discard may punch it: either would lose the other's bytes
+    /// or mix them, so writes and discards of one unit take turns.
+    busy: u64,
     dirty: bool,
 }
 
@@ -185,6 +185,8 @@ struct State {
     /// number covers every snapshot taken up to it.
     snapshots_taken: u64,
     snapshots_published: u64,
+    /// Threads waiting on `committed`.
+    waiters: u32,
 }
 
 impl State {
@@ -284,8 +286,6 @@ struct UnitWrite {
     /// The write covers the whole unit, or the unit can be updated in place: no
     /// read-modify-write is needed.
     direct: bool,
-    /// The unit already lives in `slot`, unpinned: only the written bytes change.
-    in_place: bool,
     /// Current contents, for a partial write that must copy the rest of the unit.
     old: Source,
 }
@@ -521,7 +521,7 @@ impl Image {
             let bit = 1u64 << unit;
             let covers = offset <= unit_start && end >= unit_start + us;
             let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vcluster);
-            if e.moving & bit != 0 {
+            if e.busy & bit != 0 {
                 return Plan::WaitForUnit(vcluster, bit);
             }
             let Some(slot) = Self::pick_slot(e, bit) else {
@@ -543,38 +543,38 @@ impl Image {
                 host: self.host_offset(e.host[slot], unit),
                 unit_start,
                 direct: covers || in_place,
-                in_place,
                 old,
             });
             unit_start += us;
         }
-        for u in plan.iter().filter(|u| !u.in_place) {
+        for u in &plan {
             if let Some(e) = st.map.get_mut(&u.vcluster) {
-                e.moving |= u.bit;
+                e.busy |= u.bit;
             }
         }
         Plan::Ready(plan)
     }
 
-    /// Waits until no write is moving unit `bit` of `vcluster` (`committed` is notified
-    /// when a moving write ends, too).
-    fn wait_for_unit(&self, vcluster: u64, bit: u64) {
+    /// Waits until no write is in flight on the units `bits` of `vcluster` (`committed` is
+    /// notified when a write ends while someone waits).
+    fn wait_for_unit(&self, vcluster: u64, bits: u64) {
         let mut st = lock(&self.state);
-        while st.map.get(&vcluster).is_some_and(|e| e.moving & bit != 0) {
+        st.waiters += 1;
+        while st.map.get(&vcluster).is_some_and(|e| e.busy & bits != 0) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+        st.waiters -= 1;
     }
 
-    /// Ends the moves a write planned, successful or not, and wakes writes waiting on them.
-    fn end_moves(&self, st: &mut State, units: &[UnitWrite]) {
-        let mut any = false;
-        for u in units.iter().filter(|u| !u.in_place) {
+    /// Ends a write's hold on its units, successful or not, and wakes whoever waits.
+    fn end_writes(&self, st: &mut State, units: &[UnitWrite]) {
+        for u in units {
             if let Some(e) = st.map.get_mut(&u.vcluster) {
-                e.moving &= !u.bit;
-                any = true;
+                e.busy &= !u.bit;
             }
         }
-        if any {
+        // A wake-up is a system call; writes with nobody waiting skip it.
+        if st.waiters > 0 {
             self.committed.notify_all();
         }
     }
@@ -582,9 +582,11 @@ impl Image {
     /// Waits for the flush in progress to complete, or to fail (then no commit will come).
     fn wait_for_commit(&self, seen: u64) {
         let mut st = lock(&self.state);
+        st.waiters += 1;
         while st.commits == seen && !self.failed.load(Ordering::Acquire) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+        st.waiters -= 1;
     }
 
     /// Wakes the writers of `wait_for_commit` after a failure. Taking the state lock orders
@@ -619,11 +621,11 @@ impl Image {
                 }
             };
             if let Err(e) = self.write_units(buf, offset, &units) {
-                self.end_moves(&mut lock(&self.state), &units);
+                self.end_writes(&mut lock(&self.state), &units);
                 return self.fail(e);
             }
             let mut st = lock(&self.state);
-            self.end_moves(&mut st, &units);
+            self.end_writes(&mut st, &units);
             for u in &units {
                 let e = st
                     .map
@@ -719,19 +721,29 @@ impl Image {
         if end > last_full {
             self.write_at(&vec![0u8; (end - last_full) as usize], last_full)?;
         }
-        let _io = shared(&self.gate);
-        let mut st = lock(&self.state);
         let g = self.geometry;
         let first_cluster = first_full >> g.cluster_bits;
         let last_cluster = (last_full - 1) >> g.cluster_bits;
-        let has_backing = self.backing.is_some();
-        let mask_for = |vc: u64| -> u64 {
-            let cs = vc << g.cluster_bits;
-            let lo = (first_full.max(cs) - cs) >> g.unit_bits;
-            let hi = (last_full.min(cs + g.cluster_size()) - cs) >> g.unit_bits;
-            let ones = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
-            ones(hi) & !ones(lo)
+        let (_io, mut st) = loop {
+            let io = shared(&self.gate);
+            let st = lock(&self.state);
+            let busy = st
+                .map
+                .range(first_cluster..=last_cluster)
+                .find_map(|(&vc, e)| {
+                    let b = e.busy & Self::whole_units_in(g, vc, first_full, last_full);
+                    (b != 0).then_some((vc, b))
+                });
+            match busy {
+                None => break (io, st),
+                Some((vc, bits)) => {
+                    drop((st, io));
+                    self.wait_for_unit(vc, bits);
+                }
+            }
         };
+        let has_backing = self.backing.is_some();
+        let mask_for = |vc: u64| Self::whole_units_in(g, vc, first_full, last_full);
         let mut punches = Vec::new();
         let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
             let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vc);
@@ -819,6 +831,15 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// The units of cluster `vc` inside `[from, to)` (both unit aligned) as a bitmap.
+    fn whole_units_in(g: Geometry, vc: u64, from: u64, to: u64) -> u64 {
+        let cs = vc << g.cluster_bits;
+        let lo = (from.max(cs) - cs) >> g.unit_bits;
+        let hi = (to.min(cs + g.cluster_size()) - cs) >> g.unit_bits;
+        let ones = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        ones(hi) & !ones(lo)
     }
 
     /// Makes every write completed before the call durable. See FORMAT.md, "Crash safety",

@@ -192,6 +192,7 @@ impl Image {
                 last_record_has_data: loaded.last_record_has_data,
                 snapshots_taken: 0,
                 snapshots_published: 0,
+                waiters: 0,
                 header: loaded.header,
             }),
             committed: Condvar::new(),
