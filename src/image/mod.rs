@@ -978,7 +978,7 @@ impl Image {
             checkpoint_crc: crate::format::crc32(&[&blob]),
             journal_offset: journal_start * cs,
             journal_capacity,
-            journal_epoch: generation,
+            journal_epoch: random_epoch(),
             ..old.clone()
         };
         PlannedCheckpoint {
@@ -1013,7 +1013,13 @@ impl Image {
             }
             Some(c) => {
                 // The checkpoint replaces the journal, so it must be durable, data included,
-                // before the header that points at it.
+                // before the header that points at it. The new journal's clusters were free
+                // and may hold anything, guest data included: they are punched under the same
+                // barrier, so that no stale block can pass for a record.
+                let (j_at, j_len) = (c.header.journal_offset, c.header.journal_capacity);
+                self.storage
+                    .punch_hole(j_at, j_len)
+                    .map_err(|e| self.io_err("clearing the journal", j_at, e))?;
                 if !c.blob.is_empty() {
                     let at = c.header.checkpoint_offset;
                     self.storage
@@ -1400,6 +1406,18 @@ pub(crate) fn digest_units(
 
 fn digest_units_empty() -> u64 {
     xxhash_rust::xxh3::Xxh3::new().digest()
+}
+
+/// A journal's epoch: random, so that no block the guest wrote into a cluster that later
+/// becomes journal space can pass for a record, even where holes cannot be punched.
+pub(crate) fn random_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.write_u128(now.as_nanos());
+    h.finish()
 }
 
 /// The indices of the set bits.

@@ -246,7 +246,7 @@ fn new_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
         checkpoint_crc: 0,
         journal_offset: geometry.first_data_cluster() * cs,
         journal_capacity: super::journal_capacity_for(0, cs),
-        journal_epoch: 1,
+        journal_epoch: super::random_epoch(),
     })
 }
 
@@ -554,8 +554,11 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         storage
             .read_at(&mut hb, at)
             .map_err(|e| io("reading journal", at, e))?;
-        if JournalRecordHeader::parse(&hb, header.journal_epoch, seq + 1).is_some() {
-            return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {} follows at {at:#x}", header.journal_offset + tail, seq + 1)));
+        // The epoch is random (see `random_epoch`), so stale or planted bytes cannot match it.
+        if let Some(later) =
+            JournalRecordHeader::peek_sequence(&hb, header.journal_epoch).filter(|&s| s >= seq)
+        {
+            return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {later} follows at {at:#x}", header.journal_offset + tail)));
         }
         probe += crate::format::BLOCK_SIZE;
     }
