@@ -546,8 +546,11 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         storage
             .read_at(&mut hb, at)
             .map_err(|e| io("reading journal", at, e))?;
-        if JournalRecordHeader::parse(&hb, header.journal_epoch, seq + 1).is_some() {
-            return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {} follows at {at:#x}", header.journal_offset + tail, seq + 1)));
+        // Any later sequence number counts: with two damaged records in a row the next one
+        // found is not seq + 1, and a record appended at `tail` would later chain onto it.
+        let found = u64::from_le_bytes(hb[0x10..0x18].try_into().expect("8 bytes"));
+        if found > seq && JournalRecordHeader::parse(&hb, header.journal_epoch, found).is_some() {
+            return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {found} follows at {at:#x}", header.journal_offset + tail)));
         }
         probe += crate::format::BLOCK_SIZE;
     }
