@@ -380,8 +380,10 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         return Err(inconsistent(
             path,
             format!(
-                "checkpoint of {} entries is larger than the file",
-                header.checkpoint_entries
+                "checkpoint at offset {:#x} of {} entries (header slot at {:#x}) is larger than the file",
+                header.checkpoint_offset,
+                header.checkpoint_entries,
+                active_slot * HEADER_SLOT_SIZE
             ),
         ));
     }
