@@ -952,6 +952,18 @@ impl Image {
             Some(c) => {
                 // The checkpoint replaces the journal, so it must be durable, data included,
                 // before the header that points at it.
+                // The file always covers the whole journal region, so that a file cut short
+                // inside the journal is told apart from a journal that simply ends there.
+                let journal_end = c.header.journal_offset + c.header.journal_capacity;
+                let length = self
+                    .storage
+                    .len()
+                    .map_err(|e| self.io_err("reading length", 0, e))?;
+                if length < journal_end {
+                    self.storage
+                        .set_len(journal_end)
+                        .map_err(|e| self.io_err("extending over the journal", journal_end, e))?;
+                }
                 if !c.blob.is_empty() {
                     let at = c.header.checkpoint_offset;
                     self.storage
