@@ -575,7 +575,7 @@ impl Image {
         // each put back the bytes the other is writing, so partial-unit writes take turns;
         // whole-unit writes never copy and stay parallel.
         let us = self.geometry.unit_size();
-        let partial = offset % us != 0 || (offset + buf.len() as u64) % us != 0;
+        let partial = !offset.is_multiple_of(us) || !(offset + buf.len() as u64).is_multiple_of(us);
         let _one_partial_write_at_a_time = partial.then(|| lock(&self.partial_units));
         loop {
             let io = shared(&self.gate);
@@ -707,7 +707,13 @@ impl Image {
                 // The cluster leaves its zero run, as in `plan_write`: its entry keeps the
                 // units outside `mask` zero.
                 st.zero_runs.remove(vc, vc + 1);
-                st.map.insert(vc, Entry { zero: g.full_mask(), ..Default::default() });
+                st.map.insert(
+                    vc,
+                    Entry {
+                        zero: g.full_mask(),
+                        ..Default::default()
+                    },
+                );
             }
             let e = st.map.entry(vc).or_default();
             for s in 0..2 {

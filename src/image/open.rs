@@ -540,8 +540,14 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
                 for (slot, field, offset) in [(0, "host_a", 0x08), (1, "host_b", 0x10)] {
                     if e.units[slot] != 0 && e.host[slot] >= max_host {
                         let eat = rec.body_at + (i * MAP_ENTRY_SIZE) as u64;
-                        let reason = format!("host cluster {} is past the end of the file", e.host[slot]);
-                        return Err(corrupt(path, "journal entry", eat, format::invalid(field, offset, reason)));
+                        let reason =
+                            format!("host cluster {} is past the end of the file", e.host[slot]);
+                        return Err(corrupt(
+                            path,
+                            "journal entry",
+                            eat,
+                            format::invalid(field, offset, reason),
+                        ));
                     }
                 }
             }
