@@ -22,6 +22,7 @@ pub mod ops;
 mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
+pub use open::resolve_backing_path;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -125,6 +126,10 @@ struct Entry {
     discarded: [u64; 2],
     /// Units written since the last snapshot: the next record's data digest covers them.
     written: u64,
+    /// Units with a write in flight that does not go in place (a first write, or a move to
+    /// the other slot): it copies the rest of the unit from the old contents, so no other
+    /// write may touch the unit until it has finished, or one of the two would be lost.
+    moving: u64,
     dirty: bool,
 }
 
@@ -176,6 +181,10 @@ struct State {
     commits: u64,
     /// The last journal record published data that no later barrier has confirmed.
     last_record_has_data: bool,
+    /// Snapshots taken and published, numbered from 1; flushes serialize, so a published
+    /// number covers every snapshot taken up to it.
+    snapshots_taken: u64,
+    snapshots_published: u64,
 }
 
 impl State {
@@ -197,8 +206,6 @@ pub struct Image {
     state: Mutex<State>,
     committed: Condvar,
     flush_serial: Mutex<()>,
-    /// Held by every write that covers only part of a unit (see [`Image::write_at`]).
-    partial_units: Mutex<()>,
     failed: AtomicBool,
 }
 
@@ -277,6 +284,8 @@ struct UnitWrite {
     /// The write covers the whole unit, or the unit can be updated in place: no
     /// read-modify-write is needed.
     direct: bool,
+    /// The unit already lives in `slot`, unpinned: only the written bytes change.
+    in_place: bool,
     /// Current contents, for a partial write that must copy the rest of the unit.
     old: Source,
 }
@@ -286,6 +295,8 @@ enum Plan {
     /// Both slots of a unit are pinned by the durable state and the flush in flight: wait
     /// for that flush, then plan again.
     WaitForCommit(u64),
+    /// Another write is moving this unit (virtual cluster, unit bit): wait for it.
+    WaitForUnit(u64, u64),
 }
 
 /// What a flush took from the map while I/O was paused.
@@ -509,19 +520,10 @@ impl Image {
             let unit = ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
             let bit = 1u64 << unit;
             let covers = offset <= unit_start && end >= unit_start + us;
-            if !st.map.contains_key(&vcluster) && st.zero_runs.contains(vcluster) {
-                // The cluster leaves its zero run; its entry says zero for the other units.
-                // A record lists the entry after the run, so replay gives the same result.
-                st.zero_runs.remove(vcluster, vcluster + 1);
-                st.map.insert(
-                    vcluster,
-                    Entry {
-                        zero: g.full_mask(),
-                        ..Default::default()
-                    },
-                );
+            let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vcluster);
+            if e.moving & bit != 0 {
+                return Plan::WaitForUnit(vcluster, bit);
             }
-            let e = st.map.entry(vcluster).or_default();
             let Some(slot) = Self::pick_slot(e, bit) else {
                 return Plan::WaitForCommit(st.commits);
             };
@@ -541,11 +543,40 @@ impl Image {
                 host: self.host_offset(e.host[slot], unit),
                 unit_start,
                 direct: covers || in_place,
+                in_place,
                 old,
             });
             unit_start += us;
         }
+        for u in plan.iter().filter(|u| !u.in_place) {
+            if let Some(e) = st.map.get_mut(&u.vcluster) {
+                e.moving |= u.bit;
+            }
+        }
         Plan::Ready(plan)
+    }
+
+    /// Waits until no write is moving unit `bit` of `vcluster` (`committed` is notified
+    /// when a moving write ends, too).
+    fn wait_for_unit(&self, vcluster: u64, bit: u64) {
+        let mut st = lock(&self.state);
+        while st.map.get(&vcluster).is_some_and(|e| e.moving & bit != 0) {
+            st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Ends the moves a write planned, successful or not, and wakes writes waiting on them.
+    fn end_moves(&self, st: &mut State, units: &[UnitWrite]) {
+        let mut any = false;
+        for u in units.iter().filter(|u| !u.in_place) {
+            if let Some(e) = st.map.get_mut(&u.vcluster) {
+                e.moving &= !u.bit;
+                any = true;
+            }
+        }
+        if any {
+            self.committed.notify_all();
+        }
     }
 
     /// Waits for the flush in progress to complete, or to fail (then no commit will come).
@@ -570,13 +601,6 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
-        // A write that covers only part of a unit may copy the rest of the unit from where it
-        // lies now (read-modify-write). Two such copies of one unit running at once would
-        // each put back the bytes the other is writing, so partial-unit writes take turns;
-        // whole-unit writes never copy and stay parallel.
-        let us = self.geometry.unit_size();
-        let partial = !offset.is_multiple_of(us) || !(offset + buf.len() as u64).is_multiple_of(us);
-        let _one_partial_write_at_a_time = partial.then(|| lock(&self.partial_units));
         loop {
             let io = shared(&self.gate);
             let plan = self.plan_write(&mut lock(&self.state), offset, buf.len() as u64);
@@ -588,11 +612,18 @@ impl Image {
                     self.check_writable()?;
                     continue;
                 }
+                Plan::WaitForUnit(vcluster, bit) => {
+                    drop(io);
+                    self.wait_for_unit(vcluster, bit);
+                    continue;
+                }
             };
             if let Err(e) = self.write_units(buf, offset, &units) {
+                self.end_moves(&mut lock(&self.state), &units);
                 return self.fail(e);
             }
             let mut st = lock(&self.state);
+            self.end_moves(&mut st, &units);
             for u in &units {
                 let e = st
                     .map
@@ -703,19 +734,7 @@ impl Image {
         };
         let mut punches = Vec::new();
         let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
-            if !st.map.contains_key(&vc) && st.zero_runs.contains(vc) {
-                // The cluster leaves its zero run, as in `plan_write`: its entry keeps the
-                // units outside `mask` zero.
-                st.zero_runs.remove(vc, vc + 1);
-                st.map.insert(
-                    vc,
-                    Entry {
-                        zero: g.full_mask(),
-                        ..Default::default()
-                    },
-                );
-            }
-            let e = st.map.entry(vc).or_default();
+            let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vc);
             for s in 0..2 {
                 let dropped = e.units[s] & mask;
                 if dropped == 0 {
@@ -813,7 +832,20 @@ impl Image {
                 path: self.path.clone(),
             });
         }
+        // Group commit: the first snapshot taken after this call covers every write that
+        // completed before it. Flushes that queue behind a running one all return once the
+        // next one completes, so N concurrent flushes cost two barriers, not N.
+        let covering_snapshot = lock(&self.state).snapshots_taken + 1;
         let _one_at_a_time = lock(&self.flush_serial);
+        if lock(&self.state).snapshots_published >= covering_snapshot {
+            return Ok(());
+        }
+        // The flush this one waited for may have failed.
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
+        }
         let Some(snapshot) = self.take_snapshot() else {
             return Ok(());
         };
@@ -833,7 +865,10 @@ impl Image {
         let _pause = exclusive(&self.gate);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
+        st.snapshots_taken += 1;
         if st.dirty.is_empty() && st.dirty_runs.is_empty() {
+            // Every completed write is in a published snapshot already.
+            st.snapshots_published = st.snapshots_taken;
             return None;
         }
         let mut clusters = std::mem::take(&mut st.dirty);
@@ -1100,6 +1135,7 @@ impl Image {
             st.free.free_run(start, n);
         }
         st.commits += 1;
+        st.snapshots_published = st.snapshots_taken;
         self.committed.notify_all();
         Ok(())
     }
@@ -1279,6 +1315,29 @@ impl Drop for Image {
             let _ = self.seal();
         }
     }
+}
+
+/// The entry of `vcluster`, created if needed. A cluster in a zero run leaves the run: its
+/// new entry says zero for every unit, so that units the caller does not change keep
+/// reading as zeros instead of falling through to the backing file. A record lists the
+/// entry after the run, so replay gives the same result.
+fn entry_leaving_zero_run<'a>(
+    map: &'a mut BTreeMap<u64, Entry>,
+    zero_runs: &mut ClusterRuns,
+    g: Geometry,
+    vcluster: u64,
+) -> &'a mut Entry {
+    if !map.contains_key(&vcluster) && zero_runs.contains(vcluster) {
+        zero_runs.remove(vcluster, vcluster + 1);
+        map.insert(
+            vcluster,
+            Entry {
+                zero: g.full_mask(),
+                ..Default::default()
+            },
+        );
+    }
+    map.entry(vcluster).or_default()
 }
 
 /// Figures `info` shows about the map and the file.

@@ -190,11 +190,12 @@ impl Image {
                 journal_next_seq: loaded.journal_next_seq,
                 commits: 0,
                 last_record_has_data: loaded.last_record_has_data,
+                snapshots_taken: 0,
+                snapshots_published: 0,
                 header: loaded.header,
             }),
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
-            partial_units: Mutex::new(()),
             failed: false.into(),
         })
     }

@@ -392,11 +392,13 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
     let cs = g.cluster_size();
     report.total_clusters = g.clusters_for(loaded.header.virtual_size);
     report.image_end_offset = loaded.file_length;
+    // A slot of all zeros was never written (slot B of a new image); one that fails its
+    // checksum is what a torn header write leaves.
     report.stale_header_slots = loaded
         .bad_slots
         .iter()
+        .filter(|(_, e)| matches!(e, crate::format::FormatError::ChecksumMismatch { .. }))
         .map(|&(slot, _)| slot)
-        .filter(|_| loaded.file_length > 0)
         .collect();
     // Every referenced unit must lie inside the file: it was written whole before any
     // record pointed at it.
