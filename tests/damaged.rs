@@ -323,6 +323,16 @@ fn fix_crc(slot: &mut [u8]) {
     slot[0xffc..0x1000].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// A hand-built image: `slot` as slot A, an empty slot B, and the file as long as the
+/// slot's journal region (writers keep it at least that long), capped at 8 MiB.
+fn image_from_slot(slot: &[u8]) -> Vec<u8> {
+    let field = |at: usize| u64::from_le_bytes(slot[at..at + 8].try_into().expect("8 bytes"));
+    let journal_end = field(0x50).saturating_add(field(0x58)).min(8 << 20);
+    let mut bytes = slot.to_vec();
+    bytes.resize((journal_end as usize).max(8192), 0);
+    bytes
+}
+
 fn golden_slot() -> Vec<u8> {
     let mut slot = vec![0u8; 4096];
     slot[..GOLDEN_HEADER.len()].copy_from_slice(&GOLDEN_HEADER);
@@ -363,11 +373,18 @@ fn golden_header_decodes_field_by_field_and_is_what_create_writes() {
     };
     Image::create(&path, &opts).expect("create");
     let written = std::fs::read(&path).expect("reading the new image");
-    assert_same_bytes(&written[..4096], &golden_slot(), "slot A of a new image");
+    // The journal epoch is random (no guest can predict it); every other byte is golden.
+    let epoch = Header::from_bytes(&written[..4096]).expect("slot A decodes").journal_epoch;
+    let expected = Header { journal_epoch: epoch, ..golden_fields() }.to_bytes();
+    assert_same_bytes(&written[..4096], &expected, "slot A of a new image");
     assert!(
         written[4096..8192].iter().all(|&b| b == 0),
         "slot B of a new image is not empty"
     );
+    let other = dir.path().join("other.cow");
+    Image::create(&other, &opts).expect("create");
+    let other_epoch = Header::from_bytes(&std::fs::read(&other).expect("reading")[..4096]).expect("decodes").journal_epoch;
+    assert_ne!(epoch, other_epoch, "two new images got the same journal epoch");
 }
 
 /// What a changed field must produce.
@@ -382,7 +399,10 @@ fn put(slot: &mut [u8], at: usize, bytes: &[u8]) {
 }
 
 /// One change per field, with the error it must give.
-fn field_changes() -> Vec<(&'static str, Box<dyn Fn(&mut [u8])>, Expect)> {
+/// A change to a header slot's bytes.
+type SlotChange = Box<dyn Fn(&mut [u8])>;
+
+fn field_changes() -> Vec<(&'static str, SlotChange, Expect)> {
     vec![
         (
             "magic",
@@ -574,7 +594,7 @@ fn opening_an_image_with_a_changed_header_field_names_the_slot_and_the_field() {
         let mut bytes = golden_slot();
         change(&mut bytes);
         fix_crc(&mut bytes);
-        bytes.resize(8192, 0);
+        let bytes = image_from_slot(&bytes);
         match (open_bytes(&bytes), &expect) {
             (Ok(_), Expect::Accepted(_)) => {}
             (
@@ -600,19 +620,19 @@ fn opening_an_image_with_a_changed_header_field_names_the_slot_and_the_field() {
 /// Header fields that decode but contradict the rest of the file, with valid checksums.
 #[test]
 fn header_fields_that_contradict_the_file_are_refused_quickly() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut [u8])>, &str)> = vec![
+    let cases: Vec<(&str, SlotChange, &str)> = vec![
         (
             "journal_capacity not the one the checkpoint implies",
             Box::new(|s| put(s, 0x58, &(2u64 << 20).to_le_bytes())),
             "journal_capacity",
         ),
         (
-            "a checkpoint of 2^20 entries in a 8 KiB file",
+            "a checkpoint of 2^20 entries in a 1 MiB file",
             Box::new(|s| {
                 put(s, 0x30, &(1u64 << 40).to_le_bytes());
                 put(s, 0x38, &0x20000u64.to_le_bytes());
                 put(s, 0x40, &(1u64 << 20).to_le_bytes());
-                put(s, 0x58, &(2 * 48u64 << 20).to_le_bytes());
+                put(s, 0x58, &((2 * 48u64) << 20).to_le_bytes());
             }),
             "larger than the file",
         ),
@@ -622,7 +642,7 @@ fn header_fields_that_contradict_the_file_are_refused_quickly() {
                 put(s, 0x30, &(1u64 << 60).to_le_bytes());
                 put(s, 0x38, &0x20000u64.to_le_bytes());
                 put(s, 0x40, &(1u64 << 44).to_le_bytes());
-                put(s, 0x58, &(2 * 48u64 << 44).to_le_bytes());
+                put(s, 0x58, &((2 * 48u64) << 44).to_le_bytes());
             }),
             "larger than the file",
         ),
@@ -637,7 +657,7 @@ fn header_fields_that_contradict_the_file_are_refused_quickly() {
         (
             "a checkpoint past the end of the file",
             Box::new(|s| {
-                put(s, 0x38, &0x40000u64.to_le_bytes());
+                put(s, 0x38, &0x200000u64.to_le_bytes());
                 put(s, 0x40, &2u64.to_le_bytes());
             }),
             "past the end",
@@ -647,7 +667,7 @@ fn header_fields_that_contradict_the_file_are_refused_quickly() {
         let mut bytes = golden_slot();
         change(&mut bytes);
         fix_crc(&mut bytes);
-        bytes.resize(8192, 0);
+        let bytes = image_from_slot(&bytes);
         let err = open_bytes(&bytes)
             .err()
             .unwrap_or_else(|| panic!("{what}: the image opened"));
@@ -672,7 +692,7 @@ fn a_header_generation_that_cannot_grow_is_refused_or_survives_a_checkpoint() {
     put(&mut bytes, 0x29, &[0, 0, 0]);
     bytes[0x80..0x88].fill(0);
     fix_crc(&mut bytes);
-    bytes.resize(8192, 0);
+    let bytes = image_from_slot(&bytes);
     let storage = Arc::new(MemStorage::new(bytes));
     let dynamic: Arc<dyn Storage> = storage.clone();
     let image = match Image::open_storage(dynamic, Path::new(NAME), false) {

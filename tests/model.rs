@@ -375,7 +375,7 @@ fn chain_harness(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), ..ProptestConfig::default() })]
 
     #[test]
     fn overlay_over_a_raw_file_reads_like_a_plain_file(setup in setup(), steps in prop::collection::vec(step(), 1..40)) {
@@ -448,7 +448,7 @@ fn concurrent_disjoint_writes(cluster_size: u64, seed: u64) {
                     cells.iter().copied().skip(t).step_by(WRITERS).collect();
                 let (image, model) = (&image, &model);
                 s.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(seed ^ (t as u64 + 1) * 7919);
+                    let mut rng = StdRng::seed_from_u64(seed ^ ((t as u64 + 1) * 7919));
                     for _ in 0..400 {
                         let (cell, cell_len) = mine[rng.gen_range(0..mine.len())];
                         let off = cell + rng.gen_range(0..cell_len);

@@ -1020,6 +1020,18 @@ impl Image {
                 self.storage
                     .punch_hole(j_at, j_len)
                     .map_err(|e| self.io_err("clearing the journal", j_at, e))?;
+                // The file always covers the whole journal region, so that a file cut short
+                // inside the journal is told apart from a journal that simply ends there.
+                let journal_end = c.header.journal_offset + c.header.journal_capacity;
+                let length = self
+                    .storage
+                    .len()
+                    .map_err(|e| self.io_err("reading length", 0, e))?;
+                if length < journal_end {
+                    self.storage
+                        .set_len(journal_end)
+                        .map_err(|e| self.io_err("extending over the journal", journal_end, e))?;
+                }
                 if !c.blob.is_empty() {
                     let at = c.header.checkpoint_offset;
                     self.storage

@@ -260,9 +260,11 @@ fn format_storage(storage: &dyn Storage, path: &Path, header: &Header) -> Result
     storage
         .write_at(&header.to_bytes(), 0)
         .map_err(|e| io("writing header", 0, e))?;
-    // Slot B exists but is empty, so the file is never shorter than both slots.
+    // Slot B exists but is empty, so the file is never shorter than both slots; and it covers
+    // the journal region (sparsely), so that truncation is detected (see `load`).
+    let journal_end = header.journal_offset + header.journal_capacity;
     storage
-        .set_len(2 * HEADER_SLOT_SIZE as u64)
+        .set_len(journal_end.max(2 * HEADER_SLOT_SIZE as u64))
         .map_err(|e| io("sizing", 0, e))?;
     storage.sync().map_err(|e| io("syncing", 0, e))
 }
@@ -382,8 +384,10 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         return Err(inconsistent(
             path,
             format!(
-                "checkpoint of {} entries is larger than the file",
-                header.checkpoint_entries
+                "checkpoint at offset {:#x} of {} entries (header slot at {:#x}) is larger than the file",
+                header.checkpoint_offset,
+                header.checkpoint_entries,
+                active_slot * HEADER_SLOT_SIZE
             ),
         ));
     }
@@ -448,6 +452,18 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         .journal_offset
         .checked_add(header.journal_capacity)
         .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    // Writers keep the file at least as long as the journal region. A shorter file was cut:
+    // replaying what is left would silently go back to an older state (and one whose data
+    // clusters may have been reused since).
+    if file_length < journal_end {
+        return Err(inconsistent(
+            path,
+            format!(
+                "the file ends at {file_length:#x}, inside its journal region {:#x}..{journal_end:#x} (truncated?)",
+                header.journal_offset
+            ),
+        ));
+    }
     let mut records: Vec<ReplayRecord> = Vec::new();
     let host_limit = (format::MAX_VIRTUAL_SIZE >> g.cluster_bits).max(max_host);
     loop {
