@@ -374,8 +374,14 @@ fn golden_header_decodes_field_by_field_and_is_what_create_writes() {
     Image::create(&path, &opts).expect("create");
     let written = std::fs::read(&path).expect("reading the new image");
     // The journal epoch is random (no guest can predict it); every other byte is golden.
-    let epoch = Header::from_bytes(&written[..4096]).expect("slot A decodes").journal_epoch;
-    let expected = Header { journal_epoch: epoch, ..golden_fields() }.to_bytes();
+    let epoch = Header::from_bytes(&written[..4096])
+        .expect("slot A decodes")
+        .journal_epoch;
+    let expected = Header {
+        journal_epoch: epoch,
+        ..golden_fields()
+    }
+    .to_bytes();
     assert_same_bytes(&written[..4096], &expected, "slot A of a new image");
     assert!(
         written[4096..8192].iter().all(|&b| b == 0),
@@ -383,8 +389,13 @@ fn golden_header_decodes_field_by_field_and_is_what_create_writes() {
     );
     let other = dir.path().join("other.cow");
     Image::create(&other, &opts).expect("create");
-    let other_epoch = Header::from_bytes(&std::fs::read(&other).expect("reading")[..4096]).expect("decodes").journal_epoch;
-    assert_ne!(epoch, other_epoch, "two new images got the same journal epoch");
+    let other_epoch = Header::from_bytes(&std::fs::read(&other).expect("reading")[..4096])
+        .expect("decodes")
+        .journal_epoch;
+    assert_ne!(
+        epoch, other_epoch,
+        "two new images got the same journal epoch"
+    );
 }
 
 /// What a changed field must produce.
