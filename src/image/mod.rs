@@ -66,6 +66,10 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Open the backing chain writable too (for `commit`).
     pub writable_backing: bool,
+    /// Do not open the backing file, as `qemu-img info` and `rebase -u` do, so that an
+    /// overlay whose backing file is missing can still be inspected or pointed elsewhere.
+    /// Reads of ranges that fall through then read zeros.
+    pub without_backing: bool,
 }
 
 /// What a range of the merged image is.
@@ -221,13 +225,23 @@ fn exclusive(g: &RwLock<()>) -> RwLockWriteGuard<'_, ()> {
     g.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Takes the advisory lock qemu users expect: exclusive for writers, shared for readers.
-pub(crate) fn lock_file(
-    file: &std::fs::File,
-    path: &Path,
-    writable: bool,
-    force_share: bool,
-) -> Result<()> {
+/// Opens a file with the advisory lock qemu users expect: exclusive for writers, shared for
+/// readers, none for force-share readers.
+pub(crate) fn open_locked(path: &Path, writable: bool, force_share: bool) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|source| Error::File {
+            path: path.into(),
+            op: "opening",
+            source,
+        })?;
+    lock_file(&file, path, writable, force_share)?;
+    Ok(file)
+}
+
+fn lock_file(file: &std::fs::File, path: &Path, writable: bool, force_share: bool) -> Result<()> {
     if force_share && !writable {
         return Ok(());
     }

@@ -2,7 +2,7 @@
 //! the journal, and checking that no two things claim the same host cluster.
 use super::cluster_runs::ClusterRuns;
 use super::layer::Layer;
-use super::{lock_file, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
+use super::{open_locked, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
     self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, HEADER_SLOT_SIZE,
@@ -120,16 +120,7 @@ impl Image {
     }
 
     pub(crate) fn open_at_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(|source| Error::File {
-                path: path.into(),
-                op: "opening",
-                source,
-            })?;
-        lock_file(&file, path, !opts.read_only, opts.force_share)?;
+        let file = open_locked(path, !opts.read_only, opts.force_share)?;
         let lock_holder = file.try_clone().map_err(|source| Error::File {
             path: path.into(),
             op: "opening",
@@ -138,7 +129,7 @@ impl Image {
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let mut image = Self::open_storage(storage, path, opts.read_only)?;
         image._lock_file = Some(lock_holder);
-        if let Some((recorded, fmt)) = image.header().backing {
+        if let Some((recorded, fmt)) = image.header().backing.filter(|_| !opts.without_backing) {
             let backing_opts = OpenOptions {
                 read_only: !opts.writable_backing,
                 ..opts.clone()

@@ -365,16 +365,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
 
 /// [`check`], optionally without taking the file lock (`qemu-img check -U`).
 pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckReport> {
-    let file = FsOpenOptions::new()
-        .read(true)
-        .write(repair)
-        .open(path)
-        .map_err(|source| Error::File {
-            path: path.into(),
-            op: "opening",
-            source,
-        })?;
-    super::lock_file(&file, path, repair, force_share && !repair)?;
+    let file = super::open_locked(path, repair, force_share && !repair)?;
     let storage = FileStorage::new(file);
     let mut report = CheckReport {
         filename: path.display().to_string(),
