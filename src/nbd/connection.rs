@@ -353,19 +353,25 @@ impl<'a> Transmission<'a> {
         Ok(())
     }
 
-    fn read(&self, req: &Request, buf: &mut Vec<u8>) -> Result<(), Failure> {
+    /// READ and CACHE: at most the advertised maximum, inside the export (EINVAL otherwise).
+    fn check_read_range(&self, req: &Request, command: &str) -> Result<(), Failure> {
         if req.length > MAX_BLOCK_SIZE {
             return fail(
                 EINVAL,
                 format!(
-                    "READ of {} bytes exceeds the {MAX_BLOCK_SIZE} byte maximum",
+                    "{command} of {} bytes exceeds the {MAX_BLOCK_SIZE} byte maximum",
                     req.length
                 ),
             );
         }
         if !in_range(req.offset, req.length as u64, self.size) {
-            return fail(EINVAL, "READ beyond the end of the export");
+            return fail(EINVAL, format!("{command} beyond the end of the export"));
         }
+        Ok(())
+    }
+
+    fn read(&self, req: &Request, buf: &mut Vec<u8>) -> Result<(), Failure> {
+        self.check_read_range(req, "READ")?;
         let n = req.length as usize;
         if buf.len() < n {
             buf.resize(n, 0);
@@ -441,18 +447,7 @@ impl<'a> Transmission<'a> {
 
     /// Reads the range through, so that it is in the page cache when the client asks.
     fn cache(&self, req: &Request, buf: &mut Vec<u8>) -> Result<(), Failure> {
-        if req.length > MAX_BLOCK_SIZE {
-            return fail(
-                EINVAL,
-                format!(
-                    "CACHE of {} bytes exceeds the {MAX_BLOCK_SIZE} byte maximum",
-                    req.length
-                ),
-            );
-        }
-        if !in_range(req.offset, req.length as u64, self.size) {
-            return fail(EINVAL, "CACHE beyond the end of the export");
-        }
+        self.check_read_range(req, "CACHE")?;
         let end = req.offset + req.length as u64;
         let mut pos = req.offset;
         while pos < end {
