@@ -27,6 +27,8 @@ pub trait Storage: Send + Sync {
         self.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Hints that a range will be read soon (the kernel starts reading it ahead).
+    fn will_need(&self, _offset: u64, _len: u64) {}
 }
 
 /// A regular file, read and written with pread/pwrite.
@@ -76,6 +78,16 @@ impl Storage for FileStorage {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        // Only a hint: a failure costs speed, never data.
+        let _ = posix_fadvise(
+            self.file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
     }
 }
 

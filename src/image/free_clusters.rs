@@ -25,7 +25,7 @@ impl FreeClusters {
         f
     }
 
-    #[cfg(test)]
+    /// The first cluster past everything allocated.
     pub fn end(&self) -> u64 {
         self.end
     }

@@ -1166,14 +1166,30 @@ impl Image {
                 st.last_record_has_data = !snap.written_units.is_empty();
             }
         }
-        // Punch before the clusters can be handed out again.
+        // Nothing can allocate while I/O is paused, so freeing first and punching after is
+        // safe. Freed clusters that reach the end of the file are cut off instead of
+        // punched: truncating is cheaper, and the file keeps covering everything in use.
+        for (start, n) in freed {
+            st.free.free_run(start, n);
+        }
+        let end = st.free.end() << self.geometry.cluster_bits;
         for (off, l) in coalesce(punches) {
+            let l = l.min(end.saturating_sub(off));
+            if l == 0 {
+                continue;
+            }
             if let Err(e) = self.storage.punch_hole(off, l) {
                 return self.fail(self.io_err("punching a hole", off, e));
             }
         }
-        for (start, n) in freed {
-            st.free.free_run(start, n);
+        match self.storage.len() {
+            Ok(len) if len > end => {
+                if let Err(e) = self.storage.set_len(end) {
+                    return self.fail(self.io_err("truncating freed clusters", end, e));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return self.fail(self.io_err("reading length", 0, e)),
         }
         st.commits += 1;
         st.snapshots_published = st.snapshots_taken;

@@ -351,6 +351,9 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     let virtual_clusters = g.clusters_for(header.virtual_size);
     // Host clusters past the file's end cannot hold written data.
     let max_host = file_length.div_ceil(cs).max(g.first_data_cluster());
+    // Items are decoded against the format's bound; the final map is checked against the
+    // file's length once replay is done (see below).
+    let host_limit = (format::MAX_VIRTUAL_SIZE >> g.cluster_bits).max(max_host);
 
     // The journal's size follows from the checkpoint's (FORMAT.md, "Journal"); checking it
     // here also bounds everything sized by it by the file's real length.
@@ -411,7 +414,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         let mut next_free = 0u64;
         for (i, chunk) in blob.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
             let at = header.checkpoint_offset + (i * MAP_ENTRY_SIZE) as u64;
-            let item = MapItem::from_bytes(chunk, g, virtual_clusters, max_host, false)
+            let item = MapItem::from_bytes(chunk, g, virtual_clusters, host_limit, false)
                 .map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
             if item.start() < next_free {
                 return Err(inconsistent(
@@ -456,7 +459,6 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         ));
     }
     let mut records: Vec<ReplayRecord> = Vec::new();
-    let host_limit = (format::MAX_VIRTUAL_SIZE >> g.cluster_bits).max(max_host);
     loop {
         let at = header.journal_offset + tail;
         if at + JOURNAL_RECORD_HEADER_SIZE as u64 > journal_end.min(file_length) {
@@ -513,7 +515,6 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
             written,
             digest: rec.data_digest,
             len,
-            body_at,
         });
         tail += len;
         seq += 1;
@@ -528,23 +529,20 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         }
     }
     for rec in &records {
-        for (i, &item) in rec.items.iter().enumerate() {
-            if let MapItem::Cluster(e) = item {
-                for (slot, field, offset) in [(0, "host_a", 0x08), (1, "host_b", 0x10)] {
-                    if e.units[slot] != 0 && e.host[slot] >= max_host {
-                        let eat = rec.body_at + (i * MAP_ENTRY_SIZE) as u64;
-                        let reason =
-                            format!("host cluster {} is past the end of the file", e.host[slot]);
-                        return Err(corrupt(
-                            path,
-                            "journal entry",
-                            eat,
-                            format::invalid(field, offset, reason),
-                        ));
-                    }
-                }
-            }
+        for &item in &rec.items {
             apply_item(&mut map, &mut zero_runs, item);
+        }
+    }
+    // Only the final map must lie inside the file: clusters that earlier items used may have
+    // been freed and cut off the end of the file since.
+    for (&vc, e) in &map {
+        for slot in 0..2 {
+            if e.units[slot] != 0 && e.host[slot] >= max_host {
+                return Err(inconsistent(path, format!(
+                    "slot {} of virtual cluster {vc} is host cluster {} (offset {:#x}), past the end of the file ({file_length:#x})",
+                    ["A", "B"][slot], e.host[slot], e.host[slot] << g.cluster_bits
+                )));
+            }
         }
     }
     let last_record_has_data = records
@@ -657,8 +655,6 @@ struct ReplayRecord {
     written: Vec<u64>,
     digest: u64,
     len: u64,
-    /// Where the record's items start in the file (for messages).
-    body_at: u64,
 }
 
 /// Recomputes the data digest of a record from the units it marks written.
