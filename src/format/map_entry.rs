@@ -230,8 +230,13 @@ impl MapEntry {
                     format!("host cluster {h} is outside {first}..{max_host_cluster}"),
                 ));
             }
-            if e.units[slot] == 0 && h != 0 {
-                return Err(invalid(field, off, "set while the slot holds no unit"));
+            // A slot may keep its cluster while the other slot holds the data: units move
+            // back and forth between the two without allocating (FORMAT.md, "Map entries").
+            if e.units[slot] == 0
+                && h != 0
+                && (h < first || h >= max_host_cluster || e.units == [0, 0])
+            {
+                return Err(invalid(field, off, format!("reserved host cluster {h} is outside {first}..{max_host_cluster} or its entry holds no data")));
             }
         }
         if e.host[0] != 0 && e.host[0] == e.host[1] {

@@ -149,7 +149,12 @@ impl Entry {
     fn to_disk(&self, virtual_cluster: u64) -> MapEntry {
         MapEntry {
             virtual_cluster,
-            host: [0, 1].map(|s| if self.units[s] != 0 { self.host[s] } else { 0 }),
+            // Both clusters stay reserved while the entry holds data in either slot.
+            host: if self.units == [0, 0] {
+                [0, 0]
+            } else {
+                self.host
+            },
             units: self.units,
             zero: self.zero,
         }
@@ -1127,11 +1132,15 @@ impl Image {
             };
             e.durable = e.inflight;
             e.inflight = [0, 0];
+            // An entry keeps both clusters while it holds data: a unit that moves to the other
+            // slot and back overwrites blocks the file system has already allocated, which is
+            // what keeps flushes cheap. The clusters go when the entry holds no data at all.
+            let holds_data = e.units[0] | e.units[1] | e.durable[0] | e.durable[1] != 0;
             for s in 0..2 {
                 if e.host[s] == 0 {
                     continue;
                 }
-                if e.units[s] | e.durable[s] == 0 {
+                if !holds_data {
                     punches.push((e.host[s] * cs, cs));
                     freed.push((e.host[s], 1));
                     e.host[s] = 0;

@@ -583,7 +583,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     }
     for (&vc, e) in &map {
         for s in 0..2 {
-            if e.units[s] != 0 {
+            if e.host[s] != 0 {
                 used.push((
                     e.host[s],
                     Owner::Data {
