@@ -90,8 +90,9 @@ def servers():
     if wanted:
         names = wanted.split(",")
         all_ = [s for s in all_ if s.name in names]
-    if any(s.name == "cowimg" for s in all_) and not have_cowimg_command("serve"):
-        log("cowimg serve is not available in", COWIMG, "- skipping cowimg")
+    if any(s.name == "cowimg" for s in all_) and not (
+            have_cowimg_command("serve") and have_cowimg_command("create")):
+        log("cowimg serve/create are not available in", COWIMG, "- skipping cowimg")
         all_ = [s for s in all_ if s.name != "cowimg"]
     return all_
 
@@ -130,7 +131,7 @@ def write_amplification(setup):
     (which flushes) before measuring."""
     if setup.name == "raw":
         return None
-    before = allocated_bytes(setup.image) if setup.image else 0
+    before = 0
     srv = start(setup)
     try:
         if setup.image:
