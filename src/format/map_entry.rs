@@ -10,10 +10,135 @@
 //! 0x28   8    units_zero: bit u set = unit u reads as zeros (masks the backing file)
 //! ```
 //! A unit in none of the three bitmaps falls through to the backing file.
+//!
+//! The top byte of the first field is the item's kind (virtual cluster indices stay below
+//! 2^48, since sizes stay below 2^60 and clusters are at least 4 KiB):
+//!
+//! ```text
+//! kind 0  cluster entry (above); in a journal record, an entry whose bytes 0x08..0x30
+//!         are all zero is a removal: the cluster falls through again
+//! kind 1  zero run:         0x00 start cluster | 1 << 56, 0x08 count, 0x10..0x30 zero;
+//!         clusters start..start+count read as zeros (whole-cluster discards)
+//! kind 2  fall-through run: same layout; journal only; clusters start..start+count drop
+//!         their entries and zero runs and fall through
+//! ```
 use super::{invalid, FormatError, Geometry};
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 pub const MAP_ENTRY_SIZE: usize = 48;
+const KIND_SHIFT: u32 = 56;
+const KIND_CLUSTER: u64 = 0;
+const KIND_ZERO_RUN: u64 = 1;
+const KIND_FALL_THROUGH_RUN: u64 = 2;
+
+/// One item of a checkpoint or journal record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapItem {
+    Cluster(MapEntry),
+    Removal(u64),
+    ZeroRun { start: u64, count: u64 },
+    FallThroughRun { start: u64, count: u64 },
+}
+
+impl MapItem {
+    pub fn write_to(&self, b: &mut [u8]) {
+        match *self {
+            MapItem::Cluster(e) => e.write_to(b),
+            MapItem::Removal(vc) => {
+                b[..MAP_ENTRY_SIZE].fill(0);
+                LE::write_u64(&mut b[0x00..], vc);
+            }
+            MapItem::ZeroRun { start, count } | MapItem::FallThroughRun { start, count } => {
+                let kind = if matches!(self, MapItem::ZeroRun { .. }) {
+                    KIND_ZERO_RUN
+                } else {
+                    KIND_FALL_THROUGH_RUN
+                };
+                b[..MAP_ENTRY_SIZE].fill(0);
+                LE::write_u64(&mut b[0x00..], start | kind << KIND_SHIFT);
+                LE::write_u64(&mut b[0x08..], count);
+            }
+        }
+    }
+
+    /// The first virtual cluster the item concerns.
+    pub fn start(&self) -> u64 {
+        match *self {
+            MapItem::Cluster(e) => e.virtual_cluster,
+            MapItem::Removal(vc) => vc,
+            MapItem::ZeroRun { start, .. } | MapItem::FallThroughRun { start, .. } => start,
+        }
+    }
+
+    /// Decodes and validates one item. `in_journal` admits the kinds only a journal holds.
+    pub fn from_bytes(
+        b: &[u8],
+        geometry: Geometry,
+        virtual_clusters: u64,
+        max_host_cluster: u64,
+        in_journal: bool,
+    ) -> Result<MapItem, FormatError> {
+        if b.len() < MAP_ENTRY_SIZE {
+            return Err(FormatError::Truncated {
+                need: MAP_ENTRY_SIZE,
+                have: b.len(),
+            });
+        }
+        let first = LE::read_u64(&b[0x00..]);
+        let (kind, index) = (first >> KIND_SHIFT, first & ((1 << KIND_SHIFT) - 1));
+        let rest_is_zero = |from: usize| b[from..MAP_ENTRY_SIZE].iter().all(|&x| x == 0);
+        match kind {
+            KIND_CLUSTER if in_journal && rest_is_zero(0x08) => {
+                if index >= virtual_clusters {
+                    return Err(invalid(
+                        "virtual_cluster",
+                        0x00,
+                        format!("{index} is past the last cluster"),
+                    ));
+                }
+                Ok(MapItem::Removal(index))
+            }
+            KIND_CLUSTER => Ok(MapItem::Cluster(MapEntry::from_bytes(
+                b,
+                geometry,
+                virtual_clusters,
+                max_host_cluster,
+            )?)),
+            KIND_ZERO_RUN | KIND_FALL_THROUGH_RUN => {
+                if kind == KIND_FALL_THROUGH_RUN && !in_journal {
+                    return Err(invalid(
+                        "kind",
+                        0x07,
+                        "a fall-through run outside a journal record",
+                    ));
+                }
+                let count = LE::read_u64(&b[0x08..]);
+                if count == 0
+                    || index
+                        .checked_add(count)
+                        .is_none_or(|end| end > virtual_clusters)
+                {
+                    return Err(invalid("count", 0x08, format!("run of {count} clusters from {index} leaves the image ({virtual_clusters} clusters)")));
+                }
+                if !rest_is_zero(0x10) {
+                    return Err(invalid("reserved", 0x10, "must be zero in a run"));
+                }
+                Ok(if kind == KIND_ZERO_RUN {
+                    MapItem::ZeroRun {
+                        start: index,
+                        count,
+                    }
+                } else {
+                    MapItem::FallThroughRun {
+                        start: index,
+                        count,
+                    }
+                })
+            }
+            k => Err(invalid("kind", 0x07, format!("unknown item kind {k}"))),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MapEntry {

@@ -8,8 +8,8 @@ pub mod journal;
 pub mod map_entry;
 
 pub use header::{BackingFormat, Header, HEADER_SLOT_SIZE};
-pub use journal::{JournalRecordHeader, JOURNAL_RECORD_HEADER_SIZE};
-pub use map_entry::{MapEntry, MAP_ENTRY_SIZE};
+pub use journal::{JournalRecordHeader, JOURNAL_ITEM_SIZE, JOURNAL_RECORD_HEADER_SIZE};
+pub use map_entry::{MapEntry, MapItem, MAP_ENTRY_SIZE};
 
 /// Alignment of journal records and header slots (FORMAT.md, "Blocks"). Writes of this size
 /// and alignment are the unit the crash protocol reasons about.

@@ -13,19 +13,23 @@
 //! no I/O straddles either moment. `state` guards the map and the allocator and is held only
 //! for bookkeeping, never across data I/O.
 
+mod cluster_runs;
 mod free_clusters;
 mod layer;
 mod open;
 pub mod ops;
+#[cfg(test)]
+mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
 
 use crate::error::{Error, Result};
 use crate::format::{
-    BackingFormat, Geometry, Header, JournalRecordHeader, MapEntry, BLOCK_SIZE, HEADER_SLOT_SIZE,
-    MAP_ENTRY_SIZE,
+    BackingFormat, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, BLOCK_SIZE,
+    HEADER_SLOT_SIZE, MAP_ENTRY_SIZE,
 };
 use crate::storage::Storage;
+use cluster_runs::ClusterRuns;
 use free_clusters::FreeClusters;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -119,6 +123,8 @@ struct Entry {
     inflight: [u64; 2],
     /// Units dropped by discard whose bytes still occupy disk space; punched once unpinned.
     discarded: [u64; 2],
+    /// Units written since the last snapshot: the next record's data digest covers them.
+    written: u64,
     dirty: bool,
 }
 
@@ -158,11 +164,24 @@ struct State {
     active_slot: usize,
     map: BTreeMap<u64, Entry>,
     dirty: Vec<u64>,
+    /// Clusters without an entry that read as zeros entirely: discards of whole clusters
+    /// over a backing file cost one run, however large.
+    zero_runs: ClusterRuns,
+    /// Run changes since the last snapshot, in order; a record lists them before entries.
+    dirty_runs: Vec<MapItem>,
     free: FreeClusters,
     journal_tail: u64,
     journal_next_seq: u64,
     /// Completed flushes, for writers waiting on a pinned unit.
     commits: u64,
+    /// The last journal record published data that no later barrier has confirmed.
+    last_record_has_data: bool,
+}
+
+impl State {
+    fn journal_position(&self) -> u64 {
+        self.header.journal_offset + self.journal_tail
+    }
 }
 
 pub struct Image {
@@ -212,6 +231,38 @@ pub(crate) fn lock_file(
     })
 }
 
+/// Merges consecutive runs whose source continues, then hands them to `f`.
+struct RunMerger<F: FnMut(u64, u64, Source)> {
+    run: Option<(u64, u64, Source)>,
+    f: F,
+}
+
+impl<F: FnMut(u64, u64, Source)> RunMerger<F> {
+    fn push(&mut self, start: u64, length: u64, src: Source) {
+        if length == 0 {
+            return;
+        }
+        if let Some((rs, rl, rsrc)) = &mut self.run {
+            let follows = match (*rsrc, src) {
+                (Source::Host(a), Source::Host(b)) => a + *rl == b,
+                (a, b) => a == b,
+            };
+            if *rs + *rl == start && follows {
+                *rl += length;
+                return;
+            }
+            (self.f)(*rs, *rl, *rsrc);
+        }
+        self.run = Some((start, length, src));
+    }
+
+    fn finish(mut self) {
+        if let Some((s, l, src)) = self.run.take() {
+            (self.f)(s, l, src);
+        }
+    }
+}
+
 /// One unit of a planned write.
 struct UnitWrite {
     vcluster: u64,
@@ -238,7 +289,13 @@ enum Plan {
 /// What a flush took from the map while I/O was paused.
 struct Snapshot {
     clusters: Vec<u64>,
-    record: Vec<u8>,
+    /// Encoded items of the journal record, their written bitmaps, and the host offsets of
+    /// the written units in record order (what the data digest covers).
+    items: Vec<u8>,
+    written: Vec<u64>,
+    written_units: Vec<u64>,
+    epoch: u64,
+    sequence: u64,
     checkpoint: Option<PlannedCheckpoint>,
 }
 
@@ -325,32 +382,34 @@ impl Image {
 
     /// Calls `f(virtual_offset, length, source)` for the runs of `[offset, offset+len)` in
     /// this layer, merged where the source continues.
-    fn for_each_run(&self, st: &State, offset: u64, len: u64, mut f: impl FnMut(u64, u64, Source)) {
+    fn for_each_run(&self, st: &State, offset: u64, len: u64, f: impl FnMut(u64, u64, Source)) {
         let g = self.geometry;
         let end = offset + len;
-        let mut run: Option<(u64, u64, Source)> = None;
-        let mut emit =
-            |start: u64, length: u64, src: Source, run: &mut Option<(u64, u64, Source)>| {
-                if let Some((rs, rl, rsrc)) = run {
-                    let follows = match (*rsrc, src) {
-                        (Source::Host(a), Source::Host(b)) => a + *rl == b,
-                        (a, b) => a == b,
-                    };
-                    if *rs + *rl == start && follows {
-                        *rl += length;
-                        return;
-                    }
-                    f(*rs, *rl, *rsrc);
-                }
-                *run = Some((start, length, src));
-            };
+        let mut out = RunMerger { run: None, f };
+        // A gap between entries falls through, except where whole-cluster zero runs lie.
+        let gap = |out: &mut RunMerger<_>, from: u64, to: u64| {
+            let mut p = from;
+            for (zs, ze) in st
+                .zero_runs
+                .overlapping(from >> g.cluster_bits, ((to - 1) >> g.cluster_bits) + 1)
+            {
+                let (zs, ze) = (
+                    (zs << g.cluster_bits).max(from),
+                    (ze << g.cluster_bits).min(to),
+                );
+                out.push(p, zs - p, Source::Backing);
+                out.push(zs, ze - zs, Source::Zero);
+                p = ze;
+            }
+            out.push(p, to - p, Source::Backing);
+        };
         let mut pos = offset;
         let first_cluster = offset >> g.cluster_bits;
         let last_cluster = (end - 1) >> g.cluster_bits;
         for (&vc, e) in st.map.range(first_cluster..=last_cluster) {
             let cluster_start = vc << g.cluster_bits;
             if cluster_start > pos {
-                emit(pos, cluster_start - pos, Source::Backing, &mut run);
+                gap(&mut out, pos, cluster_start);
                 pos = cluster_start;
             }
             let cluster_end = (cluster_start + g.cluster_size()).min(end);
@@ -365,16 +424,14 @@ impl Image {
                     None if e.zero & bit != 0 => Source::Zero,
                     None => Source::Backing,
                 };
-                emit(pos, unit_end - pos, src, &mut run);
+                out.push(pos, unit_end - pos, src);
                 pos = unit_end;
             }
         }
         if pos < end {
-            emit(pos, end - pos, Source::Backing, &mut run);
+            gap(&mut out, pos, end);
         }
-        if let Some((s, l, src)) = run {
-            f(s, l, src);
-        }
+        out.finish();
     }
 
     fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -450,6 +507,18 @@ impl Image {
             let unit = ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
             let bit = 1u64 << unit;
             let covers = offset <= unit_start && end >= unit_start + us;
+            if !st.map.contains_key(&vcluster) && st.zero_runs.contains(vcluster) {
+                // The cluster leaves its zero run; its entry says zero for the other units.
+                // A record lists the entry after the run, so replay gives the same result.
+                st.zero_runs.remove(vcluster, vcluster + 1);
+                st.map.insert(
+                    vcluster,
+                    Entry {
+                        zero: g.full_mask(),
+                        ..Default::default()
+                    },
+                );
+            }
             let e = st.map.entry(vcluster).or_default();
             let Some(slot) = Self::pick_slot(e, bit) else {
                 return Plan::WaitForCommit(st.commits);
@@ -514,6 +583,7 @@ impl Image {
                 e.units[u.slot] |= u.bit;
                 e.units[1 - u.slot] &= !u.bit;
                 e.zero &= !u.bit;
+                e.written |= u.bit;
                 if !e.dirty {
                     e.dirty = true;
                     st.dirty.push(u.vcluster);
@@ -644,9 +714,44 @@ impl Image {
             }
         };
         if has_backing {
-            // Every cluster needs a marker that masks the backing file.
-            for vc in first_cluster..=last_cluster {
-                touch(&mut st, vc, mask_for(vc), &mut punches);
+            // Every cluster needs a marker that masks the backing file: clusters with an
+            // entry get zero bits, whole clusters without one join a zero run.
+            let full = g.full_mask();
+            let whole_start = if mask_for(first_cluster) == full {
+                first_cluster
+            } else {
+                first_cluster + 1
+            };
+            let whole_end = if mask_for(last_cluster) == full {
+                last_cluster + 1
+            } else {
+                last_cluster
+            };
+            for vc in [first_cluster, last_cluster] {
+                if !(whole_start..whole_end).contains(&vc) {
+                    touch(&mut st, vc, mask_for(vc), &mut punches);
+                }
+            }
+            if whole_start < whole_end {
+                let mapped: Vec<u64> = st
+                    .map
+                    .range(whole_start..whole_end)
+                    .map(|(&k, _)| k)
+                    .collect();
+                let mut p = whole_start;
+                for &vc in mapped.iter().chain(std::iter::once(&whole_end)) {
+                    if vc > p {
+                        st.zero_runs.insert(p, vc);
+                        st.dirty_runs.push(MapItem::ZeroRun {
+                            start: p,
+                            count: vc - p,
+                        });
+                    }
+                    if vc < whole_end {
+                        touch(&mut st, vc, full, &mut punches);
+                    }
+                    p = vc + 1;
+                }
             }
         } else {
             // Without a backing file an unmapped unit already reads as zeros.
@@ -692,29 +797,46 @@ impl Image {
         let _pause = exclusive(&self.gate);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        if st.dirty.is_empty() {
+        if st.dirty.is_empty() && st.dirty_runs.is_empty() {
             return None;
         }
         let mut clusters = std::mem::take(&mut st.dirty);
         clusters.sort_unstable();
-        let mut entries = vec![0u8; clusters.len() * MAP_ENTRY_SIZE];
+        let runs = std::mem::take(&mut st.dirty_runs);
+        // Runs first: an entry recorded after a run overrides it for its cluster.
+        let mut items = vec![0u8; (runs.len() + clusters.len()) * MAP_ENTRY_SIZE];
+        let mut written = vec![0u64; runs.len() + clusters.len()];
+        let mut written_units = Vec::new();
+        for (i, item) in runs.iter().enumerate() {
+            item.write_to(&mut items[i * MAP_ENTRY_SIZE..]);
+        }
         for (i, vc) in clusters.iter().enumerate() {
             let e = st.map.get_mut(vc).expect("dirty clusters are mapped");
             e.dirty = false;
             e.inflight = e.units;
-            e.to_disk(*vc).write_to(&mut entries[i * MAP_ENTRY_SIZE..]);
+            let stored = e.written & (e.units[0] | e.units[1]);
+            e.written = 0;
+            for u in bits(stored) {
+                let slot = usize::from(e.units[0] & (1 << u) == 0);
+                written_units.push(self.host_offset(e.host[slot], u));
+            }
+            written[runs.len() + i] = stored;
+            let item = match e.to_disk(*vc) {
+                d if d.is_empty() => MapItem::Removal(*vc),
+                d => MapItem::Cluster(d),
+            };
+            item.write_to(&mut items[(runs.len() + i) * MAP_ENTRY_SIZE..]);
         }
-        let needed = JournalRecordHeader::padded_len(clusters.len() as u64);
+        let needed = JournalRecordHeader::padded_len((runs.len() + clusters.len()) as u64);
         let checkpoint = (st.journal_tail + needed > st.header.journal_capacity)
             .then(|| self.plan_checkpoint(st));
-        let record = if checkpoint.is_some() {
-            Vec::new()
-        } else {
-            JournalRecordHeader::encode(st.header.journal_epoch, st.journal_next_seq, &entries)
-        };
         Some(Snapshot {
             clusters,
-            record,
+            items,
+            written,
+            written_units,
+            epoch: st.header.journal_epoch,
+            sequence: st.journal_next_seq,
             checkpoint,
         })
     }
@@ -723,12 +845,18 @@ impl Image {
     fn plan_checkpoint(&self, st: &mut State) -> PlannedCheckpoint {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let live: Vec<MapEntry> = st
+        let mut live: Vec<MapItem> = st
             .map
             .iter()
             .map(|(&vc, e)| e.to_disk(vc))
             .filter(|d| !d.is_empty())
+            .map(MapItem::Cluster)
             .collect();
+        live.extend(st.zero_runs.iter().map(|(start, end)| MapItem::ZeroRun {
+            start,
+            count: end - start,
+        }));
+        live.sort_unstable_by_key(MapItem::start);
         let mut blob = vec![0u8; live.len() * MAP_ENTRY_SIZE];
         for (i, d) in live.iter().enumerate() {
             d.write_to(&mut blob[i * MAP_ENTRY_SIZE..]);
@@ -770,38 +898,82 @@ impl Image {
     }
 
     fn persist(&self, snap: &Snapshot) -> Result<()> {
-        // Crash point 1: data not yet durable; nothing references it.
-        self.storage
-            .sync()
-            .map_err(|e| self.io_err("syncing data", 0, e))?;
         match &snap.checkpoint {
             None => {
-                let (offset, tail) = {
-                    let st = lock(&self.state);
-                    (st.header.journal_offset, st.journal_tail)
-                };
-                // Crash point 2: a torn record fails its checksum and is ignored.
-                let at = offset + tail;
+                // One barrier for data and record together: the record carries a digest of
+                // the data it publishes, and recovery checks the last record against it
+                // (FORMAT.md, "Crash safety").
+                let digest = self.digest_units(&snap.written_units)?;
+                let record = JournalRecordHeader::encode(
+                    snap.epoch,
+                    snap.sequence,
+                    &snap.items,
+                    &snap.written,
+                    digest,
+                );
+                let at = lock(&self.state).journal_position();
                 self.storage
-                    .write_at(&snap.record, at)
+                    .write_at(&record, at)
                     .map_err(|e| self.io_err("writing journal record", at, e))?;
                 self.storage
                     .sync()
                     .map_err(|e| self.io_err("syncing journal", at, e))?;
             }
             Some(c) => {
+                // The checkpoint replaces the journal, so it must be durable, data included,
+                // before the header that points at it.
                 if !c.blob.is_empty() {
                     let at = c.header.checkpoint_offset;
                     self.storage
                         .write_at(&c.blob, at)
                         .map_err(|e| self.io_err("writing checkpoint", at, e))?;
-                    self.storage
-                        .sync()
-                        .map_err(|e| self.io_err("syncing checkpoint", at, e))?;
                 }
+                self.storage.sync().map_err(|e| {
+                    self.io_err("syncing checkpoint", c.header.checkpoint_offset, e)
+                })?;
                 self.write_header_slot(&c.header, c.slot)?;
             }
         }
+        Ok(())
+    }
+
+    /// The data digest of a record: xxh3-64 over the listed units, in order.
+    fn digest_units(&self, units: &[u64]) -> Result<u64> {
+        digest_units(self.storage.as_ref(), self.geometry.unit_size(), units)
+            .map_err(|(at, e)| self.io_err("reading back written data", at, e))
+    }
+
+    /// Appends an empty record after one that published data, so that the next open knows
+    /// that record's data reached the disk and need not read it back.
+    fn seal(&self) -> Result<()> {
+        let _one_at_a_time = lock(&self.flush_serial);
+        let (record, at) = {
+            let st = lock(&self.state);
+            if !st.last_record_has_data || st.journal_tail + BLOCK_SIZE > st.header.journal_capacity
+            {
+                return Ok(());
+            }
+            (
+                JournalRecordHeader::encode(
+                    st.header.journal_epoch,
+                    st.journal_next_seq,
+                    &[],
+                    &[],
+                    digest_units_empty(),
+                ),
+                st.journal_position(),
+            )
+        };
+        self.storage
+            .write_at(&record, at)
+            .map_err(|e| self.io_err("writing journal record", at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing journal", at, e))?;
+        let mut st = lock(&self.state);
+        st.journal_tail += record.len() as u64;
+        st.journal_next_seq += 1;
+        st.last_record_has_data = false;
         Ok(())
     }
 
@@ -862,10 +1034,12 @@ impl Image {
                 st.active_slot = c.slot;
                 st.journal_tail = 0;
                 st.journal_next_seq = 1;
+                st.last_record_has_data = false;
             }
             None => {
-                st.journal_tail += snap.record.len() as u64;
+                st.journal_tail += JournalRecordHeader::padded_len(snap.written.len() as u64);
                 st.journal_next_seq += 1;
+                st.last_record_has_data = !snap.written_units.is_empty();
             }
         }
         // Punch before the clusters can be handed out again.
@@ -982,6 +1156,7 @@ impl Image {
         let st = lock(&self.state);
         let mut s = ImageStats {
             mapped_clusters: st.map.len() as u64,
+            zero_run_clusters: st.zero_runs.clusters(),
             ..Default::default()
         };
         for e in st.map.values() {
@@ -1005,6 +1180,12 @@ impl Image {
             let _io = shared(&self.gate);
             let mut guard = lock(&self.state);
             let st = &mut *guard;
+            st.zero_runs.clear();
+            let count = self.geometry.clusters_for(self.virtual_size);
+            if count > 0 {
+                st.dirty_runs
+                    .push(MapItem::FallThroughRun { start: 0, count });
+            }
             for (&vc, e) in st.map.iter_mut() {
                 e.units = [0, 0];
                 e.zero = 0;
@@ -1046,8 +1227,8 @@ impl Drop for Image {
     /// Closing flushes, as qemu does: a dropped image is not a crash. Errors cannot be
     /// reported here; callers that care call [`Image::flush`] first.
     fn drop(&mut self) {
-        if !self.read_only && !self.failed.load(Ordering::Acquire) {
-            let _ = self.flush();
+        if !self.read_only && !self.failed.load(Ordering::Acquire) && self.flush().is_ok() {
+            let _ = self.seal();
         }
     }
 }
@@ -1056,6 +1237,8 @@ impl Drop for Image {
 #[derive(Debug, Clone, Default)]
 pub struct ImageStats {
     pub mapped_clusters: u64,
+    /// Clusters without an entry that read as zeros (whole-cluster discards).
+    pub zero_run_clusters: u64,
     pub host_clusters: u64,
     pub data_units: u64,
     pub zero_units: u64,
@@ -1072,6 +1255,35 @@ fn journal_capacity_for(checkpoint_bytes: u64, cluster_size: u64) -> u64 {
     (1u64 << 20)
         .max(2 * checkpoint_bytes)
         .next_multiple_of(cluster_size.max(BLOCK_SIZE))
+}
+
+/// xxh3-64 over the units at the given host offsets, in order; reads contiguous units in
+/// one call. Shared with recovery, which recomputes it.
+pub(crate) fn digest_units(
+    storage: &dyn Storage,
+    unit_size: u64,
+    units: &[u64],
+) -> std::result::Result<u64, (u64, std::io::Error)> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < units.len() {
+        let mut n = 1;
+        while i + n < units.len() && units[i + n] == units[i] + n as u64 * unit_size && n < 256 {
+            n += 1;
+        }
+        buf.resize(n * unit_size as usize, 0);
+        storage
+            .read_at(&mut buf, units[i])
+            .map_err(|e| (units[i], e))?;
+        hasher.update(&buf);
+        i += n;
+    }
+    Ok(hasher.digest())
+}
+
+fn digest_units_empty() -> u64 {
+    xxhash_rust::xxh3::Xxh3::new().digest()
 }
 
 /// The indices of the set bits.

@@ -1,10 +1,11 @@
 //! Creating and opening images: choosing the header slot, loading the checkpoint, replaying
 //! the journal, and checking that no two things claim the same host cluster.
+use super::cluster_runs::ClusterRuns;
 use super::layer::Layer;
 use super::{lock_file, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, HEADER_SLOT_SIZE,
+    self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, HEADER_SLOT_SIZE,
     JOURNAL_RECORD_HEADER_SIZE, MAP_ENTRY_SIZE,
 };
 use crate::storage::{FileStorage, Storage};
@@ -18,8 +19,11 @@ pub(crate) struct Loaded {
     pub header: Header,
     pub active_slot: usize,
     pub map: BTreeMap<u64, MapEntry>,
+    pub zero_runs: ClusterRuns,
     pub journal_tail: u64,
     pub journal_next_seq: u64,
+    /// The last record published data and no record seals it (see `Image::seal`).
+    pub last_record_has_data: bool,
     /// Every host cluster in use, sorted, and who uses it (for messages).
     pub used: Vec<(u64, Owner)>,
     pub file_length: u64,
@@ -69,25 +73,6 @@ pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
 impl Image {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        let invalid = |reason: String| Error::Invalid {
-            path: path.into(),
-            reason,
-        };
-        let cs = opts.cluster_size;
-        let cluster_bits = cs.trailing_zeros();
-        if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
-            return Err(invalid(format!(
-                "cluster size {cs} is not a power of two from 4 KiB to 2 MiB"
-            )));
-        }
-        if let Some((p, _)) = &opts.backing {
-            if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
-                return Err(invalid(format!(
-                    "backing path must be 1..={} bytes without NUL",
-                    format::header::MAX_BACKING_PATH
-                )));
-            }
-        }
         let size = match (opts.size, &opts.backing) {
             (Some(s), _) => s,
             (None, Some((p, fmt))) => {
@@ -99,31 +84,13 @@ impl Image {
                 Layer::open(&resolve_backing_path(path, p), *fmt, &ro, 1)?.size()
             }
             (None, None) => {
-                return Err(invalid(
-                    "a size is needed when there is no backing file".into(),
-                ))
+                return Err(Error::Invalid {
+                    path: path.into(),
+                    reason: "a size is needed when there is no backing file".into(),
+                });
             }
         };
-        if size > format::MAX_VIRTUAL_SIZE {
-            return Err(invalid(format!(
-                "size {size} exceeds the maximum of 2^60 bytes"
-            )));
-        }
-        let geometry = Geometry::new(cluster_bits);
-        let journal_capacity = super::journal_capacity_for(0, cs);
-        let header = Header {
-            generation: 1,
-            compatible_features: 0,
-            cluster_bits,
-            backing: opts.backing.clone(),
-            virtual_size: size,
-            checkpoint_offset: 0,
-            checkpoint_entries: 0,
-            checkpoint_crc: 0,
-            journal_offset: geometry.first_data_cluster() * cs,
-            journal_capacity,
-            journal_epoch: 1,
-        };
+        let header = new_header(path, opts, size)?;
         let file = FsOpenOptions::new()
             .read(true)
             .write(true)
@@ -134,22 +101,17 @@ impl Image {
                 op: "creating",
                 source,
             })?;
-        let io = |op, offset, source| Error::Io {
-            path: path.into(),
-            op,
-            offset,
-            source,
-        };
-        let storage = FileStorage::new(file);
-        storage
-            .write_at(&header.to_bytes(), 0)
-            .map_err(|e| io("writing header", 0, e))?;
-        // Slot B exists but is empty, so the file is never shorter than both slots.
-        storage
-            .set_len(2 * HEADER_SLOT_SIZE as u64)
-            .map_err(|e| io("sizing", 0, e))?;
-        storage.sync().map_err(|e| io("syncing", 0, e))?;
-        Ok(())
+        format_storage(&FileStorage::new(file), path, &header)
+    }
+
+    /// Writes a new, empty image of `opts.size` bytes (which must be set) onto `storage`,
+    /// for images that do not live in a file of their own (tests, fuzzing).
+    pub fn create_on(storage: &dyn Storage, name: &Path, opts: &CreateOptions) -> Result<()> {
+        let size = opts.size.ok_or_else(|| Error::Invalid {
+            path: name.into(),
+            reason: "a size is needed".into(),
+        })?;
+        format_storage(storage, name, &new_header(name, opts, size)?)
     }
 
     /// Opens an image file and its backing chain.
@@ -221,10 +183,13 @@ impl Image {
                 active_slot: loaded.active_slot,
                 map,
                 dirty: Vec::new(),
+                zero_runs: loaded.zero_runs,
+                dirty_runs: Vec::new(),
                 free,
                 journal_tail: loaded.journal_tail,
                 journal_next_seq: loaded.journal_next_seq,
                 commits: 0,
+                last_record_has_data: loaded.last_record_has_data,
                 header: loaded.header,
             }),
             committed: Condvar::new(),
@@ -238,6 +203,65 @@ impl Image {
     pub fn attach_backing(&mut self, layer: Layer) {
         self.backing = Some(layer);
     }
+}
+
+/// The header of a new image, after checking the options.
+fn new_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
+    let invalid = |reason: String| Error::Invalid {
+        path: path.into(),
+        reason,
+    };
+    let cs = opts.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    if !cs.is_power_of_two() || Geometry::checked(cluster_bits).is_none() {
+        return Err(invalid(format!(
+            "cluster size {cs} is not a power of two from 4 KiB to 2 MiB"
+        )));
+    }
+    if let Some((p, _)) = &opts.backing {
+        if p.is_empty() || p.len() > format::header::MAX_BACKING_PATH || p.contains('\0') {
+            return Err(invalid(format!(
+                "backing path must be 1..={} bytes without NUL",
+                format::header::MAX_BACKING_PATH
+            )));
+        }
+    }
+    if size > format::MAX_VIRTUAL_SIZE {
+        return Err(invalid(format!(
+            "size {size} exceeds the maximum of 2^60 bytes"
+        )));
+    }
+    let geometry = Geometry::new(cluster_bits);
+    Ok(Header {
+        generation: 1,
+        compatible_features: 0,
+        cluster_bits,
+        backing: opts.backing.clone(),
+        virtual_size: size,
+        checkpoint_offset: 0,
+        checkpoint_entries: 0,
+        checkpoint_crc: 0,
+        journal_offset: geometry.first_data_cluster() * cs,
+        journal_capacity: super::journal_capacity_for(0, cs),
+        journal_epoch: 1,
+    })
+}
+
+fn format_storage(storage: &dyn Storage, path: &Path, header: &Header) -> Result<()> {
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    storage
+        .write_at(&header.to_bytes(), 0)
+        .map_err(|e| io("writing header", 0, e))?;
+    // Slot B exists but is empty, so the file is never shorter than both slots.
+    storage
+        .set_len(2 * HEADER_SLOT_SIZE as u64)
+        .map_err(|e| io("sizing", 0, e))?;
+    storage.sync().map_err(|e| io("syncing", 0, e))
 }
 
 fn corrupt(path: &Path, structure: &'static str, offset: u64, source: FormatError) -> Error {
@@ -362,6 +386,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     }
 
     let mut map = BTreeMap::new();
+    let mut zero_runs = ClusterRuns::default();
     if header.checkpoint_entries > 0 {
         let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
         let blob = read_region(
@@ -384,19 +409,31 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
                 },
             ));
         }
-        let mut prev: Option<u64> = None;
+        // Items are sorted and disjoint: each starts at or after the end of the previous one.
+        let mut next_free = 0u64;
         for (i, chunk) in blob.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
             let at = header.checkpoint_offset + (i * MAP_ENTRY_SIZE) as u64;
-            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host)
+            let item = MapItem::from_bytes(chunk, g, virtual_clusters, max_host, false)
                 .map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
-            if prev.is_some_and(|p| p >= e.virtual_cluster) {
+            if item.start() < next_free {
                 return Err(inconsistent(
                     path,
-                    format!("checkpoint entry at offset {at:#x} is out of order"),
+                    format!("checkpoint entry at offset {at:#x} overlaps or is out of order"),
                 ));
             }
-            prev = Some(e.virtual_cluster);
-            map.insert(e.virtual_cluster, e);
+            match item {
+                MapItem::Cluster(e) => {
+                    next_free = e.virtual_cluster + 1;
+                    map.insert(e.virtual_cluster, e);
+                }
+                MapItem::ZeroRun { start, count } => {
+                    next_free = start + count;
+                    zero_runs.insert(start, start + count);
+                }
+                MapItem::Removal(_) | MapItem::FallThroughRun { .. } => {
+                    unreachable!("from_bytes admits these only in journals")
+                }
+            }
         }
     }
 
@@ -408,6 +445,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         .journal_offset
         .checked_add(header.journal_capacity)
         .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    let mut records: Vec<ReplayRecord> = Vec::new();
     loop {
         let at = header.journal_offset + tail;
         if at + JOURNAL_RECORD_HEADER_SIZE as u64 > journal_end.min(file_length) {
@@ -420,46 +458,69 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         let Some(rec) = JournalRecordHeader::parse(&hb, header.journal_epoch, seq) else {
             break;
         };
-        let len = JournalRecordHeader::padded_len(rec.entry_count as u64);
-        let body_len = rec.entry_count as u64 * MAP_ENTRY_SIZE as u64;
-        if tail + len > header.journal_capacity
-            || at + JOURNAL_RECORD_HEADER_SIZE as u64 + body_len > file_length
-        {
+        let len = JournalRecordHeader::padded_len(rec.item_count as u64);
+        let body_len = JournalRecordHeader::body_len(rec.item_count as u64);
+        let body_at = at + JOURNAL_RECORD_HEADER_SIZE as u64;
+        if tail + len > header.journal_capacity || body_at + body_len > file_length {
             break;
         }
         let body = read_region(
             storage,
             path,
             "journal record",
-            at + JOURNAL_RECORD_HEADER_SIZE as u64,
+            body_at,
             body_len,
             file_length,
         )?;
         if rec.verify(&hb, &body).is_err() {
             break;
         }
-        for (i, chunk) in body.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
-            let eat = at + (JOURNAL_RECORD_HEADER_SIZE + i * MAP_ENTRY_SIZE) as u64;
-            let vc = <byteorder::LittleEndian as byteorder::ByteOrder>::read_u64(&chunk[..8]);
-            if chunk[8..].iter().all(|&b| b == 0) {
-                if vc >= virtual_clusters {
-                    return Err(corrupt(
-                        path,
-                        "journal entry",
-                        eat,
-                        format::invalid("virtual_cluster", 0, format!("{vc} is past the end")),
-                    ));
-                }
-                map.remove(&vc);
-                continue;
-            }
-            let e = MapEntry::from_bytes(chunk, g, virtual_clusters, max_host)
+        let (item_bytes, written) = rec.split_body(&body);
+        let mut items = Vec::with_capacity(written.len());
+        for (i, chunk) in item_bytes.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
+            let eat = body_at + (i * MAP_ENTRY_SIZE) as u64;
+            let item = MapItem::from_bytes(chunk, g, virtual_clusters, max_host, true)
                 .map_err(|e| corrupt(path, "journal entry", eat, e))?;
-            map.insert(e.virtual_cluster, e);
+            let stored = match item {
+                MapItem::Cluster(e) => e.units[0] | e.units[1],
+                _ => 0,
+            };
+            if written[i] & !stored != 0 {
+                return Err(corrupt(
+                    path,
+                    "journal entry",
+                    eat,
+                    format::invalid("written", 0, "marks units the entry does not store"),
+                ));
+            }
+            items.push(item);
         }
+        records.push(ReplayRecord {
+            items,
+            written,
+            digest: rec.data_digest,
+            len,
+        });
         tail += len;
         seq += 1;
     }
+    // Every record but the last had a barrier after it. The last one was written together
+    // with its data under one barrier: it counts only if its data is all there.
+    if let Some(last) = records.last() {
+        if !last_record_data_is_intact(storage, g, file_length, last) {
+            tail -= last.len;
+            seq -= 1;
+            records.pop();
+        }
+    }
+    for rec in &records {
+        for &item in &rec.items {
+            apply_item(&mut map, &mut zero_runs, item);
+        }
+    }
+    let last_record_has_data = records
+        .last()
+        .is_some_and(|r| r.written.iter().any(|&w| w != 0));
     // A record further on that belongs to this journal means one in the middle is damaged:
     // later flushes would silently be lost, so this is corruption, not a torn tail.
     let mut probe = tail + crate::format::BLOCK_SIZE;
@@ -522,10 +583,71 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         header,
         active_slot,
         map,
+        zero_runs,
         journal_tail: tail,
         journal_next_seq: seq,
+        last_record_has_data,
         used,
         file_length,
         bad_slots,
     })
+}
+
+/// Applies one journal item: a cluster item replaces whatever its cluster had, a run replaces
+/// whatever its clusters had.
+fn apply_item(map: &mut BTreeMap<u64, MapEntry>, zero_runs: &mut ClusterRuns, item: MapItem) {
+    match item {
+        MapItem::Cluster(e) => {
+            zero_runs.remove(e.virtual_cluster, e.virtual_cluster + 1);
+            map.insert(e.virtual_cluster, e);
+        }
+        MapItem::Removal(vc) => {
+            zero_runs.remove(vc, vc + 1);
+            map.remove(&vc);
+        }
+        MapItem::ZeroRun { start, count } | MapItem::FallThroughRun { start, count } => {
+            let inside: Vec<u64> = map.range(start..start + count).map(|(&k, _)| k).collect();
+            for vc in inside {
+                map.remove(&vc);
+            }
+            if matches!(item, MapItem::ZeroRun { .. }) {
+                zero_runs.insert(start, start + count);
+            } else {
+                zero_runs.remove(start, start + count);
+            }
+        }
+    }
+}
+
+/// A journal record that passed its checksum, kept until replay knows which is the last.
+struct ReplayRecord {
+    items: Vec<MapItem>,
+    written: Vec<u64>,
+    digest: u64,
+    len: u64,
+}
+
+/// Recomputes the data digest of a record from the units it marks written.
+fn last_record_data_is_intact(
+    storage: &dyn Storage,
+    g: Geometry,
+    file_length: u64,
+    rec: &ReplayRecord,
+) -> bool {
+    let mut units = Vec::new();
+    for (item, &written) in rec.items.iter().zip(&rec.written) {
+        let MapItem::Cluster(e) = item else { continue };
+        let mut w = written;
+        while w != 0 {
+            let u = w.trailing_zeros();
+            w &= w - 1;
+            let slot = usize::from(e.units[0] & (1 << u) == 0);
+            let at = (e.host[slot] << g.cluster_bits) + ((u as u64) << g.unit_bits);
+            if at + g.unit_size() > file_length {
+                return false;
+            }
+            units.push(at);
+        }
+    }
+    super::digest_units(storage, g.unit_size(), &units).is_ok_and(|d| d == rec.digest)
 }
