@@ -117,17 +117,17 @@ def sh(cmd, **kw):
 
 
 def timed(cmd):
-    """Runs cmd; returns (seconds, peak RSS bytes) from wait4's rusage of the child."""
+    """Runs cmd under /usr/bin/time; returns (seconds, peak RSS bytes). (wait4's ru_maxrss
+    from Python would count the forked Python interpreter's pages before exec.)"""
+    rss_file = WORK_DIR / "time.out"
+    full = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + [str(c) for c in cmd]
     start = time.monotonic()
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    r = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.monotonic() - start
-    err = p.stderr.read().decode(errors="replace").strip()
-    p.stderr.close()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {err}")
-    return elapsed, ru.ru_maxrss * 1024
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): {r.stderr.strip()}")
+    kib = int(rss_file.read_text().split()[-1])
+    return elapsed, kib * 1024
 
 
 def make_random_file(path, size):

@@ -8,8 +8,7 @@ Each repetition, for each tool in turn (alternating which goes first):
      distinct offsets, fixed seed) - `cowimg serve` for cowimg, `qemu-nbd` for qcow2;
   3. convert the overlay to a raw file (timed), delete the output;
   4. commit the overlay into its backing file (timed).
-Figures are medians; peak memory is the child's ru_maxrss (wait4), the same number
-/usr/bin/time -v prints. Knobs: REPS, DIRTY_MIB, SIZE_MIB, QUICK=1.
+Figures are medians; peak memory is /usr/bin/time's maximum resident set size. Knobs: REPS, DIRTY_MIB, SIZE_MIB, QUICK=1.
 """
 
 import os
