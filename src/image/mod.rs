@@ -22,6 +22,7 @@ pub mod ops;
 mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
+pub use open::resolve_backing_path;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -125,6 +126,10 @@ struct Entry {
     discarded: [u64; 2],
     /// Units written since the last snapshot: the next record's data digest covers them.
     written: u64,
+    /// Units with a write in flight that does not go in place (a first write, or a move to
+    /// the other slot): it copies the rest of the unit from the old contents, so no other
+    /// write may touch the unit until it has finished, or one of the two would be lost.
+    moving: u64,
     dirty: bool,
 }
 
@@ -275,6 +280,8 @@ struct UnitWrite {
     /// The write covers the whole unit, or the unit can be updated in place: no
     /// read-modify-write is needed.
     direct: bool,
+    /// The unit already lives in `slot`, unpinned: only the written bytes change.
+    in_place: bool,
     /// Current contents, for a partial write that must copy the rest of the unit.
     old: Source,
 }
@@ -284,6 +291,8 @@ enum Plan {
     /// Both slots of a unit are pinned by the durable state and the flush in flight: wait
     /// for that flush, then plan again.
     WaitForCommit(u64),
+    /// Another write is moving this unit (virtual cluster, unit bit): wait for it.
+    WaitForUnit(u64, u64),
 }
 
 /// What a flush took from the map while I/O was paused.
@@ -520,6 +529,9 @@ impl Image {
                 );
             }
             let e = st.map.entry(vcluster).or_default();
+            if e.moving & bit != 0 {
+                return Plan::WaitForUnit(vcluster, bit);
+            }
             let Some(slot) = Self::pick_slot(e, bit) else {
                 return Plan::WaitForCommit(st.commits);
             };
@@ -539,11 +551,40 @@ impl Image {
                 host: self.host_offset(e.host[slot], unit),
                 unit_start,
                 direct: covers || in_place,
+                in_place,
                 old,
             });
             unit_start += us;
         }
+        for u in plan.iter().filter(|u| !u.in_place) {
+            if let Some(e) = st.map.get_mut(&u.vcluster) {
+                e.moving |= u.bit;
+            }
+        }
         Plan::Ready(plan)
+    }
+
+    /// Waits until no write is moving unit `bit` of `vcluster` (`committed` is notified
+    /// when a moving write ends, too).
+    fn wait_for_unit(&self, vcluster: u64, bit: u64) {
+        let mut st = lock(&self.state);
+        while st.map.get(&vcluster).is_some_and(|e| e.moving & bit != 0) {
+            st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Ends the moves a write planned, successful or not, and wakes writes waiting on them.
+    fn end_moves(&self, st: &mut State, units: &[UnitWrite]) {
+        let mut any = false;
+        for u in units.iter().filter(|u| !u.in_place) {
+            if let Some(e) = st.map.get_mut(&u.vcluster) {
+                e.moving &= !u.bit;
+                any = true;
+            }
+        }
+        if any {
+            self.committed.notify_all();
+        }
     }
 
     fn wait_for_commit(&self, seen: u64) {
@@ -570,11 +611,18 @@ impl Image {
                     self.wait_for_commit(seen);
                     continue;
                 }
+                Plan::WaitForUnit(vcluster, bit) => {
+                    drop(io);
+                    self.wait_for_unit(vcluster, bit);
+                    continue;
+                }
             };
             if let Err(e) = self.write_units(buf, offset, &units) {
+                self.end_moves(&mut lock(&self.state), &units);
                 return self.fail(e);
             }
             let mut st = lock(&self.state);
+            self.end_moves(&mut st, &units);
             for u in &units {
                 let e = st
                     .map

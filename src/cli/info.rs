@@ -1,0 +1,231 @@
+//! `cowimg info`: what `qemu-img info` shows, with qemu-img's JSON field names.
+use super::size::human_size;
+use super::{open_read_only, open_without_backing, print_json};
+use crate::format::header::MAGIC;
+use crate::image::{resolve_backing_path, Image, Layer, RawFile};
+use clap::Args;
+use serde::Serialize;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Print JSON (qemu-img's field names); with --backing-chain, an array.
+    #[arg(long)]
+    pub json: bool,
+    /// Show every layer of the backing chain, top first.
+    #[arg(long)]
+    pub backing_chain: bool,
+    /// Do not take the shared lock (inspect an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image; a file without the cowimg magic is shown as raw.
+    pub image: PathBuf,
+}
+
+/// One layer, named as `qemu-img info --output=json` names its fields.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LayerInfo {
+    pub filename: String,
+    pub format: &'static str,
+    pub virtual_size: u64,
+    /// Bytes the file occupies on disk.
+    pub actual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// As recorded in the header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    /// Resolved against the image's directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<&'static str>,
+    pub dirty_flag: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FormatSpecific {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub data: CowimgDetails,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CowimgDetails {
+    /// Copy-on-write granularity inside a cluster.
+    pub sub_cluster_size: u64,
+    pub generation: u64,
+    pub journal_used: u64,
+    pub journal_capacity: u64,
+    /// Virtual clusters that differ from the backing file.
+    pub mapped_clusters: u64,
+    /// Whole clusters that read as zeros without a map entry (discarded or zeroed).
+    pub zero_clusters: u64,
+    pub file_length: u64,
+}
+
+pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
+    let layers = if !starts_with_cowimg_magic(&args.image)? {
+        let raw = RawFile::open(&args.image, false, args.force_share)?;
+        vec![raw_info(&Layer::Raw(raw))?]
+    } else if args.backing_chain {
+        chain_info(&open_read_only(&args.image, args.force_share)?)?
+    } else {
+        // Like qemu-img info, the backing file is not opened: an overlay whose backing file
+        // is missing can still be inspected.
+        vec![cowimg_info(&open_without_backing(
+            &args.image,
+            false,
+            args.force_share,
+        )?)]
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        if args.backing_chain {
+            print_json(&mut out, &layers)?;
+        } else {
+            print_json(&mut out, &layers[0])?;
+        }
+    } else {
+        for (i, layer) in layers.iter().enumerate() {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            print_human(&mut out, layer)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `qemu-img info` probes the file it is given, and so does this: a file without the
+/// cowimg magic is shown as raw. (Backing files are never probed: their format is recorded.)
+fn starts_with_cowimg_magic(path: &Path) -> anyhow::Result<bool> {
+    let file = std::fs::File::open(path).map_err(|source| crate::Error::File {
+        path: path.into(),
+        op: "opening",
+        source,
+    })?;
+    let mut magic = [0u8; MAGIC.len()];
+    Ok(file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC)
+}
+
+/// Every layer from `image` down.
+fn chain_info(image: &Image) -> anyhow::Result<Vec<LayerInfo>> {
+    let mut layers = vec![cowimg_info(image)];
+    let mut below = image.backing();
+    while let Some(layer) = below {
+        match layer {
+            Layer::Cowimg(image) => {
+                layers.push(cowimg_info(image));
+                below = image.backing();
+            }
+            Layer::Raw(_) => {
+                layers.push(raw_info(layer)?);
+                below = None;
+            }
+        }
+    }
+    Ok(layers)
+}
+
+pub fn cowimg_info(image: &Image) -> LayerInfo {
+    let header = image.header();
+    let stats = image.stats();
+    let backing = header.backing.as_ref();
+    LayerInfo {
+        filename: display(image.path()),
+        format: "cowimg",
+        virtual_size: image.virtual_size(),
+        actual_size: stats.allocated_bytes,
+        cluster_size: Some(image.cluster_size()),
+        backing_filename: backing.map(|(path, _)| path.clone()),
+        full_backing_filename: backing
+            .map(|(path, _)| display(&resolve_backing_path(image.path(), path))),
+        backing_filename_format: backing.map(|(_, format)| format.name()),
+        dirty_flag: false,
+        format_specific: Some(FormatSpecific {
+            kind: "cowimg",
+            data: CowimgDetails {
+                sub_cluster_size: image.geometry().unit_size(),
+                generation: stats.generation,
+                journal_used: stats.journal_used,
+                journal_capacity: stats.journal_capacity,
+                mapped_clusters: stats.mapped_clusters,
+                zero_clusters: stats.zero_run_clusters,
+                file_length: stats.file_length,
+            },
+        }),
+    }
+}
+
+fn raw_info(layer: &Layer) -> anyhow::Result<LayerInfo> {
+    let path = layer.path();
+    let metadata = std::fs::metadata(path).map_err(|source| crate::Error::File {
+        path: path.into(),
+        op: "reading metadata",
+        source,
+    })?;
+    Ok(LayerInfo {
+        filename: display(path),
+        format: "raw",
+        virtual_size: layer.size(),
+        actual_size: metadata.blocks() * 512,
+        cluster_size: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        dirty_flag: false,
+        format_specific: None,
+    })
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
+    writeln!(out, "image: {}", layer.filename)?;
+    writeln!(out, "file format: {}", layer.format)?;
+    writeln!(
+        out,
+        "virtual size: {} ({} bytes)",
+        human_size(layer.virtual_size),
+        layer.virtual_size
+    )?;
+    writeln!(out, "disk size: {}", human_size(layer.actual_size))?;
+    if let Some(cluster_size) = layer.cluster_size {
+        writeln!(out, "cluster_size: {cluster_size}")?;
+    }
+    if let (Some(recorded), Some(full)) = (&layer.backing_filename, &layer.full_backing_filename) {
+        if recorded == full {
+            writeln!(out, "backing file: {recorded}")?;
+        } else {
+            writeln!(out, "backing file: {recorded} (actual path: {full})")?;
+        }
+    }
+    if let Some(format) = layer.backing_filename_format {
+        writeln!(out, "backing file format: {format}")?;
+    }
+    if let Some(specific) = &layer.format_specific {
+        let d = &specific.data;
+        writeln!(out, "Format specific information:")?;
+        writeln!(out, "    sub-cluster size: {}", d.sub_cluster_size)?;
+        writeln!(out, "    generation: {}", d.generation)?;
+        writeln!(
+            out,
+            "    journal usage: {}/{} bytes",
+            d.journal_used, d.journal_capacity
+        )?;
+        writeln!(out, "    mapped clusters: {}", d.mapped_clusters)?;
+        writeln!(out, "    zero clusters: {}", d.zero_clusters)?;
+        writeln!(out, "    file length: {} bytes", d.file_length)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! The listener: accepts clients, runs one thread per connection (handshake, then the
+//! transmission workers), and shuts everything down on SIGINT/SIGTERM.
+use super::connection::{Budget, Params, Transmission};
+use super::handshake::{self, ExportInfo};
+use super::socket::{Listener, Socket};
+use super::{Listen, ServeConfig};
+use crate::error::Error;
+use crate::image::Image;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Bytes of READ/WRITE data all connections together may hold at once.
+const GLOBAL_BUDGET: u64 = 256 << 20;
+/// On shutdown, connections get this long to answer requests already being served before
+/// their sockets are closed under them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State shared by the accept loop and the connection threads.
+struct Shared {
+    image: Arc<Image>,
+    config: ServeConfig,
+    shutting_down: AtomicBool,
+    global: Budget,
+    /// Live connections, by number, with a handle to hang up on each.
+    live: Mutex<HashMap<u64, Socket>>,
+    changed: Condvar,
+}
+
+pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()> {
+    let listener = open_listener(&config.listen)?;
+    listener.set_nonblocking().map_err(|e| listen_error(&config.listen, e))?;
+    let signals = SignalPipe::install().map_err(|e| Error::File { path: "signal handlers".into(), op: "installing", source: e })?;
+    eprintln!(
+        "cowimg: serving {} ({} bytes{}) on {}",
+        image.path().display(),
+        image.virtual_size(),
+        if config.read_only { ", read-only" } else { "" },
+        listener.describe()
+    );
+    let shared = Arc::new(Shared {
+        image,
+        config,
+        shutting_down: AtomicBool::new(false),
+        global: Budget::new(GLOBAL_BUDGET),
+        live: Mutex::new(HashMap::new()),
+        changed: Condvar::new(),
+    });
+    let mut threads = Vec::new();
+    let mut next_id = 1u64;
+    let signal = loop {
+        match wait_readable(&listener, &signals.read) {
+            Ok(Event::Signal) => break signals.take(),
+            Ok(Event::Connection) => {}
+            Err(e) => {
+                eprintln!("cowimg: waiting for connections failed: {e}");
+                break 0;
+            }
+        }
+        loop {
+            let (socket, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on poll.
+                    eprintln!("cowimg: accepting a connection failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            };
+            threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
+            let id = next_id;
+            next_id += 1;
+            if let Some(t) = start_connection(&shared, id, socket, peer) {
+                threads.push(t);
+            }
+        }
+    };
+    if signal != 0 {
+        eprintln!("cowimg: received signal {signal}, shutting down");
+    }
+    drop(listener);
+    shut_down(&shared, threads);
+    drop(signals);
+    shared.image.flush()?;
+    Ok(())
+}
+
+fn listen_error(listen: &Listen, source: io::Error) -> Error {
+    let path: PathBuf = match listen {
+        Listen::Tcp(a) => a.into(),
+        Listen::Unix(p) => p.clone(),
+        Listen::Systemd => "systemd socket".into(),
+    };
+    Error::File { path, op: "listening", source }
+}
+
+fn open_listener(listen: &Listen) -> crate::Result<Listener> {
+    match listen {
+        Listen::Tcp(addr) => Listener::bind_tcp(addr).map_err(|e| listen_error(listen, e)),
+        Listen::Unix(path) => Listener::bind_unix(path).map_err(|e| listen_error(listen, e)),
+        Listen::Systemd => Listener::from_systemd().map_err(|reason| Error::Invalid { path: "LISTEN_FDS".into(), reason }),
+    }
+}
+
+/// Registers the connection and starts its thread, or refuses it when the server is full.
+fn start_connection(shared: &Arc<Shared>, id: u64, socket: Socket, peer: String) -> Option<std::thread::JoinHandle<()>> {
+    {
+        let mut live = lock(&shared.live);
+        if live.len() >= shared.config.max_connections {
+            eprintln!("cowimg: connection {id} from {peer}: refused, {} clients already connected (--max-connections)", live.len());
+            return None;
+        }
+        match socket.try_clone() {
+            Ok(handle) => {
+                live.insert(id, handle);
+            }
+            Err(e) => {
+                eprintln!("cowimg: connection {id} from {peer}: refused: {e}");
+                return None;
+            }
+        }
+    }
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
+        let started = Instant::now();
+        let summary = run_connection(&s, socket);
+        lock(&s.live).remove(&id);
+        s.changed.notify_all();
+        eprintln!("cowimg: connection {id} from {peer}: {summary} ({:.1}s)", started.elapsed().as_secs_f64());
+    });
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            lock(&shared.live).remove(&id);
+            eprintln!("cowimg: connection {id}: refused, cannot start a thread: {e}");
+            None
+        }
+    }
+}
+
+/// Reads and writes during the handshake, each bounded by what is left of its deadline.
+struct Deadline<'a> {
+    socket: &'a mut Socket,
+    until: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.socket.set_read_timeout(Some(left))?;
+        self.socket.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.socket.set_write_timeout(Some(left))?;
+        self.socket.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs one connection to its end; returns the summary for the log line.
+fn run_connection(shared: &Shared, mut socket: Socket) -> String {
+    socket.tune();
+    let image = &*shared.image;
+    let config = &shared.config;
+    let description = format!(
+        "cowimg image {}",
+        image.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    );
+    let export = ExportInfo { name: &config.export_name, size: image.virtual_size(), read_only: config.read_only, description };
+    let negotiated = {
+        let mut io = Deadline { socket: &mut socket, until: Instant::now() + config.handshake_timeout };
+        handshake::negotiate(&mut io, &export, &shared.shutting_down)
+    };
+    let negotiated = match negotiated {
+        Ok(n) => n,
+        Err(end) => {
+            socket.shutdown(Shutdown::Both);
+            return end.to_string();
+        }
+    };
+    // An idle client may stay connected as long as it likes; a client that stops reading
+    // our replies is dropped once a reply has been stuck for the reply timeout.
+    if let Err(e) = socket.set_read_timeout(None).and_then(|()| socket.set_write_timeout(config.reply_timeout)) {
+        return format!("setting socket timeouts failed: {e}");
+    }
+    let params = Params {
+        image,
+        read_only: config.read_only,
+        structured: negotiated.structured,
+        contexts: negotiated.contexts,
+        global: &shared.global,
+        shutting_down: &shared.shutting_down,
+    };
+    let transmission = match Transmission::new(socket, params) {
+        Ok(t) => t,
+        Err(e) => return format!("cannot set up the connection: {e}"),
+    };
+    let end = transmission.run(config.workers_per_connection);
+    let st = &transmission.stats;
+    let mut flush_note = String::new();
+    if st.wrote.load(Ordering::Relaxed) {
+        // Clients such as nbdcopy end with a FLUSH anyway; this covers those that do not.
+        if let Err(e) = image.flush() {
+            flush_note = format!(", flushing at disconnect failed: {e}");
+        }
+    }
+    let mut contexts = Vec::new();
+    if negotiated.contexts.allocation {
+        contexts.push(handshake::CONTEXT_ALLOCATION);
+    }
+    if negotiated.contexts.layer {
+        contexts.push(handshake::CONTEXT_LAYER);
+    }
+    format!(
+        "export \"{}\" via {}{}{}, {} requests ({} errors), {} bytes read, {} written; {}{}",
+        negotiated.export_name,
+        negotiated.entered_with,
+        if negotiated.structured { ", structured replies" } else { "" },
+        if contexts.is_empty() { String::new() } else { format!(", contexts {}", contexts.join(" ")) },
+        st.requests.load(Ordering::Relaxed),
+        st.errors.load(Ordering::Relaxed),
+        st.bytes_read.load(Ordering::Relaxed),
+        st.bytes_written.load(Ordering::Relaxed),
+        end,
+        flush_note
+    )
+}
+
+/// Ends every connection: stop reading new requests (idle clients wake up at once, see
+/// CVE-2024-7409), let requests in progress answer, then close whatever is left.
+fn shut_down(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
+    shared.shutting_down.store(true, Ordering::SeqCst);
+    {
+        let live = lock(&shared.live);
+        for s in live.values() {
+            s.shutdown(Shutdown::Read);
+        }
+    }
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    let mut live = lock(&shared.live);
+    while !live.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            for s in live.values() {
+                s.shutdown(Shutdown::Both);
+            }
+            break;
+        }
+        live = shared.changed.wait_timeout(live, left).unwrap_or_else(|e| e.into_inner()).0;
+    }
+    drop(live);
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+enum Event {
+    Connection,
+    Signal,
+}
+
+fn wait_readable(listener: &Listener, signal: &OwnedFd) -> io::Result<Event> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // SAFETY: the listener outlives this call, so its descriptor stays valid while borrowed.
+    let lfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    loop {
+        let mut fds = [PollFd::new(lfd, PollFlags::POLLIN), PollFd::new(signal.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {
+                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                    return Ok(Event::Signal);
+                }
+                if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                    return Ok(Event::Connection);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The write end of the self-pipe the signal handler writes to (-1: none installed).
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let fd = WAKE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = signal as u8;
+        // SAFETY: write(2) is async-signal-safe, the buffer is a live local, and errno is
+        // saved and restored so the interrupted code does not see it change.
+        unsafe {
+            let errno = libc::__errno_location();
+            let saved = *errno;
+            libc::write(fd, (&byte as *const u8).cast(), 1);
+            *errno = saved;
+        }
+    }
+}
+
+/// SIGINT/SIGTERM handlers that wake the accept loop through a pipe; the previous
+/// handlers come back on drop.
+struct SignalPipe {
+    read: OwnedFd,
+    _write: OwnedFd,
+    previous: Vec<(nix::sys::signal::Signal, nix::sys::signal::SigAction)>,
+}
+
+impl SignalPipe {
+    fn install() -> io::Result<SignalPipe> {
+        use nix::fcntl::OFlag;
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
+        let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+        let mut previous = Vec::new();
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+            // SAFETY: the handler only calls async-signal-safe functions.
+            let old = unsafe { sigaction(sig, &action) }?;
+            previous.push((sig, old));
+        }
+        Ok(SignalPipe { read, _write: write, previous })
+    }
+
+    /// The signal that woke us.
+    fn take(&self) -> i32 {
+        let mut b = [0u8; 1];
+        match nix::unistd::read(self.read.as_raw_fd(), &mut b) {
+            Ok(1) => b[0] as i32,
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for SignalPipe {
+    fn drop(&mut self) {
+        for (sig, old) in &self.previous {
+            // SAFETY: restores the handler that was installed before ours.
+            unsafe {
+                let _ = nix::sys::signal::sigaction(*sig, old);
+            }
+        }
+        WAKE_FD.store(-1, Ordering::SeqCst);
+    }
+}

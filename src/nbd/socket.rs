@@ -1,0 +1,261 @@
+//! Listening and connected sockets (TCP or Unix), including one handed over by systemd.
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A connected client socket.
+pub(crate) enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    pub fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn shutdown(&self, how: Shutdown) {
+        // Fails only when the peer is already gone, which is what we want anyway.
+        let _ = match self {
+            Socket::Tcp(s) => s.shutdown(how),
+            Socket::Unix(s) => s.shutdown(how),
+        };
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_read_timeout(t),
+            Socket::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_write_timeout(t),
+            Socket::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Options for a fast data path: no Nagle delay on TCP (the spec asks for it), large
+    /// send buffers so a 1 MiB read reply goes out in one call, keepalive to notice peers
+    /// that vanished.
+    pub fn tune(&self) {
+        use nix::sys::socket::{setsockopt, sockopt};
+        match self {
+            Socket::Tcp(s) => {
+                let _ = s.set_nodelay(true);
+                let _ = setsockopt(s, sockopt::KeepAlive, &true);
+            }
+            Socket::Unix(s) => {
+                // Unix sockets do not autotune; the kernel caps this at wmem_max.
+                let _ = setsockopt(s, sockopt::SndBuf, &(4 << 20));
+            }
+        }
+    }
+
+    /// Writes every byte of `parts`, with as few system calls as the kernel allows (one
+    /// writev when the socket buffer has room).
+    pub fn write_all_vectored(&self, parts: &[&[u8]]) -> io::Result<()> {
+        const MAX_PARTS: usize = 4;
+        let mut index = 0; // first part not fully written
+        let mut skip = 0; // bytes of parts[index] already written
+        while index < parts.len() {
+            if parts[index].len() == skip {
+                index += 1;
+                skip = 0;
+                continue;
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_PARTS];
+            let mut n = 0;
+            for (i, p) in parts[index..].iter().take(MAX_PARTS).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &p[skip..] } else { p });
+                n = i + 1;
+            }
+            let result = match self {
+                Socket::Tcp(s) => {
+                    let mut w: &TcpStream = s;
+                    w.write_vectored(&slices[..n])
+                }
+                Socket::Unix(s) => {
+                    let mut w: &UnixStream = s;
+                    w.write_vectored(&slices[..n])
+                }
+            };
+            let mut written = match result {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes")),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            while written > 0 {
+                let left = parts[index].len() - skip;
+                if written >= left {
+                    written -= left;
+                    index += 1;
+                    skip = 0;
+                } else {
+                    skip += written;
+                    written = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.read(buf),
+            Socket::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.write(buf),
+            Socket::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening socket.
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed when the listener is dropped, if we created it.
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+impl Listener {
+    pub fn bind_tcp(addr: &str) -> io::Result<Listener> {
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing");
+        for a in addr.to_socket_addrs()? {
+            match TcpListener::bind(a) {
+                Ok(l) => return Ok(Listener::Tcp(l)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Binds a Unix socket at `path`. A stale socket file (nothing listening on it) left by
+    /// a server that was killed is replaced; a live one is not.
+    pub fn bind_unix(path: &Path) -> io::Result<Listener> {
+        match UnixListener::bind(path) {
+            Ok(l) => Ok(Listener::Unix(l, Some(path.to_path_buf()))),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                use std::os::unix::fs::FileTypeExt;
+                let is_socket = std::fs::symlink_metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false);
+                if !is_socket || UnixStream::connect(path).is_ok() {
+                    return Err(e);
+                }
+                std::fs::remove_file(path)?;
+                Ok(Listener::Unix(UnixListener::bind(path)?, Some(path.to_path_buf())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the first socket passed by systemd socket activation (fd 3), checking that
+    /// LISTEN_PID names this process and that the descriptor is a listening socket.
+    pub fn from_systemd() -> Result<Listener, String> {
+        use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage};
+        const FIRST_FD: RawFd = 3;
+        let pid = std::env::var("LISTEN_PID").map_err(|_| "LISTEN_PID is not set".to_string())?;
+        if pid.trim() != std::process::id().to_string() {
+            return Err(format!("LISTEN_PID={pid} is not this process ({})", std::process::id()));
+        }
+        let fds: u32 = std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| "LISTEN_FDS is not a number".to_string())?;
+        if fds < 1 {
+            return Err("LISTEN_FDS is 0: systemd passed no socket".into());
+        }
+        // SAFETY: fd 3 is ours by the socket activation protocol (LISTEN_PID matched); the
+        // borrow only lives for these checks.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(FIRST_FD) };
+        let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| format!("fd 3 from systemd is not a socket: {e}"))?;
+        if !listening {
+            return Err("fd 3 from systemd is not a listening socket".into());
+        }
+        let addr: SockaddrStorage = getsockname(FIRST_FD).map_err(|e| format!("fd 3 from systemd: getsockname: {e}"))?;
+        let _ = nix::fcntl::fcntl(FIRST_FD, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            std::env::remove_var(var);
+        }
+        match addr.family() {
+            // SAFETY: the descriptor is a listening socket of this family that nothing else
+            // in the process owns; the listener takes ownership of it.
+            Some(AddressFamily::Unix) => Ok(Listener::Unix(unsafe { UnixListener::from_raw_fd(FIRST_FD) }, None)),
+            // SAFETY: as above.
+            Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => Ok(Listener::Tcp(unsafe { TcpListener::from_raw_fd(FIRST_FD) })),
+            other => Err(format!("fd 3 from systemd has unsupported address family {other:?}")),
+        }
+    }
+
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+        }
+    }
+
+    /// Accepts one connection; `WouldBlock` when none is pending.
+    pub fn accept(&self) -> io::Result<(Socket, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok((Socket::Tcp(s), peer.to_string()))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok((Socket::Unix(s), "unix socket".to_string()))
+            }
+        }
+    }
+
+    /// Where we listen, for the startup message (with the real port when bound to port 0).
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp {a}"),
+                Err(_) => "tcp (unknown address)".into(),
+            },
+            Listener::Unix(l, _) => match l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())) {
+                Some(p) => format!("unix {p}"),
+                None => "unix socket".into(),
+            },
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, Some(path)) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! `cowimg io` and `cowimg convert` against qemu-io on a raw reference: the same commands on
+//! both, then the bytes compared.
+mod cli_support;
+use cli_support::*;
+
+const MIB: usize = 1 << 20;
+
+/// Unaligned writes, zero writes and discards, with reads that verify what they expect;
+/// a flush in the middle makes later writes to the same units go elsewhere (redirect on
+/// write) instead of in place.
+const FIRST_SESSION: &[&str] = &[
+    "write -P 0x11 1000 5000",
+    "read -P 0x11 1000 5000",
+    "write -P 0x22 65530 70000",
+    "read -P 0x22 65530 70000",
+    "write -z 3000 10000",
+    "read -P 0 3000 10000",
+    "discard 200000 300000",
+    "read -P 0 200000 300000",
+    "write -P 0x33 250001 7",
+    "flush",
+    "write -P 0x44 1000 100",
+    "read -P 0x44 1000 100",
+    "write -z 1M 1M",
+    "read -P 0 1M 1M",
+    "discard 2M 64K",
+    "write -P 0x55 0x3ff000 0x1000",
+    "read -P 0x55 0x3ff000 4k",
+    "write 4000000 100",
+    "read -P 0xcd 4000000 100",
+];
+
+/// Run after reopening: overwrites parts of what the first session wrote and zeroed.
+const SECOND_SESSION: &[&str] = &[
+    "write -P 0x66 1010 20",
+    "read -P 0x66 1010 20",
+    "discard 0 4096",
+    "read -P 0 0 4096",
+    "write -P 0x77 2M 1",
+    "read -P 0x77 2M 1",
+    "read -P 0 2097153 65535",
+    "trim 3M 12345",
+    "read -P 0 3M 12345",
+    "write -P 0x88 1048575 2",
+];
+
+fn make_backing(dir: &std::path::Path) -> Vec<u8> {
+    let base = random_bytes(4 * MIB, 1);
+    write_file(&dir.join("base.raw"), &base);
+    write_file(&dir.join("ref.raw"), &base);
+    base
+}
+
+#[test]
+fn io_on_an_overlay_matches_qemu_io_on_a_raw_copy() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    make_backing(d);
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
+    for session in [FIRST_SESSION, SECOND_SESSION] {
+        cowimg_io(d, "top.cow", session).ok();
+        qemu_io_raw(d, "ref.raw", session).ok();
+        assert_same_bytes(
+            &contents(d, "top.cow"),
+            &read_file(&d.join("ref.raw")),
+            "overlay",
+        );
+    }
+    assert_same_bytes(
+        &read_file(&d.join("base.raw")),
+        &random_bytes(4 * MIB, 1),
+        "the backing file is never written",
+    );
+}
+
+#[test]
+fn io_through_a_two_level_chain_matches_qemu_io() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    make_backing(d);
+    // Different cluster sizes on each level: 16K (4K units) and 1M (16K units).
+    cowimg_in(
+        d,
+        &[
+            "create", "-c", "16K", "-b", "base.raw", "-F", "raw", "mid.cow",
+        ],
+    )
+    .ok();
+    cowimg_io(d, "mid.cow", FIRST_SESSION).ok();
+    qemu_io_raw(d, "ref.raw", FIRST_SESSION).ok();
+    let after_first = read_file(&d.join("ref.raw"));
+
+    cowimg_in(
+        d,
+        &[
+            "create", "-c", "1M", "-b", "mid.cow", "-F", "cowimg", "top.cow",
+        ],
+    )
+    .ok();
+    cowimg_io(d, "top.cow", SECOND_SESSION).ok();
+    qemu_io_raw(d, "ref.raw", SECOND_SESSION).ok();
+
+    assert_same_bytes(
+        &contents(d, "top.cow"),
+        &read_file(&d.join("ref.raw")),
+        "top of the chain",
+    );
+    assert_same_bytes(
+        &contents(d, "mid.cow"),
+        &after_first,
+        "middle layer, untouched by top",
+    );
+}
+
+#[test]
+fn reading_a_wrong_pattern_fails_and_names_the_first_mismatching_offset() {
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
+    cowimg_io(d, "img.cow", &["write -P 0xab 5000 10"]).ok();
+    let run = cowimg_io(
+        d,
+        "img.cow",
+        &["read -P 0 4096 8192", "read -P 0xab 5000 10"],
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr
+            .contains("Pattern verification failed at offset 5000"),
+        "{}",
+        run.stderr
+    );
+    // The script went on: the second read ran and passed.
+    assert!(
+        run.stdout.contains("read 10/10 bytes at offset 5000"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn io_prints_qemu_io_lines_and_fails_on_bad_commands() {
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
+    let run = cowimg_io(
+        d,
+        "img.cow",
+        &["write 0 4k", "discard 4k 4k", "bogus 1 2", "write 1M 1"],
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(run
+        .stdout
+        .contains("wrote 4096/4096 bytes at offset 0\n4 KiB, 1 ops; "));
+    assert!(run
+        .stdout
+        .contains("discard 4096/4096 bytes at offset 4096"));
+    assert!(
+        run.stderr.contains("command \"bogus\" not found"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("write failed: img.cow: request at offset 0x100000"),
+        "{}",
+        run.stderr
+    );
+    // The write that succeeded is there (default pattern 0xcd).
+    let bytes = contents(d, "img.cow");
+    assert!(bytes[..4096].iter().all(|&b| b == 0xcd));
+}
+
+#[test]
+fn read_only_io_refuses_writes_and_changes_nothing() {
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "64K", "img.cow"]).ok();
+    let before = read_file(&d.join("img.cow"));
+    let run = cowimg_in(
+        d,
+        &[
+            "io",
+            "-r",
+            "img.cow",
+            "-c",
+            "write 0 1",
+            "-c",
+            "read -P 0 0 64K",
+        ],
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("img.cow: image is read-only"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.contains("read 65536/65536 bytes at offset 0"));
+    assert_eq!(read_file(&d.join("img.cow")), before);
+}
+
+#[test]
+fn convert_to_cowimg_over_the_same_backing_stores_only_the_difference() {
+    let dir = tempdir();
+    let d = dir.path();
+    make_backing(d);
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
+    cowimg_io(d, "top.cow", &["write -P 1 1M 64K", "write -z 2M 64K"]).ok();
+    let expected = contents(d, "top.cow");
+
+    cowimg_in(
+        d,
+        &[
+            "convert", "-O", "cowimg", "-B", "base.raw", "-F", "raw", "top.cow", "copy.cow",
+        ],
+    )
+    .ok();
+    assert_same_bytes(&contents(d, "copy.cow"), &expected, "converted overlay");
+    // Only the written and the zeroed cluster are the copy's own.
+    let map = json(&cowimg_in(d, &["map", "--json", "copy.cow"]).ok());
+    let own: Vec<(u64, u64, bool)> = map
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter(|e| e["depth"] == 0)
+        .map(|e| {
+            let n = |k: &str| e[k].as_u64().expect("a number");
+            (n("start"), n("length"), e["data"] == true)
+        })
+        .collect();
+    assert_eq!(
+        own,
+        [(MIB as u64, 65536, true), (2 * MIB as u64, 65536, false)]
+    );
+
+    cowimg_in(
+        d,
+        &["convert", "-O", "cowimg", "-c", "4K", "top.cow", "flat.cow"],
+    )
+    .ok();
+    assert_same_bytes(&contents(d, "flat.cow"), &expected, "flattened copy");
+    let info = json(&cowimg_in(d, &["info", "--json", "flat.cow"]).ok());
+    assert_eq!(info["cluster-size"], 4096);
+    assert!(info["backing-filename"].is_null(), "{info}");
+}
+
+#[test]
+fn convert_refuses_a_backing_file_for_raw_output_and_a_backing_without_format() {
+    let dir = tempdir();
+    let d = dir.path();
+    make_backing(d);
+    let run = cowimg_in(
+        d,
+        &[
+            "convert", "-B", "base.raw", "-F", "raw", "base.raw", "out.raw",
+        ],
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("-B needs -O cowimg"), "{}", run.stderr);
+    let run = cowimg_in(
+        d,
+        &[
+            "convert", "-O", "cowimg", "-B", "base.raw", "base.raw", "out.cow",
+        ],
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("backing format must be given with -F"),
+        "{}",
+        run.stderr
+    );
+    assert!(!d.join("out.raw").exists() && !d.join("out.cow").exists());
+}
+
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "64M", "img.cow"]).ok();
+    // Every other 4K unit written: thousands of map lines, far more than a pipe buffer.
+    let commands: Vec<String> = (0..4096)
+        .map(|i| format!("write {} 4k", i * 8192))
+        .collect();
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    cowimg_io(d, "img.cow", &commands).ok();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .args(["map", "--json", "img.cow"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning cowimg map");
+    let mut first = [0u8; 1];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("reading");
+    // Dropping the read end closes the pipe.
+    let output = child.wait_with_output().expect("waiting for cowimg map");
+    assert_eq!(first[0], b'[');
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn convert_refuses_to_overwrite_its_own_input() {
+    let dir = tempdir();
+    let d = dir.path();
+    let base = make_backing(d);
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
+    cowimg_io(d, "top.cow", &["write -P 1 0 64K"]).ok();
+    let top = read_file(&d.join("top.cow"));
+    std::fs::create_dir(d.join("sub")).expect("mkdir");
+    write_file(&d.join("other.raw"), b"other");
+    for (args, needle) in [
+        (&["convert", "top.cow", "top.cow"][..], "the source itself"),
+        (
+            &["convert", "-O", "cowimg", "top.cow", "./top.cow"],
+            "the source itself",
+        ),
+        (
+            &["convert", "top.cow", "base.raw"],
+            "a backing file (base.raw)",
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "cowimg",
+                "-B",
+                "other.raw",
+                "-F",
+                "raw",
+                "base.raw",
+                "sub/../other.raw",
+            ],
+            "cannot be its own backing file",
+        ),
+    ] {
+        let run = cowimg_in(d, args);
+        assert_eq!(run.code, Some(1), "{}", run.stderr);
+        assert!(run.stderr.contains(needle), "{}", run.stderr);
+    }
+    assert_same_bytes(&read_file(&d.join("base.raw")), &base, "base untouched");
+    assert_same_bytes(&read_file(&d.join("top.cow")), &top, "source untouched");
+    assert_eq!(read_file(&d.join("other.raw")), b"other");
+}
