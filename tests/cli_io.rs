@@ -364,3 +364,37 @@ fn convert_refuses_to_overwrite_its_own_input() {
     assert_same_bytes(&read_file(&d.join("top.cow")), &top, "source untouched");
     assert_eq!(read_file(&d.join("other.raw")), b"other");
 }
+
+#[test]
+fn io_reads_commands_from_stdin_without_c() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .args(["io", "img.cow"])
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning cowimg io");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"write -P 5 4k 4k\n\nread -q -P 5 4k 4k\nread -P 5 0 1\n")
+        .expect("writing commands");
+    let output = child.wait_with_output().expect("waiting for cowimg io");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("wrote 4096/4096 bytes at offset 4096\n"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("read 4096/4096"),
+        "-q prints nothing: {stdout}"
+    );
+    assert!(stdout.contains("read 1/1 bytes at offset 0"), "{stdout}");
+}

@@ -202,6 +202,8 @@ pub struct Image {
     state: Mutex<State>,
     committed: Condvar,
     flush_serial: Mutex<()>,
+    /// Held by every write that covers only part of a unit (see [`Image::write_at`]).
+    partial_units: Mutex<()>,
     failed: AtomicBool,
 }
 
@@ -516,19 +518,7 @@ impl Image {
             let unit = ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
             let bit = 1u64 << unit;
             let covers = offset <= unit_start && end >= unit_start + us;
-            if !st.map.contains_key(&vcluster) && st.zero_runs.contains(vcluster) {
-                // The cluster leaves its zero run; its entry says zero for the other units.
-                // A record lists the entry after the run, so replay gives the same result.
-                st.zero_runs.remove(vcluster, vcluster + 1);
-                st.map.insert(
-                    vcluster,
-                    Entry {
-                        zero: g.full_mask(),
-                        ..Default::default()
-                    },
-                );
-            }
-            let e = st.map.entry(vcluster).or_default();
+            let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vcluster);
             if e.moving & bit != 0 {
                 return Plan::WaitForUnit(vcluster, bit);
             }
@@ -587,11 +577,19 @@ impl Image {
         }
     }
 
+    /// Waits for the flush in progress to complete, or to fail (then no commit will come).
     fn wait_for_commit(&self, seen: u64) {
         let mut st = lock(&self.state);
-        while st.commits == seen {
+        while st.commits == seen && !self.failed.load(Ordering::Acquire) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Wakes the writers of `wait_for_commit` after a failure. Taking the state lock orders
+    /// this after any waiter's check of `failed`, so none misses the wake-up.
+    fn wake_waiting_writers(&self) {
+        let _st = lock(&self.state);
+        self.committed.notify_all();
     }
 
     /// Writes `buf` at `offset`. The data is durable after the next [`Image::flush`].
@@ -601,6 +599,13 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
+        // A write that covers only part of a unit may copy the rest of the unit from where it
+        // lies now (read-modify-write). Two such copies of one unit running at once would
+        // each put back the bytes the other is writing, so partial-unit writes take turns;
+        // whole-unit writes never copy and stay parallel.
+        let us = self.geometry.unit_size();
+        let partial = offset % us != 0 || (offset + buf.len() as u64) % us != 0;
+        let _one_partial_write_at_a_time = partial.then(|| lock(&self.partial_units));
         loop {
             let io = shared(&self.gate);
             let plan = self.plan_write(&mut lock(&self.state), offset, buf.len() as u64);
@@ -609,6 +614,7 @@ impl Image {
                 Plan::WaitForCommit(seen) => {
                     drop(io);
                     self.wait_for_commit(seen);
+                    self.check_writable()?;
                     continue;
                 }
                 Plan::WaitForUnit(vcluster, bit) => {
@@ -733,7 +739,7 @@ impl Image {
         };
         let mut punches = Vec::new();
         let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
-            let e = st.map.entry(vc).or_default();
+            let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vc);
             for s in 0..2 {
                 let dropped = e.units[s] & mask;
                 if dropped == 0 {
@@ -836,9 +842,15 @@ impl Image {
             return Ok(());
         };
         if let Err(e) = self.persist(&snapshot) {
-            return self.fail(e);
+            let failed = self.fail(e);
+            self.wake_waiting_writers();
+            return failed;
         }
-        self.publish(snapshot)
+        let published = self.publish(snapshot);
+        if published.is_err() {
+            self.wake_waiting_writers();
+        }
+        published
     }
 
     fn take_snapshot(&self) -> Option<Snapshot> {
@@ -1279,6 +1291,29 @@ impl Drop for Image {
             let _ = self.seal();
         }
     }
+}
+
+/// The entry of `vcluster`, created if needed. A cluster in a zero run leaves the run: its
+/// new entry says zero for every unit, so that units the caller does not change keep
+/// reading as zeros instead of falling through to the backing file. A record lists the
+/// entry after the run, so replay gives the same result.
+fn entry_leaving_zero_run<'a>(
+    map: &'a mut BTreeMap<u64, Entry>,
+    zero_runs: &mut ClusterRuns,
+    g: Geometry,
+    vcluster: u64,
+) -> &'a mut Entry {
+    if !map.contains_key(&vcluster) && zero_runs.contains(vcluster) {
+        zero_runs.remove(vcluster, vcluster + 1);
+        map.insert(
+            vcluster,
+            Entry {
+                zero: g.full_mask(),
+                ..Default::default()
+            },
+        );
+    }
+    map.entry(vcluster).or_default()
 }
 
 /// Figures `info` shows about the map and the file.

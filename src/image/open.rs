@@ -194,6 +194,7 @@ impl Image {
             }),
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
+            partial_units: Mutex::new(()),
             failed: false.into(),
         })
     }
@@ -446,6 +447,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         .checked_add(header.journal_capacity)
         .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
     let mut records: Vec<ReplayRecord> = Vec::new();
+    let host_limit = (format::MAX_VIRTUAL_SIZE >> g.cluster_bits).max(max_host);
     loop {
         let at = header.journal_offset + tail;
         if at + JOURNAL_RECORD_HEADER_SIZE as u64 > journal_end.min(file_length) {
@@ -479,7 +481,9 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         let mut items = Vec::with_capacity(written.len());
         for (i, chunk) in item_bytes.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
             let eat = body_at + (i * MAP_ENTRY_SIZE) as u64;
-            let item = MapItem::from_bytes(chunk, g, virtual_clusters, max_host, true)
+            // Host clusters are checked against the file's length once the last record is
+            // known: that one may point past the end when its data did not land.
+            let item = MapItem::from_bytes(chunk, g, virtual_clusters, host_limit, true)
                 .map_err(|e| corrupt(path, "journal entry", eat, e))?;
             let stored = match item {
                 MapItem::Cluster(e) => e.units[0] | e.units[1],
@@ -500,6 +504,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
             written,
             digest: rec.data_digest,
             len,
+            body_at,
         });
         tail += len;
         seq += 1;
@@ -514,7 +519,16 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         }
     }
     for rec in &records {
-        for &item in &rec.items {
+        for (i, &item) in rec.items.iter().enumerate() {
+            if let MapItem::Cluster(e) = item {
+                for (slot, field, offset) in [(0, "host_a", 0x08), (1, "host_b", 0x10)] {
+                    if e.units[slot] != 0 && e.host[slot] >= max_host {
+                        let eat = rec.body_at + (i * MAP_ENTRY_SIZE) as u64;
+                        let reason = format!("host cluster {} is past the end of the file", e.host[slot]);
+                        return Err(corrupt(path, "journal entry", eat, format::invalid(field, offset, reason)));
+                    }
+                }
+            }
             apply_item(&mut map, &mut zero_runs, item);
         }
     }
@@ -625,6 +639,8 @@ struct ReplayRecord {
     written: Vec<u64>,
     digest: u64,
     len: u64,
+    /// Where the record's items start in the file (for messages).
+    body_at: u64,
 }
 
 /// Recomputes the data digest of a record from the units it marks written.
