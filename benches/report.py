@@ -100,7 +100,9 @@ def verdict(ok):
 
 
 def render_nbd(run_dir, nbd, lines, checks):
-    wls = list(nbd["workloads"])
+    order = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m", "randwrite-4k-flush32"]
+    wls = [w for w in order if w in nbd["workloads"]] + [
+        w for w in nbd["workloads"] if w not in order]
     servers = nbd["servers"]
     s = nbd["summary"]
     p = nbd["params"]
