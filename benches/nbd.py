@@ -20,7 +20,11 @@ REPS repetitions. Knobs (environment): REPS, RUNTIME, RAMP (seconds), SIZE_MIB, 
 SERVERS (comma-separated subset), WORKLOADS (subset), QUICK=1.
 """
 
+import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 
@@ -113,7 +117,6 @@ def run_workload(wl, load_exe):
         out = sh([load_exe, "--socket", SOCK, "--rw", spec["rw"], "--bs", "4096",
                   "--iodepth", str(IODEPTH), "--flush-every", str(FLUSH_EVERY),
                   "--runtime", str(RUNTIME), "--ramp", str(RAMP)])
-        import json
         r = json.loads(out)
         return {"iops": r["iops"], "bw": r["bytes_per_sec"], "flushes": r["flushes"],
                 "ops": r["ops"]}
@@ -157,6 +160,38 @@ def write_amplification(setup):
     else:
         return None
     return {"written": written, "grown": grown, "ratio": grown / written, "file": note}
+
+
+def flush_syscalls(setup, load_exe):
+    """What one NBD FLUSH costs each server in system calls: strace counts fsync/fdatasync
+    (and hole punches) during a short flush-every-32 run. A server that syncs nothing on
+    FLUSH is not offering the same durability, whatever its IOPS."""
+    srv = start(setup)
+    trace = WORK_DIR / f"{setup.name}.flush-strace"
+    remove(trace)
+    tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(trace), "-e",
+                               "trace=fsync,fdatasync,sync_file_range,fallocate",
+                               "-p", str(srv.proc.pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = json.loads(sh([load_exe, "--socket", SOCK, "--rw", "randwrite", "--bs", "4096",
+                             "--iodepth", str(IODEPTH), "--flush-every", str(FLUSH_EVERY),
+                             "--runtime", "2", "--ramp", "0"]))
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait()
+        srv.stop()
+        if setup.image:
+            remove(setup.image)
+    counts = {}
+    for line in trace.read_text().splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[-1] in ("fsync", "fdatasync", "sync_file_range", "fallocate"):
+            counts[f[-1]] = int(f[3])
+    flushes = max(out["flushes"], 1)
+    return {"flushes": out["flushes"], "counts": counts,
+            "syncs_per_flush": (counts.get("fsync", 0) + counts.get("fdatasync", 0)) / flushes}
 
 
 def main():
@@ -207,6 +242,12 @@ def main():
             if s.image:
                 remove(s.image)
             settle()
+    flush_costs = {}
+    if "randwrite-4k-flush32" in workloads and shutil.which("strace"):
+        for s in setups:
+            flush_costs[s.name] = flush_syscalls(s, load_exe)
+            log(f"flush syscalls {s.name}: {flush_costs[s.name]}")
+            settle()
     summary = {}
     for s in setups:
         summary[s.name] = {"label": s.label, "peak_rss_max": max(mem[s.name]) if mem[s.name] else None}
@@ -233,6 +274,7 @@ def main():
         "summary": summary,
         "runs": raw,
         "write_amplification": wa,
+        "flush_syscalls": flush_costs,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
 
