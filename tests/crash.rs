@@ -8,7 +8,9 @@ mod lib_support;
 use cowimg::image::Image;
 use cowimg::storage::{MemStorage, Storage};
 use cowimg::Error;
-use lib_support::{backing_content, fingerprint, fit, fresh_image_bytes, open_mem, raw_layer, read_all, Change};
+use lib_support::{
+    backing_content, fingerprint, fit, fresh_image_bytes, open_mem, raw_layer, read_all, Change,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::io;
@@ -39,7 +41,13 @@ struct CrashInner {
 
 impl CrashStorage {
     fn new(initial: Vec<u8>) -> Self {
-        CrashStorage { inner: Mutex::new(CrashInner { current: initial, log: Vec::new(), syncs: 0 }) }
+        CrashStorage {
+            inner: Mutex::new(CrashInner {
+                current: initial,
+                log: Vec::new(),
+                syncs: 0,
+            }),
+        }
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, CrashInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -73,7 +81,10 @@ impl Storage for CrashStorage {
         let g = self.lock();
         let end = offset as usize + buf.len();
         if end > g.current.len() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end",
+            ));
         }
         buf.copy_from_slice(&g.current[offset as usize..end]);
         Ok(())
@@ -81,7 +92,10 @@ impl Storage for CrashStorage {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut g = self.lock();
         cowimg::storage::apply_write(&mut g.current, buf, offset);
-        g.log.push(LogOp::Write { offset, data: buf.to_vec() });
+        g.log.push(LogOp::Write {
+            offset,
+            data: buf.to_vec(),
+        });
         Ok(())
     }
     fn sync(&self) -> io::Result<()> {
@@ -136,8 +150,14 @@ struct Recorded {
 /// The changes of one flush interval. Some intervals rewrite many clusters so that journal
 /// records span several blocks and checkpoints come sooner.
 fn interval_changes(rng: &mut StdRng, w: &Workload) -> Vec<Change> {
-    let n = if rng.gen_bool(0.05) { 12 } else { rng.gen_range(1..=3) };
-    (0..n).map(|_| Change::random(rng, w.size, w.cluster_size)).collect()
+    let n = if rng.gen_bool(0.05) {
+        12
+    } else {
+        rng.gen_range(1..=3)
+    };
+    (0..n)
+        .map(|_| Change::random(rng, w.size, w.cluster_size))
+        .collect()
 }
 
 /// Runs the workload on an image over `storage`, checking reads against the model as it
@@ -151,14 +171,21 @@ fn run_workload<S: Storage + 'static>(
     before_close: impl FnOnce(&S),
 ) -> Vec<FlushRecord> {
     let mut rng = StdRng::seed_from_u64(w.seed);
-    let backing_bytes = w.backing_len.map(|len| fit(&backing_content(w.seed, len), w.size as usize));
+    let backing_bytes = w
+        .backing_len
+        .map(|len| fit(&backing_content(w.seed, len), w.size as usize));
     let mut model = backing_bytes.unwrap_or_else(|| vec![0u8; w.size as usize]);
     let dynamic: Arc<dyn Storage> = storage.clone();
-    let mut image = Image::open_storage(dynamic, Path::new("crash.cow"), false).expect("opening the workload image");
+    let mut image = Image::open_storage(dynamic, Path::new("crash.cow"), false)
+        .expect("opening the workload image");
     if let Some(b) = backing {
         image.attach_backing(raw_layer(b));
     }
-    let mut flushes = vec![FlushRecord { start_sync: 0, end_sync: 0, state: fingerprint(&model) }];
+    let mut flushes = vec![FlushRecord {
+        start_sync: 0,
+        end_sync: 0,
+        state: fingerprint(&model),
+    }];
     for _ in 0..w.flushes {
         for change in interval_changes(&mut rng, w) {
             if let Err(e) = change.apply_to_image(&image) {
@@ -176,9 +203,17 @@ fn run_workload<S: Storage + 'static>(
             on_error(&image, e, &flushes, state);
             return flushes;
         }
-        flushes.push(FlushRecord { start_sync, end_sync: syncs(&storage), state });
+        flushes.push(FlushRecord {
+            start_sync,
+            end_sync: syncs(&storage),
+            state,
+        });
     }
-    assert_eq!(fingerprint(&read_all(&image)), fingerprint(&model), "the workload image drifted from the model");
+    assert_eq!(
+        fingerprint(&read_all(&image)),
+        fingerprint(&model),
+        "the workload image drifted from the model"
+    );
     before_close(&storage);
     flushes
 }
@@ -192,18 +227,35 @@ fn record(w: &Workload) -> Recorded {
     });
     let initial = fresh_image_bytes(w.size, w.cluster_size);
     let storage = Arc::new(CrashStorage::new(initial.clone()));
-    let flushes = run_workload(w, storage.clone(), backing.as_deref(), CrashStorage::syncs, |_, e, _, _| {
-        panic!("the workload failed on storage that cannot fail: {e}")
-    }, |_| {});
-    Recorded { initial, log: storage.log(), flushes, backing, _dir: dir }
+    let flushes = run_workload(
+        w,
+        storage.clone(),
+        backing.as_deref(),
+        CrashStorage::syncs,
+        |_, e, _, _| panic!("the workload failed on storage that cannot fail: {e}"),
+        |_| {},
+    );
+    Recorded {
+        initial,
+        log: storage.log(),
+        flushes,
+        backing,
+        _dir: dir,
+    }
 }
 
 /// The states a crash after `syncs` completed syncs may show: the last flush all of whose
 /// syncs are among them, or the one after it if it had started.
 fn allowed_states(flushes: &[FlushRecord], syncs: usize) -> (usize, Vec<u64>) {
-    let last = flushes.iter().rposition(|f| f.end_sync <= syncs).expect("the initial state is always complete");
+    let last = flushes
+        .iter()
+        .rposition(|f| f.end_sync <= syncs)
+        .expect("the initial state is always complete");
     let mut states = vec![flushes[last].state];
-    if let Some(next) = flushes.get(last + 1).filter(|next| next.start_sync <= syncs) {
+    if let Some(next) = flushes
+        .get(last + 1)
+        .filter(|next| next.start_sync <= syncs)
+    {
         states.push(next.state);
     }
     (last, states)
@@ -223,8 +275,14 @@ fn torn(op: &LogOp, rng: &mut StdRng) -> Vec<LogOp> {
         let next = ((pos / 512 + 1) * 512).min(offset + len);
         if rng.gen_bool(0.5) {
             pieces.push(match op {
-                LogOp::Write { data, .. } => LogOp::Write { offset: pos, data: data[(pos - offset) as usize..(next - offset) as usize].to_vec() },
-                _ => LogOp::Punch { offset: pos, len: next - pos },
+                LogOp::Write { data, .. } => LogOp::Write {
+                    offset: pos,
+                    data: data[(pos - offset) as usize..(next - offset) as usize].to_vec(),
+                },
+                _ => LogOp::Punch {
+                    offset: pos,
+                    len: next - pos,
+                },
             });
         }
         pos = next;
@@ -238,7 +296,11 @@ enum Outcome {
     State(usize),
 }
 
-fn open_crashed(bytes: Vec<u8>, rec: &Recorded, read_only: bool) -> Result<(Arc<MemStorage>, Image), Error> {
+fn open_crashed(
+    bytes: Vec<u8>,
+    rec: &Recorded,
+    read_only: bool,
+) -> Result<(Arc<MemStorage>, Image), Error> {
     let storage = Arc::new(MemStorage::new(bytes));
     let dynamic: Arc<dyn Storage> = storage.clone();
     let mut image = Image::open_storage(dynamic, Path::new("crashed.cow"), read_only)?;
@@ -252,12 +314,24 @@ fn open_crashed(bytes: Vec<u8>, rec: &Recorded, read_only: bool) -> Result<(Arc<
 fn check_finds_no_corruption(bytes: &[u8], rec: &Recorded, what: &str) {
     let path = rec._dir.path().join("crashed-for-check.cow");
     std::fs::write(&path, bytes).expect("writing the crash image");
-    let report = cowimg::image::ops::check(&path, false).unwrap_or_else(|e| panic!("{what}: check failed to run: {e}"));
-    assert!(report.corruptions.is_empty(), "{what}: check reports corruption: {:?}", report.corruptions);
+    let report = cowimg::image::ops::check(&path, false)
+        .unwrap_or_else(|e| panic!("{what}: check failed to run: {e}"));
+    assert!(
+        report.corruptions.is_empty(),
+        "{what}: check reports corruption: {:?}",
+        report.corruptions
+    );
     std::fs::remove_file(&path).expect("removing the crash image");
 }
 
-fn check_crash_image(bytes: Vec<u8>, rec: &Recorded, syncs: usize, what: &str, continue_with: Option<&mut StdRng>, w: &Workload) -> Outcome {
+fn check_crash_image(
+    bytes: Vec<u8>,
+    rec: &Recorded,
+    syncs: usize,
+    what: &str,
+    continue_with: Option<&mut StdRng>,
+    w: &Workload,
+) -> Outcome {
     let (last, allowed) = allowed_states(&rec.flushes, syncs);
     if continue_with.is_some() {
         check_finds_no_corruption(&bytes, rec, what);
@@ -276,13 +350,22 @@ fn check_crash_image(bytes: Vec<u8>, rec: &Recorded, syncs: usize, what: &str, c
         let mut model = content;
         for _ in 0..3 {
             let change = Change::random(rng, w.size, w.cluster_size);
-            change.apply_to_image(&image).unwrap_or_else(|e| panic!("{what}: writing after the crash: {e}"));
+            change
+                .apply_to_image(&image)
+                .unwrap_or_else(|e| panic!("{what}: writing after the crash: {e}"));
             change.apply_to_model(&mut model);
         }
-        image.flush().unwrap_or_else(|e| panic!("{what}: flushing after the crash: {e}"));
+        image
+            .flush()
+            .unwrap_or_else(|e| panic!("{what}: flushing after the crash: {e}"));
         drop(image);
-        let (_, again) = open_crashed(storage.contents(), rec, true).unwrap_or_else(|e| panic!("{what}: reopening after the crash and a flush: {e}"));
-        lib_support::assert_same_bytes(&read_all(&again), &model, &format!("{what}: written and flushed after the crash"));
+        let (_, again) = open_crashed(storage.contents(), rec, true)
+            .unwrap_or_else(|e| panic!("{what}: reopening after the crash and a flush: {e}"));
+        lib_support::assert_same_bytes(
+            &read_all(&again),
+            &model,
+            &format!("{what}: written and flushed after the crash"),
+        );
     }
     Outcome::State(which)
 }
@@ -290,8 +373,15 @@ fn check_crash_image(bytes: Vec<u8>, rec: &Recorded, syncs: usize, what: &str, c
 /// Replays the log to every sync point and checks crash images built from it.
 fn check_every_sync_point(w: Workload) {
     let rec = record(&w);
-    let total_syncs = rec.log.iter().filter(|op| matches!(op, LogOp::Sync)).count();
-    assert!(total_syncs > 2 * w.flushes / 2, "the workload synced only {total_syncs} times");
+    let total_syncs = rec
+        .log
+        .iter()
+        .filter(|op| matches!(op, LogOp::Sync))
+        .count();
+    assert!(
+        total_syncs > 2 * w.flushes / 2,
+        "the workload synced only {total_syncs} times"
+    );
     let mut rng = StdRng::seed_from_u64(w.seed ^ 0xc0ffee);
     let mut durable = rec.initial.clone();
     let mut ops = rec.log.iter().peekable();
@@ -306,11 +396,19 @@ fn check_every_sync_point(w: Workload) {
             }
             pending.push(op.clone());
         }
-        let mut variants: Vec<(String, Vec<LogOp>)> = vec![(format!("crash at sync {k}, nothing after it"), Vec::new())];
+        let mut variants: Vec<(String, Vec<LogOp>)> =
+            vec![(format!("crash at sync {k}, nothing after it"), Vec::new())];
         if !pending.is_empty() {
-            variants.push((format!("crash at sync {k}, everything after it"), pending.clone()));
+            variants.push((
+                format!("crash at sync {k}, everything after it"),
+                pending.clone(),
+            ));
             for v in 0..4 {
-                let subset: Vec<LogOp> = pending.iter().filter(|_| rng.gen_bool(0.5)).cloned().collect();
+                let subset: Vec<LogOp> = pending
+                    .iter()
+                    .filter(|_| rng.gen_bool(0.5))
+                    .cloned()
+                    .collect();
                 variants.push((format!("crash at sync {k}, random subset {v}"), subset));
             }
             for v in 0..2 {
@@ -327,7 +425,8 @@ fn check_every_sync_point(w: Workload) {
             // Every few sync points, the last (most torn) variant also goes through `check`
             // and carries on writing.
             let continue_with = (k % 2 == 0 && i == last_variant).then_some(&mut rng);
-            let Outcome::State(which) = check_crash_image(bytes, &rec, k, &format!("{w:?}: {what}"), continue_with, &w);
+            let Outcome::State(which) =
+                check_crash_image(bytes, &rec, k, &format!("{w:?}: {what}"), continue_with, &w);
             saw_in_progress += which;
             checked += 1;
         }
@@ -335,34 +434,72 @@ fn check_every_sync_point(w: Workload) {
             apply(&mut durable, &op);
         }
     }
-    assert!(checked > total_syncs, "only {checked} crash images were checked");
+    assert!(
+        checked > total_syncs,
+        "only {checked} crash images were checked"
+    );
     // The simulation is only meaningful if some crashes did land on the flush in progress.
-    assert!(saw_in_progress > 0, "no crash image showed the flush in progress");
+    assert!(
+        saw_in_progress > 0,
+        "no crash image showed the flush in progress"
+    );
 }
 
 #[test]
 fn crash_at_any_point_leaves_the_last_flush_or_the_one_in_progress_with_64k_clusters() {
     // About 1.2 journal fills: the run crosses a checkpoint.
-    check_every_sync_point(Workload { size: 1024 * 1024, cluster_size: 64 * 1024, backing_len: Some(768 * 1024), flushes: 330, seed: 1 });
+    check_every_sync_point(Workload {
+        size: 1024 * 1024,
+        cluster_size: 64 * 1024,
+        backing_len: Some(768 * 1024),
+        flushes: 330,
+        seed: 1,
+    });
 }
 
 #[test]
 fn crash_at_any_point_leaves_the_last_flush_or_the_one_in_progress_with_4k_clusters() {
-    check_every_sync_point(Workload { size: 512 * 1024 + 1000, cluster_size: 4096, backing_len: Some(600 * 1024), flushes: 120, seed: 2 });
+    check_every_sync_point(Workload {
+        size: 512 * 1024 + 1000,
+        cluster_size: 4096,
+        backing_len: Some(600 * 1024),
+        flushes: 120,
+        seed: 2,
+    });
 }
 
 #[test]
 fn crash_at_any_point_leaves_the_last_flush_or_the_one_in_progress_with_2m_clusters() {
-    check_every_sync_point(Workload { size: 1024 * 1024, cluster_size: 2 * 1024 * 1024, backing_len: None, flushes: 80, seed: 3 });
+    check_every_sync_point(Workload {
+        size: 1024 * 1024,
+        cluster_size: 2 * 1024 * 1024,
+        backing_len: None,
+        flushes: 80,
+        seed: 3,
+    });
 }
 
 #[test]
 fn the_workload_crosses_a_checkpoint() {
     // Guards the premise of the 64K test: its log contains a header rewrite (a checkpoint).
-    let w = Workload { size: 1024 * 1024, cluster_size: 64 * 1024, backing_len: Some(768 * 1024), flushes: 330, seed: 1 };
+    let w = Workload {
+        size: 1024 * 1024,
+        cluster_size: 64 * 1024,
+        backing_len: Some(768 * 1024),
+        flushes: 330,
+        seed: 1,
+    };
     let rec = record(&w);
-    let header_writes = rec.log.iter().filter(|op| matches!(op, LogOp::Write { offset, .. } if *offset < 8192)).count();
-    assert!(header_writes >= 1, "no checkpoint happened in {} flushes", w.flushes);
+    let header_writes = rec
+        .log
+        .iter()
+        .filter(|op| matches!(op, LogOp::Write { offset, .. } if *offset < 8192))
+        .count();
+    assert!(
+        header_writes >= 1,
+        "no checkpoint happened in {} flushes",
+        w.flushes
+    );
 }
 
 /// Which request to fail.
@@ -429,17 +566,31 @@ fn faulty(w: &Workload, fail_on: FailOn, fail_at: usize) -> Arc<FaultyStorage> {
 
 #[test]
 fn an_injected_io_error_fails_the_request_and_the_last_flush_survives() {
-    let w = Workload { size: 512 * 1024, cluster_size: 16 * 1024, backing_len: Some(300 * 1024), flushes: 30, seed: 4 };
+    let w = Workload {
+        size: 512 * 1024,
+        cluster_size: 16 * 1024,
+        backing_len: Some(300 * 1024),
+        flushes: 30,
+        seed: 4,
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("base.raw");
-    std::fs::write(&base, backing_content(w.seed, w.backing_len.unwrap_or(0))).expect("writing base.raw");
+    std::fs::write(&base, backing_content(w.seed, w.backing_len.unwrap_or(0)))
+        .expect("writing base.raw");
     // A clean run counts the requests of each kind made before the image is closed (closing
     // writes too, but cannot report an error).
     let clean = faulty(&w, FailOn::Write, usize::MAX);
     let mut counts = [0usize; 3];
-    run_workload(&w, clean, Some(&base), |s| s.syncs.load(Ordering::SeqCst), |_, e, _, _| panic!("clean run failed: {e}"), |s| {
-        counts = [0, 1, 2].map(|i| s.counts[i].load(Ordering::SeqCst));
-    });
+    run_workload(
+        &w,
+        clean,
+        Some(&base),
+        |s| s.syncs.load(Ordering::SeqCst),
+        |_, e, _, _| panic!("clean run failed: {e}"),
+        |s| {
+            counts = [0, 1, 2].map(|i| s.counts[i].load(Ordering::SeqCst));
+        },
+    );
     let mut failures = 0;
     for fail_on in [FailOn::Write, FailOn::Sync, FailOn::Punch] {
         let total = counts[fail_on as usize];
@@ -447,24 +598,47 @@ fn an_injected_io_error_fails_the_request_and_the_last_flush_survives() {
         for fail_at in 1..=total {
             let storage = faulty(&w, fail_on, fail_at);
             let mut outcome = None;
-            run_workload(&w, storage.clone(), Some(&base), |s| s.syncs.load(Ordering::SeqCst), |image, e, flushes, pending| {
-                let message = e.to_string();
-                assert!(message.contains("crash.cow") && message.contains("0x"), "{fail_on:?} #{fail_at}: error without file and offset: {message}");
-                // The image refuses further changes instead of building on a failed write.
-                assert!(image.write_at(b"x", 0).is_err(), "{fail_on:?} #{fail_at}: a write after the failure was accepted");
-                assert!(image.flush().is_err(), "{fail_on:?} #{fail_at}: a flush after the failure succeeded");
-                outcome = Some((flushes.last().map(|f| f.state), pending));
-            }, |_| {});
+            run_workload(
+                &w,
+                storage.clone(),
+                Some(&base),
+                |s| s.syncs.load(Ordering::SeqCst),
+                |image, e, flushes, pending| {
+                    let message = e.to_string();
+                    assert!(
+                        message.contains("crash.cow") && message.contains("0x"),
+                        "{fail_on:?} #{fail_at}: error without file and offset: {message}"
+                    );
+                    // The image refuses further changes instead of building on a failed write.
+                    assert!(
+                        image.write_at(b"x", 0).is_err(),
+                        "{fail_on:?} #{fail_at}: a write after the failure was accepted"
+                    );
+                    assert!(
+                        image.flush().is_err(),
+                        "{fail_on:?} #{fail_at}: a flush after the failure succeeded"
+                    );
+                    outcome = Some((flushes.last().map(|f| f.state), pending));
+                },
+                |_| {},
+            );
             let Some((last, pending)) = outcome else {
                 panic!("{fail_on:?} #{fail_at}: the failing request did not surface as an error");
             };
             failures += 1;
             // Reopen what reached the storage: the last completed flush, or the one that failed
             // if everything but its final step got through.
-            let reopened = open_mem(&Arc::new(MemStorage::new(storage.mem.contents())), "crash.cow", Some(raw_layer(&base)))
-                .unwrap_or_else(|e| panic!("{fail_on:?} #{fail_at}: reopening after the error: {e}"));
+            let reopened = open_mem(
+                &Arc::new(MemStorage::new(storage.mem.contents())),
+                "crash.cow",
+                Some(raw_layer(&base)),
+            )
+            .unwrap_or_else(|e| panic!("{fail_on:?} #{fail_at}: reopening after the error: {e}"));
             let seen = fingerprint(&read_all(&reopened));
-            assert!(Some(seen) == last || seen == pending, "{fail_on:?} #{fail_at}: reopened image lost the last completed flush");
+            assert!(
+                Some(seen) == last || seen == pending,
+                "{fail_on:?} #{fail_at}: reopened image lost the last completed flush"
+            );
         }
     }
     assert!(failures > 10, "only {failures} injected failures");
@@ -518,7 +692,9 @@ fn a_writer_waiting_on_a_flush_that_fails_gets_an_error_instead_of_hanging() {
         release: Mutex::new(release_rx),
     });
     let dynamic: Arc<dyn Storage> = storage.clone();
-    let image = Arc::new(Image::open_storage(dynamic, Path::new("stall.cow"), false).expect("opening stall.cow"));
+    let image = Arc::new(
+        Image::open_storage(dynamic, Path::new("stall.cow"), false).expect("opening stall.cow"),
+    );
     // The unit becomes durable in slot A, then is rewritten into slot B.
     image.write_at(&[1u8; 4096], 0).expect("first write");
     image.flush().expect("first flush");
@@ -539,7 +715,12 @@ fn a_writer_waiting_on_a_flush_that_fails_gets_an_error_instead_of_hanging() {
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
     release_tx.send(()).expect("releasing the sync");
-    assert!(flusher.join().expect("flusher thread").is_err(), "the flush whose sync failed reported success");
-    let result = done_rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the waiting writer never returned (hang)");
+    assert!(
+        flusher.join().expect("flusher thread").is_err(),
+        "the flush whose sync failed reported success"
+    );
+    let result = done_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the waiting writer never returned (hang)");
     assert!(result.is_err(), "a write after a failed flush was accepted");
 }

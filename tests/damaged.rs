@@ -6,7 +6,9 @@
 //! allocate by what the file claims.
 mod lib_support;
 
-use cowimg::format::{FormatError, Header, JournalRecordHeader, BackingFormat, JOURNAL_RECORD_HEADER_SIZE};
+use cowimg::format::{
+    BackingFormat, FormatError, Header, JournalRecordHeader, JOURNAL_RECORD_HEADER_SIZE,
+};
 use cowimg::image::{ops, CreateOptions, Image, OpenOptions};
 use cowimg::storage::{MemStorage, Storage};
 use cowimg::Error;
@@ -37,7 +39,8 @@ fn reference() -> &'static Reference {
         let (size, cluster) = (512 * 1024u64, 16 * 1024u64);
         let storage = Arc::new(MemStorage::new(fresh_image_bytes(size, cluster)));
         let dynamic: Arc<dyn Storage> = storage.clone();
-        let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("opening the reference image");
+        let image = Image::open_storage(dynamic, Path::new(NAME), false)
+            .expect("opening the reference image");
         let mut rng = StdRng::seed_from_u64(77);
         let mut model = vec![0u8; size as usize];
         let mut states = HashSet::from([fingerprint(&model)]);
@@ -53,12 +56,25 @@ fn reference() -> &'static Reference {
             states.insert(fingerprint(&model));
         }
         let header = image.header();
-        assert!(header.generation >= 2 && header.checkpoint_entries > 0, "the reference image has no checkpoint: {header:?}");
+        assert!(
+            header.generation >= 2 && header.checkpoint_entries > 0,
+            "the reference image has no checkpoint: {header:?}"
+        );
         drop(image);
         let bytes = storage.contents();
         let records = journal_records(&bytes, &header);
-        assert!(records.len() >= 10, "the reference image has only {} journal records", records.len());
-        Reference { bytes, states, content: model, header, records }
+        assert!(
+            records.len() >= 10,
+            "the reference image has only {} journal records",
+            records.len()
+        );
+        Reference {
+            bytes,
+            states,
+            content: model,
+            header,
+            records,
+        }
     })
 }
 
@@ -68,8 +84,14 @@ fn journal_records(bytes: &[u8], h: &Header) -> Vec<(u64, u64)> {
     let (mut tail, mut seq) = (0u64, 1u64);
     loop {
         let at = (h.journal_offset + tail) as usize;
-        let Some(raw) = bytes.get(at..at + JOURNAL_RECORD_HEADER_SIZE) else { break };
-        let Some(rec) = JournalRecordHeader::parse(raw.try_into().expect("header size"), h.journal_epoch, seq) else { break };
+        let Some(raw) = bytes.get(at..at + JOURNAL_RECORD_HEADER_SIZE) else {
+            break;
+        };
+        let Some(rec) =
+            JournalRecordHeader::parse(raw.try_into().expect("header size"), h.journal_epoch, seq)
+        else {
+            break;
+        };
         let len = JournalRecordHeader::padded_len(rec.item_count as u64);
         out.push((at as u64, len));
         tail += len;
@@ -90,15 +112,27 @@ fn assert_refused_or_a_flushed_state(bytes: &[u8], states: &HashSet<u64>, what: 
     let refused = match open_bytes(bytes) {
         Err(e) => {
             let message = e.to_string();
-            assert!(message.contains(NAME), "{what}: the error does not name the file: {message}");
-            assert!(message.contains("0x"), "{what}: the error gives no offset: {message}");
+            assert!(
+                message.contains(NAME),
+                "{what}: the error does not name the file: {message}"
+            );
+            assert!(
+                message.contains("0x"),
+                "{what}: the error gives no offset: {message}"
+            );
             true
         }
         Ok(image) => {
             let mut buf = vec![0u8; image.virtual_size() as usize];
             match image.read_at(&mut buf, 0) {
-                Err(e) => assert!(e.to_string().contains(NAME), "{what}: the read error does not name the file: {e}"),
-                Ok(()) => assert!(states.contains(&fingerprint(&buf)), "{what}: the image opens and reads a state it never had"),
+                Err(e) => assert!(
+                    e.to_string().contains(NAME),
+                    "{what}: the read error does not name the file: {e}"
+                ),
+                Ok(()) => assert!(
+                    states.contains(&fingerprint(&buf)),
+                    "{what}: the image opens and reads a state it never had"
+                ),
             }
             false
         }
@@ -109,10 +143,16 @@ fn assert_refused_or_a_flushed_state(bytes: &[u8], states: &HashSet<u64>, what: 
     match ops::check(&path, false) {
         Ok(report) => {
             if refused {
-                assert!(!report.corruptions.is_empty(), "{what}: open refuses the image but check finds nothing wrong");
+                assert!(
+                    !report.corruptions.is_empty(),
+                    "{what}: open refuses the image but check finds nothing wrong"
+                );
             }
         }
-        Err(e) => assert!(e.to_string().contains(NAME), "{what}: check's error does not name the file: {e}"),
+        Err(e) => assert!(
+            e.to_string().contains(NAME),
+            "{what}: check's error does not name the file: {e}"
+        ),
     }
 }
 
@@ -128,7 +168,14 @@ fn truncation_at_every_metadata_boundary_is_refused_or_reads_a_flushed_state() {
         points.extend([p.saturating_sub(cs), p - 1, p, p + 1, p + 48, p + cs]);
     }
     for &(at, l) in &r.records {
-        points.extend([at, at + 1, at + JOURNAL_RECORD_HEADER_SIZE as u64 - 1, at + JOURNAL_RECORD_HEADER_SIZE as u64, at + 48, at + l - 1]);
+        points.extend([
+            at,
+            at + 1,
+            at + JOURNAL_RECORD_HEADER_SIZE as u64 - 1,
+            at + JOURNAL_RECORD_HEADER_SIZE as u64,
+            at + 48,
+            at + l - 1,
+        ]);
     }
     // Every cluster boundary of the file, and a few points inside data.
     points.extend((1..len.div_ceil(cs)).map(|c| c * cs));
@@ -138,7 +185,11 @@ fn truncation_at_every_metadata_boundary_is_refused_or_reads_a_flushed_state() {
     points.sort_unstable();
     points.dedup();
     for p in points {
-        assert_refused_or_a_flushed_state(&r.bytes[..p as usize], &r.states, &format!("truncated to {p:#x} of {len:#x}"));
+        assert_refused_or_a_flushed_state(
+            &r.bytes[..p as usize],
+            &r.states,
+            &format!("truncated to {p:#x} of {len:#x}"),
+        );
     }
 }
 
@@ -150,7 +201,10 @@ fn random_bit_flips_in_metadata_are_refused_or_read_a_flushed_state() {
     let regions = [
         (0, 4096),
         (4096, 8192),
-        (h.checkpoint_offset, h.checkpoint_offset + h.checkpoint_entries * 48),
+        (
+            h.checkpoint_offset,
+            h.checkpoint_offset + h.checkpoint_entries * 48,
+        ),
         (h.journal_offset, journal_used),
     ];
     let mut rng = StdRng::seed_from_u64(11);
@@ -176,9 +230,17 @@ fn a_damaged_record_before_the_last_is_corruption_not_a_torn_tail() {
     let mut bytes = r.bytes.clone();
     // A byte of the first record's items: its checksum fails while later records are intact.
     bytes[at as usize + JOURNAL_RECORD_HEADER_SIZE + 3] ^= 0x40;
-    let err = open_bytes(&bytes).err().expect("a damaged record in the middle of the journal was accepted");
-    assert!(matches!(err, Error::Inconsistent { .. }), "unexpected error: {err}");
-    assert!(err.to_string().contains(&format!("{at:#x}")), "the error does not point at the record: {err}");
+    let err = open_bytes(&bytes)
+        .err()
+        .expect("a damaged record in the middle of the journal was accepted");
+    assert!(
+        matches!(err, Error::Inconsistent { .. }),
+        "unexpected error: {err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("{at:#x}")),
+        "the error does not point at the record: {err}"
+    );
 }
 
 #[test]
@@ -190,7 +252,9 @@ fn two_damaged_records_in_a_row_are_still_corruption_not_a_torn_tail() {
     for &(at, _) in &r.records[1..3] {
         bytes[at as usize..at as usize + JOURNAL_RECORD_HEADER_SIZE].fill(0);
     }
-    let err = open_bytes(&bytes).err().expect("a journal with a hole of two records was accepted");
+    let err = open_bytes(&bytes)
+        .err()
+        .expect("a journal with a hole of two records was accepted");
     assert!(err.to_string().contains(NAME), "{err}");
 }
 
@@ -259,6 +323,16 @@ fn fix_crc(slot: &mut [u8]) {
     slot[0xffc..0x1000].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// A hand-built image: `slot` as slot A, an empty slot B, and the file as long as the
+/// slot's journal region (writers keep it at least that long), capped at 8 MiB.
+fn image_from_slot(slot: &[u8]) -> Vec<u8> {
+    let field = |at: usize| u64::from_le_bytes(slot[at..at + 8].try_into().expect("8 bytes"));
+    let journal_end = field(0x50).saturating_add(field(0x58)).min(8 << 20);
+    let mut bytes = slot.to_vec();
+    bytes.resize((journal_end as usize).max(8192), 0);
+    bytes
+}
+
 fn golden_slot() -> Vec<u8> {
     let mut slot = vec![0u8; 4096];
     slot[..GOLDEN_HEADER.len()].copy_from_slice(&GOLDEN_HEADER);
@@ -285,14 +359,43 @@ fn golden_fields() -> Header {
 #[test]
 fn golden_header_decodes_field_by_field_and_is_what_create_writes() {
     assert_eq!(Header::from_bytes(&golden_slot()), Ok(golden_fields()));
-    assert_eq!(golden_fields().to_bytes().to_vec(), golden_slot(), "encoding changed");
+    assert_eq!(
+        golden_fields().to_bytes().to_vec(),
+        golden_slot(),
+        "encoding changed"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("new.cow");
-    let opts = CreateOptions { size: Some(1 << 20), cluster_size: 1 << 16, backing: Some(("base.raw".into(), BackingFormat::Raw)) };
+    let opts = CreateOptions {
+        size: Some(1 << 20),
+        cluster_size: 1 << 16,
+        backing: Some(("base.raw".into(), BackingFormat::Raw)),
+    };
     Image::create(&path, &opts).expect("create");
     let written = std::fs::read(&path).expect("reading the new image");
-    assert_same_bytes(&written[..4096], &golden_slot(), "slot A of a new image");
-    assert!(written[4096..8192].iter().all(|&b| b == 0), "slot B of a new image is not empty");
+    // The journal epoch is random (no guest can predict it); every other byte is golden.
+    let epoch = Header::from_bytes(&written[..4096])
+        .expect("slot A decodes")
+        .journal_epoch;
+    let expected = Header {
+        journal_epoch: epoch,
+        ..golden_fields()
+    }
+    .to_bytes();
+    assert_same_bytes(&written[..4096], &expected, "slot A of a new image");
+    assert!(
+        written[4096..8192].iter().all(|&b| b == 0),
+        "slot B of a new image is not empty"
+    );
+    let other = dir.path().join("other.cow");
+    Image::create(&other, &opts).expect("create");
+    let other_epoch = Header::from_bytes(&std::fs::read(&other).expect("reading")[..4096])
+        .expect("decodes")
+        .journal_epoch;
+    assert_ne!(
+        epoch, other_epoch,
+        "two new images got the same journal epoch"
+    );
 }
 
 /// What a changed field must produce.
@@ -307,43 +410,169 @@ fn put(slot: &mut [u8], at: usize, bytes: &[u8]) {
 }
 
 /// One change per field, with the error it must give.
-fn field_changes() -> Vec<(&'static str, Box<dyn Fn(&mut [u8])>, Expect)> {
+/// A change to a header slot's bytes.
+type SlotChange = Box<dyn Fn(&mut [u8])>;
+
+fn field_changes() -> Vec<(&'static str, SlotChange, Expect)> {
     vec![
-        ("magic", Box::new(|s| s[1] = b'X'), Expect::Error(FormatError::BadMagic)),
-        ("version 2", Box::new(|s| put(s, 0x08, &2u32.to_le_bytes())), Expect::Error(FormatError::UnsupportedVersion(2, 1))),
-        ("header_size 512", Box::new(|s| put(s, 0x0c, &512u32.to_le_bytes())), Expect::Field("header_size", 0x0c)),
-        ("an incompatible feature", Box::new(|s| put(s, 0x10, &(1u64 << 9).to_le_bytes())), Expect::Error(FormatError::UnknownIncompatibleFeatures(1 << 9))),
-        ("a compatible feature", Box::new(|s| put(s, 0x18, &(1u64 << 40).to_le_bytes())), Expect::Accepted(|h| h.compatible_features == 1 << 40)),
-        ("generation 7", Box::new(|s| put(s, 0x20, &7u64.to_le_bytes())), Expect::Accepted(|h| h.generation == 7)),
-        ("generation u64::MAX", Box::new(|s| put(s, 0x20, &u64::MAX.to_le_bytes())), Expect::Field("generation", 0x20)),
-        ("cluster_bits 11", Box::new(|s| s[0x28] = 11), Expect::Field("cluster_bits", 0x28)),
-        ("cluster_bits 22", Box::new(|s| s[0x28] = 22), Expect::Field("cluster_bits", 0x28)),
-        ("backing_format 3", Box::new(|s| s[0x29] = 3), Expect::Field("backing_format", 0x29)),
-        ("backing_format none with a path", Box::new(|s| s[0x29] = 0), Expect::Field("backing_format", 0x29)),
-        ("backing_format cowimg", Box::new(|s| s[0x29] = 2), Expect::Accepted(|h| h.backing == Some(("base.raw".into(), BackingFormat::Cowimg)))),
-        ("backing_path_len 0 with a format", Box::new(|s| { put(s, 0x2a, &0u16.to_le_bytes()); s[0x80..0x88].fill(0) }), Expect::Field("backing_path_len", 0x2a)),
-        ("backing_path_len 2049", Box::new(|s| put(s, 0x2a, &2049u16.to_le_bytes())), Expect::Field("backing_path_len", 0x2a)),
-        ("reserved at 0x2c", Box::new(|s| s[0x2d] = 1), Expect::Field("reserved", 0x2c)),
-        ("virtual_size 2^60 + 1", Box::new(|s| put(s, 0x30, &((1u64 << 60) + 1).to_le_bytes())), Expect::Field("virtual_size", 0x30)),
-        ("checkpoint_offset unaligned", Box::new(|s| { put(s, 0x38, &0x20001u64.to_le_bytes()); put(s, 0x40, &1u64.to_le_bytes()) }), Expect::Field("checkpoint_offset", 0x38)),
-        ("checkpoint_offset without entries", Box::new(|s| put(s, 0x38, &0x20000u64.to_le_bytes())), Expect::Field("checkpoint_offset", 0x38)),
-        ("checkpoint_entries beyond the clusters", Box::new(|s| { put(s, 0x38, &0x20000u64.to_le_bytes()); put(s, 0x40, &17u64.to_le_bytes()) }), Expect::Field("checkpoint_entries", 0x40)),
-        ("reserved at 0x4c", Box::new(|s| s[0x4f] = 0x80), Expect::Field("reserved", 0x4c)),
-        ("journal_offset 0", Box::new(|s| put(s, 0x50, &0u64.to_le_bytes())), Expect::Field("journal_offset", 0x50)),
-        ("journal_offset unaligned", Box::new(|s| put(s, 0x50, &0x18000u64.to_le_bytes())), Expect::Field("journal_offset", 0x50)),
-        ("journal_capacity 0", Box::new(|s| put(s, 0x58, &0u64.to_le_bytes())), Expect::Field("journal_capacity", 0x58)),
-        ("journal_capacity unaligned", Box::new(|s| put(s, 0x58, &4097u64.to_le_bytes())), Expect::Field("journal_capacity", 0x58)),
-        ("reserved at 0x68", Box::new(|s| s[0x7f] = 1), Expect::Field("reserved", 0x68)),
-        ("backing_path not UTF-8", Box::new(|s| s[0x80] = 0xff), Expect::Field("backing_path", 0x80)),
-        ("backing_path with NUL", Box::new(|s| s[0x83] = 0), Expect::Field("backing_path", 0x80)),
-        ("padding after the path", Box::new(|s| s[0x200] = 1), Expect::Field("padding", 0x88)),
+        (
+            "magic",
+            Box::new(|s| s[1] = b'X'),
+            Expect::Error(FormatError::BadMagic),
+        ),
+        (
+            "version 2",
+            Box::new(|s| put(s, 0x08, &2u32.to_le_bytes())),
+            Expect::Error(FormatError::UnsupportedVersion(2, 1)),
+        ),
+        (
+            "header_size 512",
+            Box::new(|s| put(s, 0x0c, &512u32.to_le_bytes())),
+            Expect::Field("header_size", 0x0c),
+        ),
+        (
+            "an incompatible feature",
+            Box::new(|s| put(s, 0x10, &(1u64 << 9).to_le_bytes())),
+            Expect::Error(FormatError::UnknownIncompatibleFeatures(1 << 9)),
+        ),
+        (
+            "a compatible feature",
+            Box::new(|s| put(s, 0x18, &(1u64 << 40).to_le_bytes())),
+            Expect::Accepted(|h| h.compatible_features == 1 << 40),
+        ),
+        (
+            "generation 7",
+            Box::new(|s| put(s, 0x20, &7u64.to_le_bytes())),
+            Expect::Accepted(|h| h.generation == 7),
+        ),
+        (
+            "generation u64::MAX",
+            Box::new(|s| put(s, 0x20, &u64::MAX.to_le_bytes())),
+            Expect::Field("generation", 0x20),
+        ),
+        (
+            "cluster_bits 11",
+            Box::new(|s| s[0x28] = 11),
+            Expect::Field("cluster_bits", 0x28),
+        ),
+        (
+            "cluster_bits 22",
+            Box::new(|s| s[0x28] = 22),
+            Expect::Field("cluster_bits", 0x28),
+        ),
+        (
+            "backing_format 3",
+            Box::new(|s| s[0x29] = 3),
+            Expect::Field("backing_format", 0x29),
+        ),
+        (
+            "backing_format none with a path",
+            Box::new(|s| s[0x29] = 0),
+            Expect::Field("backing_format", 0x29),
+        ),
+        (
+            "backing_format cowimg",
+            Box::new(|s| s[0x29] = 2),
+            Expect::Accepted(|h| h.backing == Some(("base.raw".into(), BackingFormat::Cowimg))),
+        ),
+        (
+            "backing_path_len 0 with a format",
+            Box::new(|s| {
+                put(s, 0x2a, &0u16.to_le_bytes());
+                s[0x80..0x88].fill(0)
+            }),
+            Expect::Field("backing_path_len", 0x2a),
+        ),
+        (
+            "backing_path_len 2049",
+            Box::new(|s| put(s, 0x2a, &2049u16.to_le_bytes())),
+            Expect::Field("backing_path_len", 0x2a),
+        ),
+        (
+            "reserved at 0x2c",
+            Box::new(|s| s[0x2d] = 1),
+            Expect::Field("reserved", 0x2c),
+        ),
+        (
+            "virtual_size 2^60 + 1",
+            Box::new(|s| put(s, 0x30, &((1u64 << 60) + 1).to_le_bytes())),
+            Expect::Field("virtual_size", 0x30),
+        ),
+        (
+            "checkpoint_offset unaligned",
+            Box::new(|s| {
+                put(s, 0x38, &0x20001u64.to_le_bytes());
+                put(s, 0x40, &1u64.to_le_bytes())
+            }),
+            Expect::Field("checkpoint_offset", 0x38),
+        ),
+        (
+            "checkpoint_offset without entries",
+            Box::new(|s| put(s, 0x38, &0x20000u64.to_le_bytes())),
+            Expect::Field("checkpoint_offset", 0x38),
+        ),
+        (
+            "checkpoint_entries beyond the clusters",
+            Box::new(|s| {
+                put(s, 0x38, &0x20000u64.to_le_bytes());
+                put(s, 0x40, &17u64.to_le_bytes())
+            }),
+            Expect::Field("checkpoint_entries", 0x40),
+        ),
+        (
+            "reserved at 0x4c",
+            Box::new(|s| s[0x4f] = 0x80),
+            Expect::Field("reserved", 0x4c),
+        ),
+        (
+            "journal_offset 0",
+            Box::new(|s| put(s, 0x50, &0u64.to_le_bytes())),
+            Expect::Field("journal_offset", 0x50),
+        ),
+        (
+            "journal_offset unaligned",
+            Box::new(|s| put(s, 0x50, &0x18000u64.to_le_bytes())),
+            Expect::Field("journal_offset", 0x50),
+        ),
+        (
+            "journal_capacity 0",
+            Box::new(|s| put(s, 0x58, &0u64.to_le_bytes())),
+            Expect::Field("journal_capacity", 0x58),
+        ),
+        (
+            "journal_capacity unaligned",
+            Box::new(|s| put(s, 0x58, &4097u64.to_le_bytes())),
+            Expect::Field("journal_capacity", 0x58),
+        ),
+        (
+            "reserved at 0x68",
+            Box::new(|s| s[0x7f] = 1),
+            Expect::Field("reserved", 0x68),
+        ),
+        (
+            "backing_path not UTF-8",
+            Box::new(|s| s[0x80] = 0xff),
+            Expect::Field("backing_path", 0x80),
+        ),
+        (
+            "backing_path with NUL",
+            Box::new(|s| s[0x83] = 0),
+            Expect::Field("backing_path", 0x80),
+        ),
+        (
+            "padding after the path",
+            Box::new(|s| s[0x200] = 1),
+            Expect::Field("padding", 0x88),
+        ),
     ]
 }
 
 fn matches_expectation(result: &Result<Header, FormatError>, expect: &Expect) -> bool {
     match (result, expect) {
         (Err(e), Expect::Error(want)) => e == want,
-        (Err(FormatError::InvalidField { field, offset, .. }), Expect::Field(want, at)) => field == want && offset == at,
+        (Err(FormatError::InvalidField { field, offset, .. }), Expect::Field(want, at)) => {
+            field == want && offset == at
+        }
         (Ok(h), Expect::Accepted(ok)) => ok(h),
         _ => false,
     }
@@ -356,12 +585,18 @@ fn each_changed_header_field_gives_its_own_error() {
         change(&mut slot);
         fix_crc(&mut slot);
         let result = Header::from_bytes(&slot);
-        assert!(matches_expectation(&result, &expect), "{what}: got {result:?}");
+        assert!(
+            matches_expectation(&result, &expect),
+            "{what}: got {result:?}"
+        );
     }
     // Without the CRC fix-up every change is a checksum mismatch (magic aside).
     let mut slot = golden_slot();
     slot[0x30] ^= 1;
-    assert!(matches!(Header::from_bytes(&slot), Err(FormatError::ChecksumMismatch { .. })));
+    assert!(matches!(
+        Header::from_bytes(&slot),
+        Err(FormatError::ChecksumMismatch { .. })
+    ));
 }
 
 #[test]
@@ -370,11 +605,22 @@ fn opening_an_image_with_a_changed_header_field_names_the_slot_and_the_field() {
         let mut bytes = golden_slot();
         change(&mut bytes);
         fix_crc(&mut bytes);
-        bytes.resize(8192, 0);
+        let bytes = image_from_slot(&bytes);
         match (open_bytes(&bytes), &expect) {
             (Ok(_), Expect::Accepted(_)) => {}
-            (Err(Error::Corrupt { structure: "header", offset: 0, source, .. }), _) => {
-                assert!(matches_expectation(&Err(source), &expect), "{what}: wrong error");
+            (
+                Err(Error::Corrupt {
+                    structure: "header",
+                    offset: 0,
+                    source,
+                    ..
+                }),
+                _,
+            ) => {
+                assert!(
+                    matches_expectation(&Err(source), &expect),
+                    "{what}: wrong error"
+                );
             }
             (Err(e), _) => panic!("{what}: unexpected error {e}"),
             (Ok(_), _) => panic!("{what}: the image opened"),
@@ -385,15 +631,19 @@ fn opening_an_image_with_a_changed_header_field_names_the_slot_and_the_field() {
 /// Header fields that decode but contradict the rest of the file, with valid checksums.
 #[test]
 fn header_fields_that_contradict_the_file_are_refused_quickly() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut [u8])>, &str)> = vec![
-        ("journal_capacity not the one the checkpoint implies", Box::new(|s| put(s, 0x58, &(2u64 << 20).to_le_bytes())), "journal_capacity"),
+    let cases: Vec<(&str, SlotChange, &str)> = vec![
         (
-            "a checkpoint of 2^20 entries in a 8 KiB file",
+            "journal_capacity not the one the checkpoint implies",
+            Box::new(|s| put(s, 0x58, &(2u64 << 20).to_le_bytes())),
+            "journal_capacity",
+        ),
+        (
+            "a checkpoint of 2^20 entries in a 1 MiB file",
             Box::new(|s| {
                 put(s, 0x30, &(1u64 << 40).to_le_bytes());
                 put(s, 0x38, &0x20000u64.to_le_bytes());
                 put(s, 0x40, &(1u64 << 20).to_le_bytes());
-                put(s, 0x58, &(2 * 48u64 << 20).to_le_bytes());
+                put(s, 0x58, &((2 * 48u64) << 20).to_le_bytes());
             }),
             "larger than the file",
         ),
@@ -403,15 +653,22 @@ fn header_fields_that_contradict_the_file_are_refused_quickly() {
                 put(s, 0x30, &(1u64 << 60).to_le_bytes());
                 put(s, 0x38, &0x20000u64.to_le_bytes());
                 put(s, 0x40, &(1u64 << 44).to_le_bytes());
-                put(s, 0x58, &(2 * 48u64 << 44).to_le_bytes());
+                put(s, 0x58, &((2 * 48u64) << 44).to_le_bytes());
             }),
             "larger than the file",
         ),
-        ("a journal over the header slots", Box::new(|s| { put(s, 0x28, &[12]); put(s, 0x50, &0x1000u64.to_le_bytes()) }), "claimed by both"),
+        (
+            "a journal over the header slots",
+            Box::new(|s| {
+                put(s, 0x28, &[12]);
+                put(s, 0x50, &0x1000u64.to_le_bytes())
+            }),
+            "claimed by both",
+        ),
         (
             "a checkpoint past the end of the file",
             Box::new(|s| {
-                put(s, 0x38, &0x40000u64.to_le_bytes());
+                put(s, 0x38, &0x200000u64.to_le_bytes());
                 put(s, 0x40, &2u64.to_le_bytes());
             }),
             "past the end",
@@ -421,11 +678,19 @@ fn header_fields_that_contradict_the_file_are_refused_quickly() {
         let mut bytes = golden_slot();
         change(&mut bytes);
         fix_crc(&mut bytes);
-        bytes.resize(8192, 0);
-        let err = open_bytes(&bytes).err().unwrap_or_else(|| panic!("{what}: the image opened"));
+        let bytes = image_from_slot(&bytes);
+        let err = open_bytes(&bytes)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the image opened"));
         let message = err.to_string();
-        assert!(message.contains(NAME) && message.contains(wanted), "{what}: unexpected error: {message}");
-        assert!(message.contains("0x"), "{what}: the error gives no offset: {message}");
+        assert!(
+            message.contains(NAME) && message.contains(wanted),
+            "{what}: unexpected error: {message}"
+        );
+        assert!(
+            message.contains("0x"),
+            "{what}: the error gives no offset: {message}"
+        );
     }
 }
 
@@ -438,12 +703,15 @@ fn a_header_generation_that_cannot_grow_is_refused_or_survives_a_checkpoint() {
     put(&mut bytes, 0x29, &[0, 0, 0]);
     bytes[0x80..0x88].fill(0);
     fix_crc(&mut bytes);
-    bytes.resize(8192, 0);
+    let bytes = image_from_slot(&bytes);
     let storage = Arc::new(MemStorage::new(bytes));
     let dynamic: Arc<dyn Storage> = storage.clone();
     let image = match Image::open_storage(dynamic, Path::new(NAME), false) {
         Err(e) => {
-            assert!(e.to_string().contains("generation"), "refused for another reason: {e}");
+            assert!(
+                e.to_string().contains("generation"),
+                "refused for another reason: {e}"
+            );
             return;
         }
         Ok(image) => image,
@@ -459,7 +727,11 @@ fn a_header_generation_that_cannot_grow_is_refused_or_survives_a_checkpoint() {
     let mut buf = vec![0u8; 300 * 8];
     image.read_at(&mut buf, 0).expect("read");
     for i in 0..300usize {
-        assert_eq!(buf[i * 8..i * 8 + 8], (i as u64).to_le_bytes(), "write {i} lost");
+        assert_eq!(
+            buf[i * 8..i * 8 + 8],
+            (i as u64).to_le_bytes(),
+            "write {i} lost"
+        );
     }
 }
 
@@ -521,7 +793,10 @@ fn the_fuzz_body_survives_seeded_mutations_of_real_images() {
     let journal_used = r.records.last().map_or(h.journal_offset, |&(at, l)| at + l);
     let hot = [
         (0, 8192),
-        (h.checkpoint_offset, h.checkpoint_offset + h.checkpoint_entries * 48),
+        (
+            h.checkpoint_offset,
+            h.checkpoint_offset + h.checkpoint_entries * 48,
+        ),
         (h.journal_offset, journal_used),
         (0, r.bytes.len() as u64),
     ];
@@ -529,7 +804,8 @@ fn the_fuzz_body_survives_seeded_mutations_of_real_images() {
         let mut b = fresh_image_bytes(300 * 1024, 4096);
         let storage = Arc::new(MemStorage::new(std::mem::take(&mut b)));
         let dynamic: Arc<dyn Storage> = storage.clone();
-        let image = Image::open_storage(dynamic, Path::new("small.cow"), false).expect("small image");
+        let image =
+            Image::open_storage(dynamic, Path::new("small.cow"), false).expect("small image");
         image.write_at(&[7u8; 70_000], 5000).expect("write");
         image.flush().expect("flush");
         image.discard(20_000, 40_000).expect("discard");
@@ -539,7 +815,11 @@ fn the_fuzz_body_survives_seeded_mutations_of_real_images() {
     let small_hot = [(0, 8192), (8192, small.len() as u64)];
     let mut rng = StdRng::seed_from_u64(2024);
     for i in 0..400 {
-        let input = if i % 2 == 0 { mutate(&mut rng, &r.bytes, &hot) } else { mutate(&mut rng, &small, &small_hot) };
+        let input = if i % 2 == 0 {
+            mutate(&mut rng, &r.bytes, &hot)
+        } else {
+            mutate(&mut rng, &small, &small_hot)
+        };
         exercise_image_bytes(&input);
     }
     // Inputs that are not images at all.
@@ -588,7 +868,12 @@ fn fixture_recipe(image: Option<&Image>) -> Vec<u8> {
             b'z' | b'd' => {
                 model[o..o + l].fill(0);
                 if let Some(img) = image {
-                    if op == b'z' { img.write_zeroes(offset, len) } else { img.discard(offset, len) }.expect("fixture zero");
+                    if op == b'z' {
+                        img.write_zeroes(offset, len)
+                    } else {
+                        img.discard(offset, len)
+                    }
+                    .expect("fixture zero");
                 }
             }
             _ => {
@@ -606,7 +891,12 @@ fn fixture_recipe(image: Option<&Image>) -> Vec<u8> {
     step(b'w', FIXTURE_SIZE - 700, 700, 3);
     step(b'f', 0, 0, 0);
     for i in 0..270u64 {
-        step(b'w', (i * 7919) % (FIXTURE_SIZE - 600), 1 + i % 600, 100 + i);
+        step(
+            b'w',
+            (i * 7919) % (FIXTURE_SIZE - 600),
+            1 + i % 600,
+            100 + i,
+        );
         step(b'f', 0, 0, 0);
     }
     step(b'd', 32 * 1024, 64 * 1024, 0);
@@ -622,7 +912,15 @@ fn fixture_recipe(image: Option<&Image>) -> Vec<u8> {
 fn regenerate_golden_fixture() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("v1-basic.cow");
-    Image::create(&path, &CreateOptions { size: Some(FIXTURE_SIZE), cluster_size: FIXTURE_CLUSTER, backing: None }).expect("create");
+    Image::create(
+        &path,
+        &CreateOptions {
+            size: Some(FIXTURE_SIZE),
+            cluster_size: FIXTURE_CLUSTER,
+            backing: None,
+        },
+    )
+    .expect("create");
     let image = Image::open(&path, &OpenOptions::default()).expect("open");
     fixture_recipe(Some(&image));
     drop(image);
@@ -633,15 +931,25 @@ fn regenerate_golden_fixture() {
 #[test]
 fn golden_fixture_v1_basic_still_reads_as_its_recipe_says() {
     let expected = fixture_recipe(None);
-    let opts = OpenOptions { read_only: true, ..Default::default() };
+    let opts = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
     let image = Image::open(Path::new(FIXTURE), &opts).expect("opening the golden fixture");
     assert_eq!(image.virtual_size(), FIXTURE_SIZE);
     assert_eq!(image.cluster_size(), FIXTURE_CLUSTER);
     let h = image.header();
-    assert!(h.generation >= 2 && h.checkpoint_entries > 0, "the fixture should hold a checkpoint: {h:?}");
+    assert!(
+        h.generation >= 2 && h.checkpoint_entries > 0,
+        "the fixture should hold a checkpoint: {h:?}"
+    );
     assert_same_bytes(&read_all(&image), &expected, FIXTURE);
     let report = ops::check(Path::new(FIXTURE), false).expect("check on the fixture");
-    assert!(report.corruptions.is_empty(), "check on the fixture: {:?}", report.corruptions);
+    assert!(
+        report.corruptions.is_empty(),
+        "check on the fixture: {:?}",
+        report.corruptions
+    );
     // Writing to a copy works too: the old image is a working image, not just readable.
     let dir = tempfile::tempdir().expect("tempdir");
     let copy = dir.path().join("copy.cow");
@@ -652,7 +960,11 @@ fn golden_fixture_v1_basic_still_reads_as_its_recipe_says() {
     let image = Image::open(&copy, &opts).expect("reopening the copy");
     let mut expected = expected;
     expected[1000..1014].copy_from_slice(b"still writable");
-    assert_same_bytes(&read_all(&image), &expected, "the fixture copy after a write");
+    assert_same_bytes(
+        &read_all(&image),
+        &expected,
+        "the fixture copy after a write",
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -673,19 +985,38 @@ fn a_second_writer_is_refused_with_locked() {
         Err(e) => panic!("wrong error for a second writer: {e}"),
         Ok(_) => panic!("a second writer got the image"),
     }
-    let ro = OpenOptions { read_only: true, ..Default::default() };
-    assert!(matches!(Image::open(&path, &ro), Err(Error::Locked { .. })), "a reader got an image that is being written");
-    let shared = OpenOptions { read_only: true, force_share: true, ..Default::default() };
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    assert!(
+        matches!(Image::open(&path, &ro), Err(Error::Locked { .. })),
+        "a reader got an image that is being written"
+    );
+    let shared = OpenOptions {
+        read_only: true,
+        force_share: true,
+        ..Default::default()
+    };
     Image::open(&path, &shared).expect("force_share reads an image that is being written");
 }
 
 #[test]
 fn readers_share_and_keep_writers_out_until_they_close() {
     let (_dir, path) = locked_image();
-    let ro = OpenOptions { read_only: true, ..Default::default() };
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
     let a = Image::open(&path, &ro).expect("first reader");
     let b = Image::open(&path, &ro).expect("second reader");
-    assert!(matches!(Image::open(&path, &OpenOptions::default()), Err(Error::Locked { .. })), "a writer got an image being read");
+    assert!(
+        matches!(
+            Image::open(&path, &OpenOptions::default()),
+            Err(Error::Locked { .. })
+        ),
+        "a writer got an image being read"
+    );
     drop((a, b));
     Image::open(&path, &OpenOptions::default()).expect("a writer once the readers are gone");
 }

@@ -6,7 +6,10 @@ mod lib_support;
 use cowimg::format::BackingFormat;
 use cowimg::image::{ExtentKind, Image, Layer, OpenOptions};
 use cowimg::storage::MemStorage;
-use lib_support::{assert_same_bytes, backing_content, create_image, fit, open_mem, pattern, raw_layer, read_all, Change};
+use lib_support::{
+    assert_same_bytes, backing_content, create_image, fit, open_mem, pattern, raw_layer, read_all,
+    Change,
+};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -16,7 +19,10 @@ use std::sync::{Arc, Mutex};
 const CLUSTER_SIZES: [u64; 4] = [4096, 16 * 1024, 64 * 1024, 2 * 1024 * 1024];
 
 fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A change described independently of the image size, scaled once the size is known.
@@ -39,12 +45,17 @@ impl ChangeSpec {
             _ => 1 + self.len_raw as u64 % (40 * 1024),
         }
         .min(size);
-        let mut offset = ((size - len) as u128 * self.offset_fraction as u128 / u32::MAX as u128) as u64;
+        let mut offset =
+            ((size - len) as u128 * self.offset_fraction as u128 / u32::MAX as u128) as u64;
         if self.align {
             offset &= !4095;
         }
         match self.kind {
-            0..=5 => Change::Write { offset, seed: self.seed, len: len as usize },
+            0..=5 => Change::Write {
+                offset,
+                seed: self.seed,
+                len: len as usize,
+            },
             6 | 7 => Change::Zeroes { offset, len },
             _ => Change::Discard { offset, len },
         }
@@ -52,9 +63,24 @@ impl ChangeSpec {
 }
 
 fn change_spec() -> impl Strategy<Value = ChangeSpec> {
-    (0u8..10, any::<u32>(), 0u8..4, any::<u32>(), any::<bool>(), any::<u64>()).prop_map(
-        |(kind, offset_fraction, len_class, len_raw, align, seed)| ChangeSpec { kind, offset_fraction, len_class, len_raw, align, seed },
+    (
+        0u8..10,
+        any::<u32>(),
+        0u8..4,
+        any::<u32>(),
+        any::<bool>(),
+        any::<u64>(),
     )
+        .prop_map(
+            |(kind, offset_fraction, len_class, len_raw, align, seed)| ChangeSpec {
+                kind,
+                offset_fraction,
+                len_class,
+                len_raw,
+                align,
+                seed,
+            },
+        )
 }
 
 #[derive(Debug, Clone)]
@@ -90,20 +116,36 @@ struct Setup {
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
-    (1u64..=1024 * 1024, any::<bool>(), 0usize..4, prop::option::weighted(0.85, 0u64..=1024 * 1024 + 65536), any::<u64>(), any::<bool>())
-        .prop_map(|(size, aligned, cs, backing_len, backing_seed, on_file)| Setup {
-            size: if aligned { size.next_multiple_of(4096) } else { size },
-            cluster_size: CLUSTER_SIZES[cs],
-            backing_len,
-            backing_seed,
-            on_file,
-        })
+    (
+        1u64..=1024 * 1024,
+        any::<bool>(),
+        0usize..4,
+        prop::option::weighted(0.85, 0u64..=1024 * 1024 + 65536),
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(size, aligned, cs, backing_len, backing_seed, on_file)| Setup {
+                size: if aligned {
+                    size.next_multiple_of(4096)
+                } else {
+                    size
+                },
+                cluster_size: CLUSTER_SIZES[cs],
+                backing_len,
+                backing_seed,
+                on_file,
+            },
+        )
 }
 
 /// Where the image under test lives, so that it can be reopened.
 enum Home {
     File(PathBuf),
-    Memory { storage: Arc<MemStorage>, backing: Box<dyn Fn() -> Option<Layer>> },
+    Memory {
+        storage: Arc<MemStorage>,
+        backing: Box<dyn Fn() -> Option<Layer>>,
+    },
 }
 
 struct Harness {
@@ -124,8 +166,12 @@ impl Harness {
         old.flush().expect("flush before close");
         drop(old);
         self.image = Some(match &self.home {
-            Home::File(path) => Image::open(path, &OpenOptions::default()).expect("reopening the image file"),
-            Home::Memory { storage, backing } => open_mem(storage, "mem.cow", backing()).expect("reopening the in-memory image"),
+            Home::File(path) => {
+                Image::open(path, &OpenOptions::default()).expect("reopening the image file")
+            }
+            Home::Memory { storage, backing } => {
+                open_mem(storage, "mem.cow", backing()).expect("reopening the in-memory image")
+            }
         });
     }
 
@@ -133,17 +179,29 @@ impl Harness {
         let image = self.image();
         assert_same_bytes(&read_all(image), &self.model, context);
         // The map must tile the image, and what it calls zero or unallocated must read so.
-        let map = image.map().unwrap_or_else(|e| panic!("{context}: map: {e}"));
+        let map = image
+            .map()
+            .unwrap_or_else(|e| panic!("{context}: map: {e}"));
         let mut pos = 0;
         for e in &map {
-            assert_eq!(e.offset, pos, "{context}: map has a gap or overlap at {pos:#x}: {map:?}");
+            assert_eq!(
+                e.offset, pos,
+                "{context}: map has a gap or overlap at {pos:#x}: {map:?}"
+            );
             if e.kind != ExtentKind::Data {
                 let range = &self.model[e.offset as usize..(e.offset + e.length) as usize];
-                assert!(range.iter().all(|&b| b == 0), "{context}: extent {e:?} is not zero in the model");
+                assert!(
+                    range.iter().all(|&b| b == 0),
+                    "{context}: extent {e:?} is not zero in the model"
+                );
             }
             pos += e.length;
         }
-        assert_eq!(pos, image.virtual_size(), "{context}: map does not cover the image");
+        assert_eq!(
+            pos,
+            image.virtual_size(),
+            "{context}: map does not cover the image"
+        );
     }
 
     fn run(&mut self, steps: &[Step]) {
@@ -152,18 +210,29 @@ impl Harness {
             match step {
                 Step::Change(spec) => {
                     let change = spec.resolve(self.model.len() as u64, self.cluster_size);
-                    change.apply_to_image(self.image()).unwrap_or_else(|e| panic!("{context}: {change:?}: {e}"));
+                    change
+                        .apply_to_image(self.image())
+                        .unwrap_or_else(|e| panic!("{context}: {change:?}: {e}"));
                     change.apply_to_model(&mut self.model);
                 }
-                Step::Flush => self.image().flush().unwrap_or_else(|e| panic!("{context}: flush: {e}")),
+                Step::Flush => self
+                    .image()
+                    .flush()
+                    .unwrap_or_else(|e| panic!("{context}: flush: {e}")),
                 Step::Reopen => self.reopen(),
                 Step::ReadRange(a, b) => {
                     let size = self.model.len() as u64;
                     let start = *a as u64 % size;
                     let len = 1 + *b as u64 % (size - start);
                     let mut buf = vec![0u8; len as usize];
-                    self.image().read_at(&mut buf, start).unwrap_or_else(|e| panic!("{context}: read: {e}"));
-                    assert_same_bytes(&buf, &self.model[start as usize..(start + len) as usize], &context);
+                    self.image()
+                        .read_at(&mut buf, start)
+                        .unwrap_or_else(|e| panic!("{context}: read: {e}"));
+                    assert_same_bytes(
+                        &buf,
+                        &self.model[start as usize..(start + len) as usize],
+                        &context,
+                    );
                 }
             }
             self.check_everything(&context);
@@ -187,32 +256,73 @@ fn make_raw_backing(dir: &Path, setup: &Setup, size: u64) -> Option<(PathBuf, Ve
 fn overlay_harness(dir: &Path, setup: &Setup) -> Harness {
     let size = setup.size;
     let backing = make_raw_backing(dir, setup, size);
-    let model = backing.as_ref().map_or_else(|| vec![0u8; size as usize], |(_, c)| c.clone());
+    let model = backing
+        .as_ref()
+        .map_or_else(|| vec![0u8; size as usize], |(_, c)| c.clone());
     let (home, image) = if setup.on_file {
-        let recorded = backing.as_ref().map(|_| ("base.raw".to_string(), BackingFormat::Raw));
+        let recorded = backing
+            .as_ref()
+            .map(|_| ("base.raw".to_string(), BackingFormat::Raw));
         let path = create_image(dir, "top.cow", size, setup.cluster_size, recorded);
         let image = Image::open(&path, &OpenOptions::default()).expect("opening the new image");
         (Home::File(path), image)
     } else {
-        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(size, setup.cluster_size)));
+        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(
+            size,
+            setup.cluster_size,
+        )));
         let backing_path = backing.as_ref().map(|(p, _)| p.clone());
-        let attach: Box<dyn Fn() -> Option<Layer>> = Box::new(move || backing_path.as_deref().map(raw_layer));
+        let attach: Box<dyn Fn() -> Option<Layer>> =
+            Box::new(move || backing_path.as_deref().map(raw_layer));
         let image = open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory image");
-        (Home::Memory { storage, backing: attach }, image)
+        (
+            Home::Memory {
+                storage,
+                backing: attach,
+            },
+            image,
+        )
     };
-    Harness { home, image: Some(image), model, cluster_size: setup.cluster_size, steps: 0 }
+    Harness {
+        home,
+        image: Some(image),
+        model,
+        cluster_size: setup.cluster_size,
+        steps: 0,
+    }
 }
 
 /// raw <- mid.cow <- top: the middle image gets its own random changes and a flush first.
-fn chain_harness(dir: &Path, setup: &Setup, mid_size: u64, mid_cluster: u64, mid_changes: &[ChangeSpec]) -> Harness {
-    let backing = make_raw_backing(dir, &Setup { backing_len: Some(setup.backing_len.unwrap_or(0)), ..setup.clone() }, mid_size);
+fn chain_harness(
+    dir: &Path,
+    setup: &Setup,
+    mid_size: u64,
+    mid_cluster: u64,
+    mid_changes: &[ChangeSpec],
+) -> Harness {
+    let backing = make_raw_backing(
+        dir,
+        &Setup {
+            backing_len: Some(setup.backing_len.unwrap_or(0)),
+            ..setup.clone()
+        },
+        mid_size,
+    );
     let (_, mut mid_model) = backing.expect("the chain always has a raw base");
-    let mid_path = create_image(dir, "mid.cow", mid_size, mid_cluster, Some(("base.raw".into(), BackingFormat::Raw)));
+    let mid_path = create_image(
+        dir,
+        "mid.cow",
+        mid_size,
+        mid_cluster,
+        Some(("base.raw".into(), BackingFormat::Raw)),
+    );
     {
         let mid = Image::open(&mid_path, &OpenOptions::default()).expect("opening mid.cow");
         for spec in mid_changes {
             let change = spec.resolve(mid_size, mid_cluster);
-            change.apply_to_image(&mid).unwrap_or_else(|e| panic!("mid.cow: {change:?}: {e}"));
+            change
+                .apply_to_image(&mid)
+                .unwrap_or_else(|e| panic!("mid.cow: {change:?}: {e}"));
             change.apply_to_model(&mut mid_model);
         }
         mid.flush().expect("flushing mid.cow");
@@ -221,23 +331,51 @@ fn chain_harness(dir: &Path, setup: &Setup, mid_size: u64, mid_cluster: u64, mid
     let size = setup.size;
     let model = fit(&mid_model, size as usize);
     let (home, image) = if setup.on_file {
-        let path = create_image(dir, "top.cow", size, setup.cluster_size, Some(("mid.cow".into(), BackingFormat::Cowimg)));
-        let image = Image::open(&path, &OpenOptions::default()).expect("opening top.cow and its chain");
+        let path = create_image(
+            dir,
+            "top.cow",
+            size,
+            setup.cluster_size,
+            Some(("mid.cow".into(), BackingFormat::Cowimg)),
+        );
+        let image =
+            Image::open(&path, &OpenOptions::default()).expect("opening top.cow and its chain");
         (Home::File(path), image)
     } else {
-        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(size, setup.cluster_size)));
+        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(
+            size,
+            setup.cluster_size,
+        )));
         let attach: Box<dyn Fn() -> Option<Layer>> = Box::new(move || {
-            let ro = OpenOptions { read_only: true, ..Default::default() };
-            Some(Layer::Cowimg(Box::new(Image::open(&mid_path, &ro).expect("opening mid.cow read-only"))))
+            let ro = OpenOptions {
+                read_only: true,
+                ..Default::default()
+            };
+            Some(Layer::Cowimg(Box::new(
+                Image::open(&mid_path, &ro).expect("opening mid.cow read-only"),
+            )))
         });
-        let image = open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory top image");
-        (Home::Memory { storage, backing: attach }, image)
+        let image =
+            open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory top image");
+        (
+            Home::Memory {
+                storage,
+                backing: attach,
+            },
+            image,
+        )
     };
-    Harness { home, image: Some(image), model, cluster_size: setup.cluster_size, steps: 0 }
+    Harness {
+        home,
+        image: Some(image),
+        model,
+        cluster_size: setup.cluster_size,
+        steps: 0,
+    }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), ..ProptestConfig::default() })]
 
     #[test]
     fn overlay_over_a_raw_file_reads_like_a_plain_file(setup in setup(), steps in prop::collection::vec(step(), 1..40)) {
@@ -269,8 +407,12 @@ fn concurrent_disjoint_writes(cluster_size: u64, seed: u64) {
     let base = backing_content(seed, SIZE as usize);
     let base_path = dir.path().join("base.raw");
     std::fs::write(&base_path, &base).expect("writing base.raw");
-    let storage: Arc<dyn cowimg::storage::Storage> = Arc::new(SlowStorage(MemStorage::new(lib_support::fresh_image_bytes(SIZE, cluster_size)), std::time::Duration::from_micros(50)));
-    let mut image = Image::open_storage(storage.clone(), Path::new("slow.cow"), false).expect("opening slow.cow");
+    let storage: Arc<dyn cowimg::storage::Storage> = Arc::new(SlowStorage(
+        MemStorage::new(lib_support::fresh_image_bytes(SIZE, cluster_size)),
+        std::time::Duration::from_micros(50),
+    ));
+    let mut image = Image::open_storage(storage.clone(), Path::new("slow.cow"), false)
+        .expect("opening slow.cow");
     image.attach_backing(raw_layer(&base_path));
 
     // Cells of uneven sizes, dealt round-robin to the writers: neighbouring cells belong to
@@ -279,7 +421,11 @@ fn concurrent_disjoint_writes(cluster_size: u64, seed: u64) {
     let mut cells = Vec::new();
     let mut pos = 0u64;
     while pos < SIZE {
-        let len = if rng.gen_bool(0.8) { rng.gen_range(300..5000) } else { rng.gen_range(5000..80_000) };
+        let len = if rng.gen_bool(0.8) {
+            rng.gen_range(300..5000)
+        } else {
+            rng.gen_range(5000..80_000)
+        };
         let len = len.min(SIZE - pos);
         cells.push((pos, len));
         pos += len;
@@ -298,20 +444,27 @@ fn concurrent_disjoint_writes(cluster_size: u64, seed: u64) {
         });
         let writers: Vec<_> = (0..WRITERS)
             .map(|t| {
-                let mine: Vec<(u64, u64)> = cells.iter().copied().skip(t).step_by(WRITERS).collect();
+                let mine: Vec<(u64, u64)> =
+                    cells.iter().copied().skip(t).step_by(WRITERS).collect();
                 let (image, model) = (&image, &model);
                 s.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(seed ^ (t as u64 + 1) * 7919);
+                    let mut rng = StdRng::seed_from_u64(seed ^ ((t as u64 + 1) * 7919));
                     for _ in 0..400 {
                         let (cell, cell_len) = mine[rng.gen_range(0..mine.len())];
                         let off = cell + rng.gen_range(0..cell_len);
                         let len = rng.gen_range(1..=cell + cell_len - off);
                         let change = match rng.gen_range(0..10) {
-                            0..=6 => Change::Write { offset: off, seed: rng.gen(), len: len as usize },
+                            0..=6 => Change::Write {
+                                offset: off,
+                                seed: rng.gen(),
+                                len: len as usize,
+                            },
                             7 | 8 => Change::Zeroes { offset: off, len },
                             _ => Change::Discard { offset: off, len },
                         };
-                        change.apply_to_image(image).unwrap_or_else(|e| panic!("writer {t}: {change:?}: {e}"));
+                        change
+                            .apply_to_image(image)
+                            .unwrap_or_else(|e| panic!("writer {t}: {change:?}: {e}"));
                         change.apply_to_model(&mut model.lock().unwrap());
                     }
                 })
@@ -327,7 +480,8 @@ fn concurrent_disjoint_writes(cluster_size: u64, seed: u64) {
     assert_same_bytes(&read_all(&image), &model, "after the concurrent writes");
     image.flush().expect("final flush");
     drop(image);
-    let mut image = Image::open_storage(storage, Path::new("slow.cow"), false).expect("reopening slow.cow");
+    let mut image =
+        Image::open_storage(storage, Path::new("slow.cow"), false).expect("reopening slow.cow");
     image.attach_backing(raw_layer(&base_path));
     assert_same_bytes(&read_all(&image), &model, "after reopening");
 }
@@ -355,7 +509,13 @@ fn unaligned_writes_at_every_sector_of_a_unit_keep_the_backing_bytes_around_them
         let size = 3 * cluster_size.max(65536);
         let base = backing_content(cluster_size, size as usize);
         std::fs::write(dir.path().join("base.raw"), &base).expect("writing base.raw");
-        let path = create_image(dir.path(), "top.cow", size, cluster_size, Some(("base.raw".into(), BackingFormat::Raw)));
+        let path = create_image(
+            dir.path(),
+            "top.cow",
+            size,
+            cluster_size,
+            Some(("base.raw".into(), BackingFormat::Raw)),
+        );
         let image = Image::open(&path, &OpenOptions::default()).expect("opening top.cow");
         let mut model = base;
         let unit = (cluster_size / 64).max(4096);
@@ -368,7 +528,11 @@ fn unaligned_writes_at_every_sector_of_a_unit_keep_the_backing_bytes_around_them
                 image.flush().expect("flush");
             }
         }
-        assert_same_bytes(&read_all(&image), &model, &format!("cluster size {cluster_size}"));
+        assert_same_bytes(
+            &read_all(&image),
+            &model,
+            &format!("cluster size {cluster_size}"),
+        );
     }
 }
 
@@ -407,14 +571,21 @@ fn concurrent_writes_to_the_two_halves_of_one_unit_both_land() {
     let base = backing_content(99, size as usize);
     let base_path = dir.path().join("base.raw");
     std::fs::write(&base_path, &base).expect("writing base.raw");
-    let storage: Arc<dyn cowimg::storage::Storage> = Arc::new(SlowStorage(MemStorage::new(lib_support::fresh_image_bytes(size, 64 * 1024)), std::time::Duration::from_millis(2)));
-    let mut image = Image::open_storage(storage, Path::new("slow.cow"), false).expect("opening slow.cow");
+    let storage: Arc<dyn cowimg::storage::Storage> = Arc::new(SlowStorage(
+        MemStorage::new(lib_support::fresh_image_bytes(size, 64 * 1024)),
+        std::time::Duration::from_millis(2),
+    ));
+    let mut image =
+        Image::open_storage(storage, Path::new("slow.cow"), false).expect("opening slow.cow");
     image.attach_backing(raw_layer(&base_path));
     let mut model = base;
     let barrier = std::sync::Barrier::new(2);
     for round in 0..8u64 {
         let unit = round % 4 * 4096;
-        let halves = [(unit, pattern(round * 2, 2048)), (unit + 2048, pattern(round * 2 + 1, 2048))];
+        let halves = [
+            (unit, pattern(round * 2, 2048)),
+            (unit + 2048, pattern(round * 2 + 1, 2048)),
+        ];
         std::thread::scope(|s| {
             for (at, data) in &halves {
                 let (image, barrier) = (&image, &barrier);
@@ -444,22 +615,32 @@ fn zeroing_part_of_a_cluster_inside_a_zeroed_run_keeps_the_rest_of_it_zero() {
         let base = pattern(5, size as usize);
         let base_path = dir.path().join("base.raw");
         std::fs::write(&base_path, &base).expect("writing base.raw");
-        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(size, cluster)));
-        let image = open_mem(&storage, "mem.cow", Some(raw_layer(&base_path))).expect("opening mem.cow");
+        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(
+            size, cluster,
+        )));
+        let image =
+            open_mem(&storage, "mem.cow", Some(raw_layer(&base_path))).expect("opening mem.cow");
         let mut model = base;
-        image.discard(cluster, 4 * cluster).expect("zeroing four whole clusters");
+        image
+            .discard(cluster, 4 * cluster)
+            .expect("zeroing four whole clusters");
         model[cluster as usize..5 * cluster as usize].fill(0);
         let (at, len) = (2 * cluster + 8192, 4096u64);
         if second_discards {
-            image.discard(at, len).expect("discarding part of a zeroed cluster");
+            image
+                .discard(at, len)
+                .expect("discarding part of a zeroed cluster");
         } else {
-            image.write_zeroes(at, len).expect("zeroing part of a zeroed cluster");
+            image
+                .write_zeroes(at, len)
+                .expect("zeroing part of a zeroed cluster");
         }
         model[at as usize..(at + len) as usize].fill(0);
         assert_same_bytes(&read_all(&image), &model, "before a flush");
         image.flush().expect("flush");
         drop(image);
-        let image = open_mem(&storage, "mem.cow", Some(raw_layer(&base_path))).expect("reopening mem.cow");
+        let image =
+            open_mem(&storage, "mem.cow", Some(raw_layer(&base_path))).expect("reopening mem.cow");
         assert_same_bytes(&read_all(&image), &model, "after reopening");
     }
 }

@@ -35,7 +35,14 @@ fn finish(mut server: Server, img: &Path) {
     normal_client_works(&server);
     server.stop();
     assert_check_clean(img);
-    let image = Image::open(img, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let image = Image::open(
+        img,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut b = vec![0u8; 65536];
     image.read_at(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 0x5a), "the first 64 KiB changed");
@@ -120,22 +127,34 @@ fn huge_option_and_name_lengths_are_refused_without_allocating() {
     let mut info = u32::MAX.to_be_bytes().to_vec();
     info.extend_from_slice(&[0, 0]);
     c.send_option(OPT_INFO, &info);
-    assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_INVALID);
+    assert_eq!(
+        c.option_replies().last().unwrap().reply_type,
+        REP_ERR_INVALID
+    );
     let long_name = vec![b'a'; 5000];
     c.send_option(OPT_GO, &RawClient::info_payload(&long_name, &[]));
-    assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_INVALID);
+    assert_eq!(
+        c.option_replies().last().unwrap().reply_type,
+        REP_ERR_INVALID
+    );
     c.send_option(OPT_STRUCTURED_REPLY, &[]);
     assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ACK);
     let mut meta = 0u32.to_be_bytes().to_vec();
     meta.extend_from_slice(&0x0fff_ffffu32.to_be_bytes());
     c.send_option(OPT_LIST_META_CONTEXT, &meta);
-    assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_INVALID);
+    assert_eq!(
+        c.option_replies().last().unwrap().reply_type,
+        REP_ERR_INVALID
+    );
     let mut meta = 0u32.to_be_bytes().to_vec();
     meta.extend_from_slice(&1u32.to_be_bytes());
     meta.extend_from_slice(&60_000u32.to_be_bytes());
     meta.extend_from_slice(b"base:allocation");
     c.send_option(OPT_SET_META_CONTEXT, &meta);
-    assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_INVALID);
+    assert_eq!(
+        c.option_replies().last().unwrap().reply_type,
+        REP_ERR_INVALID
+    );
     // Unknown options are refused and negotiation continues.
     c.send_option(200, b"whatever");
     assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_UNSUP);
@@ -155,25 +174,59 @@ fn meta_context_rules_are_enforced() {
     let mut c = RawClient::connect(&server.socket);
     c.greet(1);
     // SET before structured replies is invalid.
-    c.send_option(OPT_SET_META_CONTEXT, &RawClient::meta_payload(b"disk", &["base:allocation"]));
-    assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_INVALID);
+    c.send_option(
+        OPT_SET_META_CONTEXT,
+        &RawClient::meta_payload(b"disk", &["base:allocation"]),
+    );
+    assert_eq!(
+        c.option_replies().last().unwrap().reply_type,
+        REP_ERR_INVALID
+    );
     c.send_option(OPT_STRUCTURED_REPLY, &[]);
     c.option_replies();
     // Unknown export.
-    c.send_option(OPT_SET_META_CONTEXT, &RawClient::meta_payload(b"nope", &["base:allocation"]));
-    assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_UNKNOWN);
+    c.send_option(
+        OPT_SET_META_CONTEXT,
+        &RawClient::meta_payload(b"nope", &["base:allocation"]),
+    );
+    assert_eq!(
+        c.option_replies().last().unwrap().reply_type,
+        REP_ERR_UNKNOWN
+    );
     // LIST with no query shows both contexts; a namespace query only its own.
-    c.send_option(OPT_LIST_META_CONTEXT, &RawClient::meta_payload(b"disk", &[]));
-    let names: Vec<String> = c.option_replies().iter().filter(|r| r.reply_type == REP_META_CONTEXT).map(|r| String::from_utf8_lossy(&r.data[4..]).into_owned()).collect();
+    c.send_option(
+        OPT_LIST_META_CONTEXT,
+        &RawClient::meta_payload(b"disk", &[]),
+    );
+    let names: Vec<String> = c
+        .option_replies()
+        .iter()
+        .filter(|r| r.reply_type == REP_META_CONTEXT)
+        .map(|r| String::from_utf8_lossy(&r.data[4..]).into_owned())
+        .collect();
     assert_eq!(names, ["base:allocation", "cowimg:layer"]);
-    c.send_option(OPT_LIST_META_CONTEXT, &RawClient::meta_payload(b"disk", &["cowimg:", "qemu:allocation-depth"]));
-    let names: Vec<String> = c.option_replies().iter().filter(|r| r.reply_type == REP_META_CONTEXT).map(|r| String::from_utf8_lossy(&r.data[4..]).into_owned()).collect();
+    c.send_option(
+        OPT_LIST_META_CONTEXT,
+        &RawClient::meta_payload(b"disk", &["cowimg:", "qemu:allocation-depth"]),
+    );
+    let names: Vec<String> = c
+        .option_replies()
+        .iter()
+        .filter(|r| r.reply_type == REP_META_CONTEXT)
+        .map(|r| String::from_utf8_lossy(&r.data[4..]).into_owned())
+        .collect();
     assert_eq!(names, ["cowimg:layer"]);
     // A wildcard selects nothing; then BLOCK_STATUS is EINVAL.
-    c.send_option(OPT_SET_META_CONTEXT, &RawClient::meta_payload(b"disk", &["base:"]));
+    c.send_option(
+        OPT_SET_META_CONTEXT,
+        &RawClient::meta_payload(b"disk", &["base:"]),
+    );
     assert_eq!(c.option_replies().len(), 1);
     c.send_option(OPT_GO, &RawClient::info_payload(b"nope", &[]));
-    assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ERR_UNKNOWN);
+    assert_eq!(
+        c.option_replies().last().unwrap().reply_type,
+        REP_ERR_UNKNOWN
+    );
     c.send_option(OPT_GO, &RawClient::info_payload(b"disk", &[]));
     assert_eq!(c.option_replies().last().unwrap().reply_type, REP_ACK);
     c.structured = true;
@@ -217,7 +270,10 @@ fn requests_are_checked(structured: bool) {
     assert_eq!(c.call(CMD_READ, 0, u64::MAX - 100, 4096, &[]).error, EINVAL);
     assert_eq!(c.call(CMD_READ, 0, SIZE + 1, 0, &[]).error, EINVAL);
     assert_eq!(c.call(CMD_WRITE, 0, SIZE - 2048, 4096, &page).error, ENOSPC);
-    assert_eq!(c.call(CMD_WRITE, 0, u64::MAX - 100, 4096, &page).error, ENOSPC);
+    assert_eq!(
+        c.call(CMD_WRITE, 0, u64::MAX - 100, 4096, &page).error,
+        ENOSPC
+    );
     assert_eq!(c.call(CMD_WRITE_ZEROES, 0, SIZE, 1, &[]).error, ENOSPC);
     assert_eq!(c.call(CMD_TRIM, 0, u64::MAX, u32::MAX, &[]).error, EINVAL);
     assert_eq!(c.call(CMD_CACHE, 0, SIZE, 4096, &[]).error, EINVAL);
@@ -225,10 +281,21 @@ fn requests_are_checked(structured: bool) {
         assert_eq!(c.call(CMD_BLOCK_STATUS, 0, SIZE - 1, 2, &[]).error, EINVAL);
         assert_eq!(c.call(CMD_BLOCK_STATUS, 0, 0, 0, &[]).error, EINVAL);
     } else {
-        assert_eq!(c.call(CMD_BLOCK_STATUS, 0, 0, 4096, &[]).error, EINVAL, "no structured replies");
+        assert_eq!(
+            c.call(CMD_BLOCK_STATUS, 0, 0, 4096, &[]).error,
+            EINVAL,
+            "no structured replies"
+        );
     }
     // Zero-length requests are harmless no-ops.
-    assert_eq!(c.call(CMD_READ, 0, 4096, 0, &[]), Reply { cookie: 0x1234, error: 0, data: vec![] });
+    assert_eq!(
+        c.call(CMD_READ, 0, 4096, 0, &[]),
+        Reply {
+            cookie: 0x1234,
+            error: 0,
+            data: vec![]
+        }
+    );
     assert_eq!(c.call(CMD_WRITE, 0, 4096, 0, &[]).error, 0);
     assert_eq!(c.call(CMD_TRIM, 0, SIZE, 0, &[]).error, 0);
     assert_eq!(c.call(CMD_WRITE_ZEROES, 0, 0, 0, &[]).error, 0);
@@ -236,12 +303,20 @@ fn requests_are_checked(structured: bool) {
     assert_eq!(c.call(99, 0, 0, 4096, &[]).error, EINVAL);
     assert_eq!(c.call(CMD_READ, 1 << 7, 0, 4096, &[]).error, EINVAL);
     assert_eq!(c.call(CMD_READ, FLAG_REQ_ONE, 0, 4096, &[]).error, EINVAL);
-    assert_eq!(c.call(CMD_WRITE, 1 << 1, 65536, 4096, &page).error, EINVAL, "NO_HOLE on WRITE");
+    assert_eq!(
+        c.call(CMD_WRITE, 1 << 1, 65536, 4096, &page).error,
+        EINVAL,
+        "NO_HOLE on WRITE"
+    );
     // READ over the 32 MiB maximum gets an error, not a disconnect; so does CACHE.
     assert_eq!(c.call(CMD_READ, 0, 0, 64 << 20, &[]).error, EINVAL);
     assert_eq!(c.call(CMD_CACHE, 0, 0, 64 << 20, &[]).error, EINVAL);
     // A long TRIM or WRITE_ZEROES is fine.
-    assert_eq!(c.call(CMD_WRITE_ZEROES, 0, 1 << 20, (SIZE - (1 << 20)) as u32, &[]).error, 0);
+    assert_eq!(
+        c.call(CMD_WRITE_ZEROES, 0, 1 << 20, (SIZE - (1 << 20)) as u32, &[])
+            .error,
+        0
+    );
     // FUA on a read is accepted (the spec says so).
     assert_eq!(c.call(CMD_READ, FLAG_FUA, 0, 4096, &[]).error, 0);
     // Everything still answers.
@@ -272,7 +347,11 @@ fn structured_read_errors_come_as_error_chunks() {
     let mut c = RawClient::connect(&server.socket);
     c.go(true, &[]);
     c.request(CMD_READ, 0, 77, SIZE, 4096, &[]);
-    assert_eq!(c.u32(), STRUCTURED_REPLY_MAGIC, "a READ error must not be a simple reply");
+    assert_eq!(
+        c.u32(),
+        STRUCTURED_REPLY_MAGIC,
+        "a READ error must not be a simple reply"
+    );
     let flags = c.u16();
     let kind = c.u16();
     assert_eq!((flags & 1, kind), (1, 0x8001));
@@ -299,7 +378,11 @@ fn write_to_a_read_only_export_is_refused_and_its_payload_drained() {
         payload.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         payload.extend_from_slice(&[0, 0, 0, 2]);
     }
-    assert_eq!(c.call(CMD_WRITE, 0, 0, payload.len() as u32, &payload).error, EPERM);
+    assert_eq!(
+        c.call(CMD_WRITE, 0, 0, payload.len() as u32, &payload)
+            .error,
+        EPERM
+    );
     assert_eq!(c.call(CMD_WRITE_ZEROES, 0, 0, 4096, &[]).error, EPERM);
     assert_eq!(c.call(CMD_TRIM, 0, 0, 4096, &[]).error, EPERM);
     let r = c.call(CMD_READ, 0, 0, 65536, &[]);
@@ -334,7 +417,14 @@ fn oversize_write_and_bad_request_magic_drop_only_that_client() {
 
     let r = bystander.call(CMD_READ, 0, 0, 4096, &[]);
     assert_eq!((r.error, r.data[0]), (0, 0x5a));
-    assert!(server.wait_for_log("exceeds the 33554432 byte maximum", std::time::Duration::from_secs(10)), "{}", server.log());
+    assert!(
+        server.wait_for_log(
+            "exceeds the 33554432 byte maximum",
+            std::time::Duration::from_secs(10)
+        ),
+        "{}",
+        server.log()
+    );
     finish(server, &img);
 }
 
@@ -358,7 +448,11 @@ fn pipelined_requests_are_all_answered_with_their_cookies() {
         batch.extend_from_slice(&m);
     }
     c.s.write_all(&batch).unwrap();
-    let mut cookies: Vec<u64> = (0..100).map(|_| c.reply(0)).inspect(|r| assert_eq!(r.error, 0)).map(|r| r.cookie).collect();
+    let mut cookies: Vec<u64> = (0..100)
+        .map(|_| c.reply(0))
+        .inspect(|r| assert_eq!(r.error, 0))
+        .map(|r| r.cookie)
+        .collect();
     cookies.sort_unstable();
     assert_eq!(cookies, (1000..1100).collect::<Vec<_>>());
     // Then 100 reads, pipelined too.
@@ -368,7 +462,50 @@ fn pipelined_requests_are_all_answered_with_their_cookies() {
     for _ in 0..100 {
         let r = c.reply(8192);
         let i = r.cookie - 2000;
-        assert!(r.data == pattern(8192, i * 8192, 1), "read {i} returned the wrong data");
+        assert!(
+            r.data == pattern(8192, i * 8192, 1),
+            "read {i} returned the wrong data"
+        );
     }
     finish(server, &img);
+}
+
+#[test]
+fn an_image_read_error_is_answered_with_eio_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x33; SIZE as usize]).unwrap();
+    let img = dir.path().join("top.cow");
+    create_overlay(&img, &base, cowimg::format::BackingFormat::Raw);
+    {
+        let image = Image::open(&img, &OpenOptions::default()).unwrap();
+        image.write_at(&[0x5a; 65536], 0).unwrap();
+        image.flush().unwrap();
+    }
+    let mut server = Server::start(dir.path(), &img, &[]);
+    // The backing file loses its contents under the running server: reads that fall
+    // through to it fail.
+    std::fs::File::options()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for structured in [false, true] {
+        let mut c = RawClient::connect(&server.socket);
+        c.go(structured, &[]);
+        assert_eq!(c.call(CMD_READ, 0, 1 << 20, 4096, &[]).error, 5, "EIO");
+        let r = c.call(CMD_READ, 0, 0, 4096, &[]);
+        assert_eq!(
+            (r.error, r.data[0]),
+            (0, 0x5a),
+            "data of the overlay itself still reads"
+        );
+    }
+    server.stop();
+    assert!(
+        server.log().contains("base.raw"),
+        "the image error is logged: {}",
+        server.log()
+    );
 }

@@ -53,7 +53,12 @@ impl Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for m in self.mounts.drain(..).rev() {
-            if Command::new("umount").arg(&m).status().map(|s| !s.success()).unwrap_or(true) {
+            if Command::new("umount")
+                .arg(&m)
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+            {
                 let _ = Command::new("umount").arg("-l").arg(&m).status();
             }
         }
@@ -84,10 +89,18 @@ fn attach(dir: &Path, image: &Path, dev_mnt: &Path, c: &mut Cleanup) -> (Server,
     c.fuse.push((fuse_dir.clone(), child));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !pidfile.exists() {
-        assert!(Instant::now() < deadline, "nbdfuse did not start; server log:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "nbdfuse did not start; server log:\n{}",
+            server.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(fuse_dir.join("disk"))).trim().to_string();
+    let dev = sh(Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(fuse_dir.join("disk")))
+    .trim()
+    .to_string();
     c.loops.push(dev.clone());
     fs::create_dir_all(dev_mnt).unwrap();
     sh(Command::new("mount").arg(&dev).arg(dev_mnt));
@@ -112,26 +125,53 @@ fn mount_overlay(lower: &Path, dev_mnt: &Path, merged: &Path, read_only: bool, c
     let opts = if read_only {
         format!("lowerdir={}:{}", upper.display(), lower.display())
     } else {
-        format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), dev_mnt.join("work").display())
+        format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            dev_mnt.join("work").display()
+        )
     };
-    sh(Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(merged));
+    sh(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(merged));
     c.mounts.push(merged.to_path_buf());
 }
 
 fn is_whiteout(p: &Path) -> bool {
-    fs::symlink_metadata(p).map(|m| m.file_type().is_char_device() && m.rdev() == 0).unwrap_or(false)
+    fs::symlink_metadata(p)
+        .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+        .unwrap_or(false)
 }
 
 /// What the merged view must show after the changes.
 fn assert_merged_view(merged: &Path) {
-    assert_eq!(fs::read_to_string(merged.join("new.txt")).unwrap(), "created through overlayfs\n");
-    assert_eq!(fs::read_to_string(merged.join("a.txt")).unwrap(), "lower a\nappended through overlayfs\n");
+    assert_eq!(
+        fs::read_to_string(merged.join("new.txt")).unwrap(),
+        "created through overlayfs\n"
+    );
+    assert_eq!(
+        fs::read_to_string(merged.join("a.txt")).unwrap(),
+        "lower a\nappended through overlayfs\n"
+    );
     assert!(!merged.join("b.txt").exists(), "renamed-away file is back");
-    assert_eq!(fs::read_to_string(merged.join("b-renamed.txt")).unwrap(), "lower b\n");
+    assert_eq!(
+        fs::read_to_string(merged.join("b-renamed.txt")).unwrap(),
+        "lower b\n"
+    );
     assert!(!merged.join("dir/c.txt").exists(), "deleted file is back");
-    assert_eq!(fs::read_to_string(merged.join("dir/d.txt")).unwrap(), "lower d\n");
-    assert_eq!(fs::read(merged.join("newdir/big.bin")).unwrap(), pattern(3 << 20, 0, 7));
-    assert_eq!(fs::read_to_string(merged.join("from-base.txt")).unwrap(), "upper file from the base image\n");
+    assert_eq!(
+        fs::read_to_string(merged.join("dir/d.txt")).unwrap(),
+        "lower d\n"
+    );
+    assert_eq!(
+        fs::read(merged.join("newdir/big.bin")).unwrap(),
+        pattern(3 << 20, 0, 7)
+    );
+    assert_eq!(
+        fs::read_to_string(merged.join("from-base.txt")).unwrap(),
+        "upper file from the base image\n"
+    );
 }
 
 /// What the upper directory itself must hold: copy-ups, new files and whiteouts.
@@ -139,7 +179,10 @@ fn assert_upper_dir(upper: &Path) {
     assert!(upper.join("new.txt").is_file());
     assert!(upper.join("a.txt").is_file(), "a.txt was not copied up");
     assert!(is_whiteout(&upper.join("b.txt")), "no whiteout for b.txt");
-    assert!(is_whiteout(&upper.join("dir/c.txt")), "no whiteout for dir/c.txt");
+    assert!(
+        is_whiteout(&upper.join("dir/c.txt")),
+        "no whiteout for dir/c.txt"
+    );
     assert!(upper.join("b-renamed.txt").is_file());
 }
 
@@ -158,11 +201,18 @@ fn overlayfs_upperdir_on_a_served_overlay_survives_restart_and_commit() {
     sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&base));
     let base_mnt = dir.join("base-mnt");
     fs::create_dir_all(&base_mnt).unwrap();
-    sh(Command::new("mount").args(["-o", "loop"]).arg(&base).arg(&base_mnt));
+    sh(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&base)
+        .arg(&base_mnt));
     c.mounts.push(base_mnt.clone());
     fs::create_dir_all(base_mnt.join("upper")).unwrap();
     fs::create_dir_all(base_mnt.join("work")).unwrap();
-    fs::write(base_mnt.join("upper/from-base.txt"), "upper file from the base image\n").unwrap();
+    fs::write(
+        base_mnt.join("upper/from-base.txt"),
+        "upper file from the base image\n",
+    )
+    .unwrap();
     fs::write(base_mnt.join("notes.txt"), "base notes\n").unwrap();
     c.unmount(&base_mnt);
     // losetup -d happens on umount of a mount -o loop; nothing else to detach.
@@ -182,7 +232,10 @@ fn overlayfs_upperdir_on_a_served_overlay_survives_restart_and_commit() {
 
     // First session: change things through the merged mount.
     let (server, dev) = attach(dir, &overlay, &dev_mnt, &mut c);
-    assert_eq!(fs::read_to_string(dev_mnt.join("notes.txt")).unwrap(), "base notes\n");
+    assert_eq!(
+        fs::read_to_string(dev_mnt.join("notes.txt")).unwrap(),
+        "base notes\n"
+    );
     mount_overlay(&lower, &dev_mnt, &merged, false, &mut c);
     fs::write(merged.join("new.txt"), "created through overlayfs\n").unwrap();
     let mut a = fs::read_to_string(merged.join("a.txt")).unwrap();
@@ -200,9 +253,15 @@ fn overlayfs_upperdir_on_a_served_overlay_survives_restart_and_commit() {
     // Nothing reached the base yet.
     let untouched = dir.join("base-check");
     fs::create_dir_all(&untouched).unwrap();
-    sh(Command::new("mount").args(["-o", "loop,ro"]).arg(&base).arg(&untouched));
+    sh(Command::new("mount")
+        .args(["-o", "loop,ro"])
+        .arg(&base)
+        .arg(&untouched));
     c.mounts.push(untouched.clone());
-    assert!(!untouched.join("upper/new.txt").exists(), "the base changed before commit");
+    assert!(
+        !untouched.join("upper/new.txt").exists(),
+        "the base changed before commit"
+    );
     c.unmount(&untouched);
 
     // Second session: everything is still there.
@@ -214,13 +273,21 @@ fn overlayfs_upperdir_on_a_served_overlay_survives_restart_and_commit() {
     detach(server, &dev, &dev_mnt, &mut c);
 
     // Commit, then the base image alone holds the changes.
-    sh(Command::new(env!("CARGO_BIN_EXE_cowimg")).arg("commit").arg(&overlay));
+    sh(Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .arg("commit")
+        .arg(&overlay));
     let committed = dir.join("committed");
     fs::create_dir_all(&committed).unwrap();
-    sh(Command::new("mount").args(["-o", "loop,ro"]).arg(&base).arg(&committed));
+    sh(Command::new("mount")
+        .args(["-o", "loop,ro"])
+        .arg(&base)
+        .arg(&committed));
     c.mounts.push(committed.clone());
     assert_upper_dir(&committed.join("upper"));
-    assert_eq!(fs::read_to_string(committed.join("notes.txt")).unwrap(), "base notes\n");
+    assert_eq!(
+        fs::read_to_string(committed.join("notes.txt")).unwrap(),
+        "base notes\n"
+    );
     mount_overlay(&lower, &committed, &merged, true, &mut c);
     assert_merged_view(&merged);
     c.unmount(&merged);

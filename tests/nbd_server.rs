@@ -30,9 +30,19 @@ fn sigterm_closes_idle_clients_flushes_and_exits_zero() {
     assert!(status.success(), "exit status {status}:\n{}", server.log());
     assert!(idle.is_closed());
     assert!(in_handshake.is_closed());
-    assert!(!server.socket.exists(), "the socket file is removed on exit");
+    assert!(
+        !server.socket.exists(),
+        "the socket file is removed on exit"
+    );
     // The write was never flushed by the client; the server flushed at exit.
-    let image = Image::open(&img, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let image = Image::open(
+        &img,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut b = vec![0u8; 4096];
     image.read_at(&mut b, 8192).unwrap();
     assert!(b.iter().all(|&x| x == 0x42));
@@ -50,7 +60,11 @@ fn sigint_also_shuts_down_cleanly() {
     c.go(false, &[]);
     let status = server.stop_with(libc::SIGINT, Duration::from_secs(15));
     assert!(status.success(), "exit status {status}");
-    assert!(server.log().contains("server shutting down"), "{}", server.log());
+    assert!(
+        server.log().contains("server shutting down"),
+        "{}",
+        server.log()
+    );
 }
 
 #[test]
@@ -63,7 +77,11 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     c.greet(1);
     // Say nothing more: the server hangs up (the client's own read timeout is 30 s).
     assert!(c.is_closed());
-    assert!(server.wait_for_log("handshake timed out", Duration::from_secs(10)), "{}", server.log());
+    assert!(
+        server.wait_for_log("handshake timed out", Duration::from_secs(10)),
+        "{}",
+        server.log()
+    );
     // A client that finished its handshake may stay idle past that time.
     let mut idle = RawClient::connect(&server.socket);
     idle.go(false, &[]);
@@ -84,9 +102,16 @@ fn connections_over_the_cap_are_refused_and_the_others_keep_working() {
     b.go(true, &[]);
     let mut extra = RawClient::connect(&server.socket);
     assert!(extra.is_closed(), "third connection accepted");
-    assert!(server.wait_for_log("refused, 2 clients already connected", Duration::from_secs(10)));
+    assert!(server.wait_for_log(
+        "refused, 2 clients already connected",
+        Duration::from_secs(10)
+    ));
     assert_eq!(a.call(CMD_WRITE, 0, 0, 512, &[1; 512]).error, 0);
-    assert_eq!(b.call(CMD_READ, 0, 0, 512, &[]).data, vec![1; 512], "multi-conn: writes are visible on other connections");
+    assert_eq!(
+        b.call(CMD_READ, 0, 0, 512, &[]).data,
+        vec![1; 512],
+        "multi-conn: writes are visible on other connections"
+    );
     a.request(CMD_DISC, 0, 0, 0, 0, &[]);
     assert!(a.is_closed());
     assert!(server.wait_for_log("NBD_CMD_DISC", Duration::from_secs(10)));
@@ -105,8 +130,19 @@ fn tcp_listener_serves_and_logs_the_peer() {
     let img = dir.path().join("disk.cow");
     create_image(&img, SIZE);
     let mut server = Server::start_tcp(&img, &[]);
-    assert!(server.tcp.as_deref().unwrap().starts_with("127.0.0.1:"), "binds loopback");
-    let out = run(Command::new("qemu-io").args(["-f", "raw", &server.uri(), "-c", "write -P 7 0 64k", "-c", "read -P 7 0 64k"]));
+    assert!(
+        server.tcp.as_deref().unwrap().starts_with("127.0.0.1:"),
+        "binds loopback"
+    );
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &server.uri(),
+        "-c",
+        "write -P 7 0 64k",
+        "-c",
+        "read -P 7 0 64k",
+    ]));
     assert!(!out.contains("fail"), "{out}");
     server.stop();
     assert!(server.log().contains("from 127.0.0.1:"), "{}", server.log());
@@ -122,8 +158,13 @@ fn socket_activation_takes_the_listening_socket_from_fd_3() {
     let fd = listener.as_raw_fd();
     // LISTEN_PID must be the server's own pid: a shell exports its $$ and execs the server.
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$1\"").arg(env!("CARGO_BIN_EXE_cowimg")).arg(&img);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_cowimg"))
+        .arg(&img);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls (dup2, fcntl) run between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -134,7 +175,7 @@ fn socket_activation_takes_the_listening_socket_from_fd_3() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let child = cmd.spawn().unwrap();
     drop(listener);
     let mut c = RawClient::connect(&path);
     let (size, _) = c.go(true, &[]);
@@ -147,6 +188,9 @@ fn socket_activation_takes_the_listening_socket_from_fd_3() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("serving") && log.contains("activated.sock"), "{log}");
+    assert!(
+        log.contains("serving") && log.contains("activated.sock"),
+        "{log}"
+    );
     assert!(path.exists(), "a socket systemd owns is not removed");
 }

@@ -152,27 +152,20 @@ pub fn open_read_only(path: &Path, force_share: bool) -> anyhow::Result<Image> {
     Ok(Image::open(path, &opts)?)
 }
 
-/// Opens an image without its backing chain, as `qemu-img info` and `rebase -u` do, so that
-/// an overlay whose backing file is missing can still be inspected or pointed elsewhere.
-/// Takes the lock a writer or a reader takes, unless `force_share` (read-only only).
+/// Opens an image without its backing chain, as `qemu-img info` and `rebase -u` do (see
+/// [`OpenOptions::without_backing`](crate::image::OpenOptions)).
 pub fn open_without_backing(
     path: &Path,
     writable: bool,
     force_share: bool,
 ) -> anyhow::Result<Image> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(path)
-        .map_err(|source| crate::Error::File {
-            path: path.into(),
-            op: "opening",
-            source,
-        })?;
-    crate::image::lock_file(&file, path, writable, force_share)?;
-    // The lock lives as long as the file description, which the storage keeps open.
-    let storage = std::sync::Arc::new(crate::storage::FileStorage::new(file));
-    Ok(Image::open_storage(storage, path, !writable)?)
+    let opts = crate::image::OpenOptions {
+        read_only: !writable,
+        force_share,
+        without_backing: true,
+        ..Default::default()
+    };
+    Ok(Image::open(path, &opts)?)
 }
 
 /// Writes JSON indented by four spaces, as qemu-img prints it, and a final newline.

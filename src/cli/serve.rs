@@ -37,11 +37,15 @@ pub struct ServeArgs {
 /// True when systemd passed us a socket: LISTEN_FDS is set and LISTEN_PID names this
 /// process (a value meant for another process is ignored, as sd_listen_fds does).
 fn socket_activated() -> bool {
-    std::env::var_os("LISTEN_FDS").is_some() && std::env::var("LISTEN_PID").is_ok_and(|p| p.trim() == std::process::id().to_string())
+    std::env::var_os("LISTEN_FDS").is_some()
+        && std::env::var("LISTEN_PID").is_ok_and(|p| p.trim() == std::process::id().to_string())
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let opts = OpenOptions { read_only: args.read_only, ..Default::default() };
+    let opts = OpenOptions {
+        read_only: args.read_only,
+        ..Default::default()
+    };
     let image = Arc::new(Image::open(&args.image, &opts)?);
     let listen = if socket_activated() {
         Listen::Systemd

@@ -7,7 +7,7 @@
 //! 0x00c  4    header_size (4096)
 //! 0x010  8    incompatible_features (none defined; any set bit is refused)
 //! 0x018  8    compatible_features (none defined; unknown bits are ignored)
-//! 0x020  8    generation: the valid slot with the larger generation is current
+//! 0x020  8    generation (<= 2^62): the valid slot with the larger generation is current
 //! 0x028  1    cluster_bits (12..=21)
 //! 0x029  1    backing_format (0 none, 1 raw, 2 cowimg)
 //! 0x02a  2    backing_path_len (0..=2048)
@@ -34,6 +34,10 @@ pub const HEADER_SLOT_SIZE: usize = 4096;
 /// No incompatible feature is defined in version 1.
 pub const SUPPORTED_INCOMPATIBLE: u64 = 0;
 pub const MAX_BACKING_PATH: usize = 2048;
+/// Generations grow by one per checkpoint or header change, so real images never come near
+/// this; refusing larger ones keeps `generation + 1` from overflowing (a wrapped generation
+/// would make the stale slot win at the next open).
+pub const MAX_GENERATION: u64 = 1 << 62;
 
 const OFF_MAGIC: usize = 0x000;
 const OFF_VERSION: usize = OFF_MAGIC + 8;
@@ -246,6 +250,14 @@ impl Header {
                 "must be zero",
             ));
         }
+        let generation = LE::read_u64(&b[OFF_GENERATION..]);
+        if generation > MAX_GENERATION {
+            return Err(invalid(
+                "generation",
+                OFF_GENERATION,
+                format!("{generation} exceeds 2^62"),
+            ));
+        }
         let virtual_size = LE::read_u64(&b[OFF_VIRTUAL_SIZE..]);
         if virtual_size > MAX_VIRTUAL_SIZE {
             return Err(invalid(
@@ -287,7 +299,7 @@ impl Header {
             ));
         }
         Ok(Header {
-            generation: LE::read_u64(&b[OFF_GENERATION..]),
+            generation,
             compatible_features: LE::read_u64(&b[OFF_COMPAT..]),
             cluster_bits,
             backing,

@@ -89,6 +89,13 @@ impl JournalRecordHeader {
         })
     }
 
+    /// The sequence number of what looks like a record of `epoch`, without checking it.
+    /// Only the probe for damage in the middle of a journal uses it.
+    pub fn peek_sequence(b: &[u8; JOURNAL_RECORD_HEADER_SIZE], epoch: u64) -> Option<u64> {
+        (b[0..4] == JOURNAL_MAGIC && LE::read_u64(&b[0x08..]) == epoch)
+            .then(|| LE::read_u64(&b[0x10..]))
+    }
+
     pub fn verify(
         &self,
         header: &[u8; JOURNAL_RECORD_HEADER_SIZE],

@@ -5,7 +5,7 @@ use super::{Extent, ExtentKind, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::BackingFormat;
 use crate::storage::{next_data_in, next_hole_in};
-use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -26,16 +26,7 @@ pub struct RawFile {
 
 impl RawFile {
     pub fn open(path: &Path, writable: bool, force_share: bool) -> Result<RawFile> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|source| Error::File {
-                path: path.into(),
-                op: "opening",
-                source,
-            })?;
-        super::lock_file(&file, path, writable, force_share)?;
+        let file = super::open_locked(path, writable, force_share)?;
         let size = file
             .metadata()
             .map_err(|source| Error::File {

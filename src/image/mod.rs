@@ -66,6 +66,10 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Open the backing chain writable too (for `commit`).
     pub writable_backing: bool,
+    /// Do not open the backing file, as `qemu-img info` and `rebase -u` do, so that an
+    /// overlay whose backing file is missing can still be inspected or pointed elsewhere.
+    /// Reads of ranges that fall through then read zeros.
+    pub without_backing: bool,
 }
 
 /// What a range of the merged image is.
@@ -126,10 +130,10 @@ struct Entry {
     discarded: [u64; 2],
     /// Units written since the last snapshot: the next record's data digest covers them.
     written: u64,
-    /// Units with a write in flight that does not go in place (a first write, or a move to
-    /// the other slot): it copies the rest of the unit from the old contents, so no other
-    /// write may touch the unit until it has finished, or one of the two would be lost.
-    moving: u64,
+    /// Units with a write in flight. A write that moves a unit copies the rest of it from
+    /// the old contents, and a discard may punch it: either would lose the other's bytes
+    /// or mix them, so writes and discards of one unit take turns.
+    busy: u64,
     dirty: bool,
 }
 
@@ -181,6 +185,12 @@ struct State {
     commits: u64,
     /// The last journal record published data that no later barrier has confirmed.
     last_record_has_data: bool,
+    /// Snapshots taken and published, numbered from 1; flushes serialize, so a published
+    /// number covers every snapshot taken up to it.
+    snapshots_taken: u64,
+    snapshots_published: u64,
+    /// Threads waiting on `committed`.
+    waiters: u32,
 }
 
 impl State {
@@ -202,8 +212,6 @@ pub struct Image {
     state: Mutex<State>,
     committed: Condvar,
     flush_serial: Mutex<()>,
-    /// Held by every write that covers only part of a unit (see [`Image::write_at`]).
-    partial_units: Mutex<()>,
     failed: AtomicBool,
 }
 
@@ -217,13 +225,23 @@ fn exclusive(g: &RwLock<()>) -> RwLockWriteGuard<'_, ()> {
     g.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Takes the advisory lock qemu users expect: exclusive for writers, shared for readers.
-pub(crate) fn lock_file(
-    file: &std::fs::File,
-    path: &Path,
-    writable: bool,
-    force_share: bool,
-) -> Result<()> {
+/// Opens a file with the advisory lock qemu users expect: exclusive for writers, shared for
+/// readers, none for force-share readers.
+pub(crate) fn open_locked(path: &Path, writable: bool, force_share: bool) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|source| Error::File {
+            path: path.into(),
+            op: "opening",
+            source,
+        })?;
+    lock_file(&file, path, writable, force_share)?;
+    Ok(file)
+}
+
+fn lock_file(file: &std::fs::File, path: &Path, writable: bool, force_share: bool) -> Result<()> {
     if force_share && !writable {
         return Ok(());
     }
@@ -282,8 +300,6 @@ struct UnitWrite {
     /// The write covers the whole unit, or the unit can be updated in place: no
     /// read-modify-write is needed.
     direct: bool,
-    /// The unit already lives in `slot`, unpinned: only the written bytes change.
-    in_place: bool,
     /// Current contents, for a partial write that must copy the rest of the unit.
     old: Source,
 }
@@ -519,7 +535,7 @@ impl Image {
             let bit = 1u64 << unit;
             let covers = offset <= unit_start && end >= unit_start + us;
             let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vcluster);
-            if e.moving & bit != 0 {
+            if e.busy & bit != 0 {
                 return Plan::WaitForUnit(vcluster, bit);
             }
             let Some(slot) = Self::pick_slot(e, bit) else {
@@ -541,38 +557,38 @@ impl Image {
                 host: self.host_offset(e.host[slot], unit),
                 unit_start,
                 direct: covers || in_place,
-                in_place,
                 old,
             });
             unit_start += us;
         }
-        for u in plan.iter().filter(|u| !u.in_place) {
+        for u in &plan {
             if let Some(e) = st.map.get_mut(&u.vcluster) {
-                e.moving |= u.bit;
+                e.busy |= u.bit;
             }
         }
         Plan::Ready(plan)
     }
 
-    /// Waits until no write is moving unit `bit` of `vcluster` (`committed` is notified
-    /// when a moving write ends, too).
-    fn wait_for_unit(&self, vcluster: u64, bit: u64) {
+    /// Waits until no write is in flight on the units `bits` of `vcluster` (`committed` is
+    /// notified when a write ends while someone waits).
+    fn wait_for_unit(&self, vcluster: u64, bits: u64) {
         let mut st = lock(&self.state);
-        while st.map.get(&vcluster).is_some_and(|e| e.moving & bit != 0) {
+        st.waiters += 1;
+        while st.map.get(&vcluster).is_some_and(|e| e.busy & bits != 0) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+        st.waiters -= 1;
     }
 
-    /// Ends the moves a write planned, successful or not, and wakes writes waiting on them.
-    fn end_moves(&self, st: &mut State, units: &[UnitWrite]) {
-        let mut any = false;
-        for u in units.iter().filter(|u| !u.in_place) {
+    /// Ends a write's hold on its units, successful or not, and wakes whoever waits.
+    fn end_writes(&self, st: &mut State, units: &[UnitWrite]) {
+        for u in units {
             if let Some(e) = st.map.get_mut(&u.vcluster) {
-                e.moving &= !u.bit;
-                any = true;
+                e.busy &= !u.bit;
             }
         }
-        if any {
+        // A wake-up is a system call; writes with nobody waiting skip it.
+        if st.waiters > 0 {
             self.committed.notify_all();
         }
     }
@@ -580,9 +596,11 @@ impl Image {
     /// Waits for the flush in progress to complete, or to fail (then no commit will come).
     fn wait_for_commit(&self, seen: u64) {
         let mut st = lock(&self.state);
+        st.waiters += 1;
         while st.commits == seen && !self.failed.load(Ordering::Acquire) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+        st.waiters -= 1;
     }
 
     /// Wakes the writers of `wait_for_commit` after a failure. Taking the state lock orders
@@ -599,13 +617,6 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
-        // A write that covers only part of a unit may copy the rest of the unit from where it
-        // lies now (read-modify-write). Two such copies of one unit running at once would
-        // each put back the bytes the other is writing, so partial-unit writes take turns;
-        // whole-unit writes never copy and stay parallel.
-        let us = self.geometry.unit_size();
-        let partial = offset % us != 0 || (offset + buf.len() as u64) % us != 0;
-        let _one_partial_write_at_a_time = partial.then(|| lock(&self.partial_units));
         loop {
             let io = shared(&self.gate);
             let plan = self.plan_write(&mut lock(&self.state), offset, buf.len() as u64);
@@ -624,11 +635,11 @@ impl Image {
                 }
             };
             if let Err(e) = self.write_units(buf, offset, &units) {
-                self.end_moves(&mut lock(&self.state), &units);
+                self.end_writes(&mut lock(&self.state), &units);
                 return self.fail(e);
             }
             let mut st = lock(&self.state);
-            self.end_moves(&mut st, &units);
+            self.end_writes(&mut st, &units);
             for u in &units {
                 let e = st
                     .map
@@ -724,19 +735,29 @@ impl Image {
         if end > last_full {
             self.write_at(&vec![0u8; (end - last_full) as usize], last_full)?;
         }
-        let _io = shared(&self.gate);
-        let mut st = lock(&self.state);
         let g = self.geometry;
         let first_cluster = first_full >> g.cluster_bits;
         let last_cluster = (last_full - 1) >> g.cluster_bits;
-        let has_backing = self.backing.is_some();
-        let mask_for = |vc: u64| -> u64 {
-            let cs = vc << g.cluster_bits;
-            let lo = (first_full.max(cs) - cs) >> g.unit_bits;
-            let hi = (last_full.min(cs + g.cluster_size()) - cs) >> g.unit_bits;
-            let ones = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
-            ones(hi) & !ones(lo)
+        let (_io, mut st) = loop {
+            let io = shared(&self.gate);
+            let st = lock(&self.state);
+            let busy = st
+                .map
+                .range(first_cluster..=last_cluster)
+                .find_map(|(&vc, e)| {
+                    let b = e.busy & Self::whole_units_in(g, vc, first_full, last_full);
+                    (b != 0).then_some((vc, b))
+                });
+            match busy {
+                None => break (io, st),
+                Some((vc, bits)) => {
+                    drop((st, io));
+                    self.wait_for_unit(vc, bits);
+                }
+            }
         };
+        let has_backing = self.backing.is_some();
+        let mask_for = |vc: u64| Self::whole_units_in(g, vc, first_full, last_full);
         let mut punches = Vec::new();
         let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
             let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vc);
@@ -826,6 +847,15 @@ impl Image {
         Ok(())
     }
 
+    /// The units of cluster `vc` inside `[from, to)` (both unit aligned) as a bitmap.
+    fn whole_units_in(g: Geometry, vc: u64, from: u64, to: u64) -> u64 {
+        let cs = vc << g.cluster_bits;
+        let lo = (from.max(cs) - cs) >> g.unit_bits;
+        let hi = (to.min(cs + g.cluster_size()) - cs) >> g.unit_bits;
+        let ones = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        ones(hi) & !ones(lo)
+    }
+
     /// Makes every write completed before the call durable. See FORMAT.md, "Crash safety",
     /// for the crash points.
     pub fn flush(&self) -> Result<()> {
@@ -837,7 +867,20 @@ impl Image {
                 path: self.path.clone(),
             });
         }
+        // Group commit: the first snapshot taken after this call covers every write that
+        // completed before it. Flushes that queue behind a running one all return once the
+        // next one completes, so N concurrent flushes cost two barriers, not N.
+        let covering_snapshot = lock(&self.state).snapshots_taken + 1;
         let _one_at_a_time = lock(&self.flush_serial);
+        if lock(&self.state).snapshots_published >= covering_snapshot {
+            return Ok(());
+        }
+        // The flush this one waited for may have failed.
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
+        }
         let Some(snapshot) = self.take_snapshot() else {
             return Ok(());
         };
@@ -857,7 +900,10 @@ impl Image {
         let _pause = exclusive(&self.gate);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
+        st.snapshots_taken += 1;
         if st.dirty.is_empty() && st.dirty_runs.is_empty() {
+            // Every completed write is in a published snapshot already.
+            st.snapshots_published = st.snapshots_taken;
             return None;
         }
         let mut clusters = std::mem::take(&mut st.dirty);
@@ -946,7 +992,7 @@ impl Image {
             checkpoint_crc: crate::format::crc32(&[&blob]),
             journal_offset: journal_start * cs,
             journal_capacity,
-            journal_epoch: generation,
+            journal_epoch: random_epoch(),
             ..old.clone()
         };
         PlannedCheckpoint {
@@ -981,7 +1027,25 @@ impl Image {
             }
             Some(c) => {
                 // The checkpoint replaces the journal, so it must be durable, data included,
-                // before the header that points at it.
+                // before the header that points at it. The new journal's clusters were free
+                // and may hold anything, guest data included: they are punched under the same
+                // barrier, so that no stale block can pass for a record.
+                let (j_at, j_len) = (c.header.journal_offset, c.header.journal_capacity);
+                self.storage
+                    .punch_hole(j_at, j_len)
+                    .map_err(|e| self.io_err("clearing the journal", j_at, e))?;
+                // The file always covers the whole journal region, so that a file cut short
+                // inside the journal is told apart from a journal that simply ends there.
+                let journal_end = c.header.journal_offset + c.header.journal_capacity;
+                let length = self
+                    .storage
+                    .len()
+                    .map_err(|e| self.io_err("reading length", 0, e))?;
+                if length < journal_end {
+                    self.storage
+                        .set_len(journal_end)
+                        .map_err(|e| self.io_err("extending over the journal", journal_end, e))?;
+                }
                 if !c.blob.is_empty() {
                     let at = c.header.checkpoint_offset;
                     self.storage
@@ -1112,6 +1176,7 @@ impl Image {
             st.free.free_run(start, n);
         }
         st.commits += 1;
+        st.snapshots_published = st.snapshots_taken;
         self.committed.notify_all();
         Ok(())
     }
@@ -1367,6 +1432,18 @@ pub(crate) fn digest_units(
 
 fn digest_units_empty() -> u64 {
     xxhash_rust::xxh3::Xxh3::new().digest()
+}
+
+/// A journal's epoch: random, so that no block the guest wrote into a cluster that later
+/// becomes journal space can pass for a record, even where holes cannot be punched.
+pub(crate) fn random_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.write_u128(now.as_nanos());
+    h.finish()
 }
 
 /// The indices of the set bits.

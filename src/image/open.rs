@@ -2,7 +2,7 @@
 //! the journal, and checking that no two things claim the same host cluster.
 use super::cluster_runs::ClusterRuns;
 use super::layer::Layer;
-use super::{lock_file, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
+use super::{open_locked, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
     self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, HEADER_SLOT_SIZE,
@@ -120,16 +120,7 @@ impl Image {
     }
 
     pub(crate) fn open_at_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(|source| Error::File {
-                path: path.into(),
-                op: "opening",
-                source,
-            })?;
-        lock_file(&file, path, !opts.read_only, opts.force_share)?;
+        let file = open_locked(path, !opts.read_only, opts.force_share)?;
         let lock_holder = file.try_clone().map_err(|source| Error::File {
             path: path.into(),
             op: "opening",
@@ -138,7 +129,7 @@ impl Image {
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let mut image = Self::open_storage(storage, path, opts.read_only)?;
         image._lock_file = Some(lock_holder);
-        if let Some((recorded, fmt)) = image.header().backing {
+        if let Some((recorded, fmt)) = image.header().backing.filter(|_| !opts.without_backing) {
             let backing_opts = OpenOptions {
                 read_only: !opts.writable_backing,
                 ..opts.clone()
@@ -190,11 +181,13 @@ impl Image {
                 journal_next_seq: loaded.journal_next_seq,
                 commits: 0,
                 last_record_has_data: loaded.last_record_has_data,
+                snapshots_taken: 0,
+                snapshots_published: 0,
+                waiters: 0,
                 header: loaded.header,
             }),
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
-            partial_units: Mutex::new(()),
             failed: false.into(),
         })
     }
@@ -244,7 +237,7 @@ fn new_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
         checkpoint_crc: 0,
         journal_offset: geometry.first_data_cluster() * cs,
         journal_capacity: super::journal_capacity_for(0, cs),
-        journal_epoch: 1,
+        journal_epoch: super::random_epoch(),
     })
 }
 
@@ -258,9 +251,11 @@ fn format_storage(storage: &dyn Storage, path: &Path, header: &Header) -> Result
     storage
         .write_at(&header.to_bytes(), 0)
         .map_err(|e| io("writing header", 0, e))?;
-    // Slot B exists but is empty, so the file is never shorter than both slots.
+    // Slot B exists but is empty, so the file is never shorter than both slots; and it covers
+    // the journal region (sparsely), so that truncation is detected (see `load`).
+    let journal_end = header.journal_offset + header.journal_capacity;
     storage
-        .set_len(2 * HEADER_SLOT_SIZE as u64)
+        .set_len(journal_end.max(2 * HEADER_SLOT_SIZE as u64))
         .map_err(|e| io("sizing", 0, e))?;
     storage.sync().map_err(|e| io("syncing", 0, e))
 }
@@ -380,8 +375,10 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         return Err(inconsistent(
             path,
             format!(
-                "checkpoint of {} entries is larger than the file",
-                header.checkpoint_entries
+                "checkpoint at offset {:#x} of {} entries (header slot at {:#x}) is larger than the file",
+                header.checkpoint_offset,
+                header.checkpoint_entries,
+                active_slot * HEADER_SLOT_SIZE
             ),
         ));
     }
@@ -446,6 +443,18 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         .journal_offset
         .checked_add(header.journal_capacity)
         .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    // Writers keep the file at least as long as the journal region. A shorter file was cut:
+    // replaying what is left would silently go back to an older state (and one whose data
+    // clusters may have been reused since).
+    if file_length < journal_end {
+        return Err(inconsistent(
+            path,
+            format!(
+                "the file ends at {file_length:#x}, inside its journal region {:#x}..{journal_end:#x} (truncated?)",
+                header.journal_offset
+            ),
+        ));
+    }
     let mut records: Vec<ReplayRecord> = Vec::new();
     let host_limit = (format::MAX_VIRTUAL_SIZE >> g.cluster_bits).max(max_host);
     loop {
@@ -524,8 +533,14 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
                 for (slot, field, offset) in [(0, "host_a", 0x08), (1, "host_b", 0x10)] {
                     if e.units[slot] != 0 && e.host[slot] >= max_host {
                         let eat = rec.body_at + (i * MAP_ENTRY_SIZE) as u64;
-                        let reason = format!("host cluster {} is past the end of the file", e.host[slot]);
-                        return Err(corrupt(path, "journal entry", eat, format::invalid(field, offset, reason)));
+                        let reason =
+                            format!("host cluster {} is past the end of the file", e.host[slot]);
+                        return Err(corrupt(
+                            path,
+                            "journal entry",
+                            eat,
+                            format::invalid(field, offset, reason),
+                        ));
                     }
                 }
             }
@@ -546,8 +561,11 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         storage
             .read_at(&mut hb, at)
             .map_err(|e| io("reading journal", at, e))?;
-        if JournalRecordHeader::parse(&hb, header.journal_epoch, seq + 1).is_some() {
-            return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {} follows at {at:#x}", header.journal_offset + tail, seq + 1)));
+        // The epoch is random (see `random_epoch`), so stale or planted bytes cannot match it.
+        if let Some(later) =
+            JournalRecordHeader::peek_sequence(&hb, header.journal_epoch).filter(|&s| s >= seq)
+        {
+            return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {later} follows at {at:#x}", header.journal_offset + tail)));
         }
         probe += crate::format::BLOCK_SIZE;
     }

@@ -365,16 +365,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
 
 /// [`check`], optionally without taking the file lock (`qemu-img check -U`).
 pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckReport> {
-    let file = FsOpenOptions::new()
-        .read(true)
-        .write(repair)
-        .open(path)
-        .map_err(|source| Error::File {
-            path: path.into(),
-            op: "opening",
-            source,
-        })?;
-    super::lock_file(&file, path, repair, force_share && !repair)?;
+    let file = super::open_locked(path, repair, force_share && !repair)?;
     let storage = FileStorage::new(file);
     let mut report = CheckReport {
         filename: path.display().to_string(),
@@ -392,11 +383,13 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
     let cs = g.cluster_size();
     report.total_clusters = g.clusters_for(loaded.header.virtual_size);
     report.image_end_offset = loaded.file_length;
+    // A slot of all zeros was never written (slot B of a new image); one that fails its
+    // checksum is what a torn header write leaves.
     report.stale_header_slots = loaded
         .bad_slots
         .iter()
+        .filter(|(_, e)| matches!(e, crate::format::FormatError::ChecksumMismatch { .. }))
         .map(|&(slot, _)| slot)
-        .filter(|_| loaded.file_length > 0)
         .collect();
     // Every referenced unit must lie inside the file: it was written whole before any
     // record pointed at it.

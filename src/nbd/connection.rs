@@ -45,7 +45,11 @@ pub(crate) struct Budget {
 
 impl Budget {
     pub fn new(capacity: u64) -> Budget {
-        Budget { capacity, used: Mutex::new(0), freed: Condvar::new() }
+        Budget {
+            capacity,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
     }
 
     /// Waits until `n` bytes fit. A request larger than the whole budget still runs, alone.
@@ -91,7 +95,10 @@ struct Failure {
 }
 
 fn fail<T>(error: u32, message: impl Into<String>) -> Result<T, Failure> {
-    Err(Failure { error, message: message.into() })
+    Err(Failure {
+        error,
+        message: message.into(),
+    })
 }
 
 struct Input {
@@ -153,8 +160,14 @@ impl<'a> Transmission<'a> {
             read_only: p.read_only,
             structured: p.structured,
             contexts: p.contexts,
-            input: Mutex::new(Input { reader: BufReader::with_capacity(INPUT_BUFFER, socket), end: None }),
-            output: Mutex::new(Output { socket: writer, broken: None }),
+            input: Mutex::new(Input {
+                reader: BufReader::with_capacity(INPUT_BUFFER, socket),
+                end: None,
+            }),
+            output: Mutex::new(Output {
+                socket: writer,
+                broken: None,
+            }),
             control,
             budget: Budget::new(CONNECTION_BUDGET),
             global: p.global,
@@ -168,19 +181,21 @@ impl<'a> Transmission<'a> {
     /// protocol, or the server shuts down. Returns why the connection ended.
     pub fn run(&self, workers: usize) -> String {
         std::thread::scope(|s| {
-            let mut spawned = 0;
             for i in 1..workers.max(1) {
-                let ok = std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn_scoped(s, || self.worker()).is_ok();
-                spawned += ok as usize;
+                // A worker that cannot be spawned only lowers the concurrency.
+                let _ = std::thread::Builder::new()
+                    .name(format!("nbd-worker-{i}"))
+                    .spawn_scoped(s, || self.worker());
             }
             // This thread is a worker too, so the connection works even if no thread
             // could be spawned.
-            let _ = spawned;
             self.worker();
         });
         let input_end = lock(&self.input).end.take();
         let output_end = lock(&self.output).broken.take();
-        output_end.or(input_end).unwrap_or_else(|| "connection closed".into())
+        output_end
+            .or(input_end)
+            .unwrap_or_else(|| "connection closed".into())
     }
 
     /// Hangs up at once: wakes the reader and makes pending writes fail.
@@ -215,7 +230,11 @@ impl<'a> Transmission<'a> {
 
     /// Reads the next request and its payload (into `buf`), after reserving the memory
     /// it needs. Errors are why the connection ends.
-    fn next_request(&self, input: &mut Input, buf: &mut Vec<u8>) -> Result<(Request, Reservation<'_>), String> {
+    fn next_request(
+        &self,
+        input: &mut Input,
+        buf: &mut Vec<u8>,
+    ) -> Result<(Request, Reservation<'_>), String> {
         let mut h = [0u8; REQUEST_LEN];
         if let Err(e) = input.reader.read_exact(&mut h) {
             return Err(if self.shutting_down.load(Ordering::Relaxed) {
@@ -229,12 +248,19 @@ impl<'a> Transmission<'a> {
         let req = Request::parse(&h);
         if req.magic != REQUEST_MAGIC {
             self.hang_up();
-            return Err(format!("protocol violation: bad request magic {:#010x}", req.magic));
+            return Err(format!(
+                "protocol violation: bad request magic {:#010x}",
+                req.magic
+            ));
         }
         if req.command == CMD_DISC {
             return Err("client disconnected (NBD_CMD_DISC)".into());
         }
-        let payload = if req.command == CMD_WRITE { req.length } else { 0 };
+        let payload = if req.command == CMD_WRITE {
+            req.length
+        } else {
+            0
+        };
         if payload > MAX_BLOCK_SIZE {
             // Reading 4 GiB to stay in step is what a hostile client would want; the spec
             // allows hanging up on a payload this large.
@@ -249,14 +275,19 @@ impl<'a> Transmission<'a> {
         };
         self.budget.acquire(bytes);
         self.global.acquire(bytes);
-        let reservation = Reservation { budgets: [&self.budget, self.global], bytes };
+        let reservation = Reservation {
+            budgets: [&self.budget, self.global],
+            bytes,
+        };
         if payload > 0 {
             let n = payload as usize;
             if buf.len() < n {
                 buf.resize(n, 0);
             }
             if let Err(e) = input.reader.read_exact(&mut buf[..n]) {
-                return Err(format!("client went away in the middle of a {n} byte WRITE payload: {e}"));
+                return Err(format!(
+                    "client went away in the middle of a {n} byte WRITE payload: {e}"
+                ));
             }
         }
         Ok((req, reservation))
@@ -265,12 +296,21 @@ impl<'a> Transmission<'a> {
     fn handle(&self, req: &Request, buf: &mut Vec<u8>) {
         let allowed = allowed_flags(req.command, self.structured);
         let result = if req.flags & !allowed != 0 {
-            fail(EINVAL, format!("flags {:#x} are not valid for {}", req.flags & !allowed, command_name(req.command)))
+            fail(
+                EINVAL,
+                format!(
+                    "flags {:#x} are not valid for {}",
+                    req.flags & !allowed,
+                    command_name(req.command)
+                ),
+            )
         } else {
             match req.command {
                 CMD_READ => self.read(req, buf),
                 CMD_WRITE => self.write(req, buf),
-                CMD_FLUSH => self.image_op(self.image.flush()).map(|()| self.send_ok(req.cookie)),
+                CMD_FLUSH => self
+                    .image_op(self.image.flush())
+                    .map(|()| self.send_ok(req.cookie)),
                 CMD_TRIM => self.trim(req),
                 CMD_WRITE_ZEROES => self.write_zeroes(req),
                 CMD_CACHE => self.cache(req, buf),
@@ -292,7 +332,15 @@ impl<'a> Transmission<'a> {
             if error == EIO && !self.logged_image_error.swap(true, Ordering::Relaxed) {
                 eprintln!("cowimg: {e}");
             }
-            Failure { error, message: e.to_string().rsplit(": ").next().unwrap_or("error").to_string() }
+            Failure {
+                error,
+                message: e
+                    .to_string()
+                    .rsplit(": ")
+                    .next()
+                    .unwrap_or("error")
+                    .to_string(),
+            }
         })
     }
 
@@ -305,13 +353,25 @@ impl<'a> Transmission<'a> {
         Ok(())
     }
 
-    fn read(&self, req: &Request, buf: &mut Vec<u8>) -> Result<(), Failure> {
+    /// READ and CACHE: at most the advertised maximum, inside the export (EINVAL otherwise).
+    fn check_read_range(&self, req: &Request, command: &str) -> Result<(), Failure> {
         if req.length > MAX_BLOCK_SIZE {
-            return fail(EINVAL, format!("READ of {} bytes exceeds the {MAX_BLOCK_SIZE} byte maximum", req.length));
+            return fail(
+                EINVAL,
+                format!(
+                    "{command} of {} bytes exceeds the {MAX_BLOCK_SIZE} byte maximum",
+                    req.length
+                ),
+            );
         }
         if !in_range(req.offset, req.length as u64, self.size) {
-            return fail(EINVAL, "READ beyond the end of the export");
+            return fail(EINVAL, format!("{command} beyond the end of the export"));
         }
+        Ok(())
+    }
+
+    fn read(&self, req: &Request, buf: &mut Vec<u8>) -> Result<(), Failure> {
+        self.check_read_range(req, "READ")?;
         let n = req.length as usize;
         if buf.len() < n {
             buf.resize(n, 0);
@@ -322,9 +382,19 @@ impl<'a> Transmission<'a> {
         if !self.structured {
             self.send(&[&simple_reply(0, req.cookie), data]);
         } else if n == 0 {
-            self.send(&[&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0)]);
+            self.send(&[&chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                0,
+            )]);
         } else {
-            let header = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.cookie, n as u32 + 8);
+            let header = chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                n as u32 + 8,
+            );
             self.send(&[&header, &req.offset.to_be_bytes(), data]);
         }
         Ok(())
@@ -339,7 +409,9 @@ impl<'a> Transmission<'a> {
         }
         let data = &buf[..req.length as usize];
         self.image_op(self.image.write_at(data, req.offset))?;
-        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.after_write(req)
     }
 
@@ -375,12 +447,7 @@ impl<'a> Transmission<'a> {
 
     /// Reads the range through, so that it is in the page cache when the client asks.
     fn cache(&self, req: &Request, buf: &mut Vec<u8>) -> Result<(), Failure> {
-        if req.length > MAX_BLOCK_SIZE {
-            return fail(EINVAL, format!("CACHE of {} bytes exceeds the {MAX_BLOCK_SIZE} byte maximum", req.length));
-        }
-        if !in_range(req.offset, req.length as u64, self.size) {
-            return fail(EINVAL, "CACHE beyond the end of the export");
-        }
+        self.check_read_range(req, "CACHE")?;
         let end = req.offset + req.length as u64;
         let mut pos = req.offset;
         while pos < end {
@@ -397,7 +464,10 @@ impl<'a> Transmission<'a> {
 
     fn block_status(&self, req: &Request) -> Result<(), Failure> {
         if !self.structured || !self.contexts.any() {
-            return fail(EINVAL, "BLOCK_STATUS needs a meta context selected with NBD_OPT_SET_META_CONTEXT");
+            return fail(
+                EINVAL,
+                "BLOCK_STATUS needs a meta context selected with NBD_OPT_SET_META_CONTEXT",
+            );
         }
         if req.length == 0 {
             return fail(EINVAL, "BLOCK_STATUS of zero bytes");
@@ -450,7 +520,12 @@ impl<'a> Transmission<'a> {
             return;
         }
         let msg = truncate(&f.message, 1024).as_bytes();
-        let header = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32);
+        let header = chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_ERROR,
+            cookie,
+            6 + msg.len() as u32,
+        );
         let mut fixed = [0u8; 6];
         fixed[..4].copy_from_slice(&f.error.to_be_bytes());
         fixed[4..].copy_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -513,7 +588,10 @@ struct Descriptors {
 
 impl Descriptors {
     fn new(context: u32) -> Descriptors {
-        Descriptors { context, list: Vec::new() }
+        Descriptors {
+            context,
+            list: Vec::new(),
+        }
     }
 
     fn len(&self) -> usize {
@@ -539,7 +617,12 @@ impl Descriptors {
     fn encode(&self, cookie: u64) -> Vec<u8> {
         let payload = 4 + 8 * self.list.len();
         let mut c = Vec::with_capacity(CHUNK_HEADER_LEN + payload);
-        c.extend_from_slice(&chunk_header(0, REPLY_TYPE_BLOCK_STATUS, cookie, payload as u32));
+        c.extend_from_slice(&chunk_header(
+            0,
+            REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            payload as u32,
+        ));
         c.extend_from_slice(&self.context.to_be_bytes());
         for (l, f) in &self.list {
             c.extend_from_slice(&l.to_be_bytes());
@@ -579,7 +662,13 @@ mod tests {
 
     #[test]
     fn layer_values_count_from_one_for_the_top_image() {
-        let e = |kind, depth| Extent { offset: 0, length: 1, depth, kind, host_offset: None };
+        let e = |kind, depth| Extent {
+            offset: 0,
+            length: 1,
+            depth,
+            kind,
+            host_offset: None,
+        };
         assert_eq!(layer_value(&e(ExtentKind::Data, 0)), 1);
         assert_eq!(layer_value(&e(ExtentKind::Zero, 1)), 2);
         assert_eq!(layer_value(&e(ExtentKind::Unallocated, 1)), 0);

@@ -34,7 +34,11 @@ impl ExportInfo<'_> {
     /// `Image`, and `Image::flush` makes every completed write durable, whichever
     /// connection made it.
     pub fn transmission_flags(&self, structured: bool) -> u16 {
-        let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN | TFLAG_SEND_CACHE;
+        let mut f = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_CAN_MULTI_CONN
+            | TFLAG_SEND_CACHE;
         if self.read_only {
             f |= TFLAG_READ_ONLY;
         } else {
@@ -86,8 +90,15 @@ impl std::fmt::Display for HandshakeEnd {
         match self {
             HandshakeEnd::Aborted => write!(f, "client aborted the handshake"),
             HandshakeEnd::Violation(m) => write!(f, "protocol violation during handshake: {m}"),
-            HandshakeEnd::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => write!(f, "client closed the connection during the handshake"),
-            HandshakeEnd::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            HandshakeEnd::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                write!(f, "client closed the connection during the handshake")
+            }
+            HandshakeEnd::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 write!(f, "handshake timed out")
             }
             HandshakeEnd::Io(e) => write!(f, "handshake failed: {e}"),
@@ -121,10 +132,14 @@ fn take_string<'d>(data: &'d [u8], pos: &mut usize) -> Result<&'d [u8], String> 
     }
     let len = be_u32(rest) as usize;
     if len > MAX_STRING {
-        return Err(format!("string of {len} bytes is longer than the {MAX_STRING} allowed"));
+        return Err(format!(
+            "string of {len} bytes is longer than the {MAX_STRING} allowed"
+        ));
     }
     if len > rest.len() - 4 {
-        return Err(format!("string of {len} bytes runs past the end of the option"));
+        return Err(format!(
+            "string of {len} bytes runs past the end of the option"
+        ));
     }
     *pos += 4 + len;
     Ok(&rest[4..4 + len])
@@ -140,7 +155,9 @@ fn parse_info_request(data: &[u8]) -> Result<(&[u8], Vec<u16>), String> {
     }
     let n = be_u16(rest) as usize;
     if rest.len() != 2 + 2 * n {
-        return Err(format!("{n} information requests do not match the option length"));
+        return Err(format!(
+            "{n} information requests do not match the option length"
+        ));
     }
     Ok((name, rest[2..].chunks_exact(2).map(be_u16).collect()))
 }
@@ -178,7 +195,10 @@ fn list_matches(query: &[u8]) -> MetaContexts {
 
 /// Contexts a SET query selects: exact names only (the spec says wildcards select none).
 fn set_matches(query: &[u8]) -> MetaContexts {
-    MetaContexts { allocation: query == CONTEXT_ALLOCATION.as_bytes(), layer: query == CONTEXT_LAYER.as_bytes() }
+    MetaContexts {
+        allocation: query == CONTEXT_ALLOCATION.as_bytes(),
+        layer: query == CONTEXT_LAYER.as_bytes(),
+    }
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -236,15 +256,25 @@ impl<S: Read + Write> Session<'_, S> {
             if h.magic != IHAVEOPT {
                 return violation(format!("bad option magic {:#018x}", h.magic));
             }
-            let limit = if h.option == OPT_EXPORT_NAME { MAX_STRING as u32 } else { MAX_OPTION_LEN };
+            let limit = if h.option == OPT_EXPORT_NAME {
+                MAX_STRING as u32
+            } else {
+                MAX_OPTION_LEN
+            };
             if h.length > limit {
                 // The stream cannot be resynchronised without reading the payload, which
                 // we refuse to do: say why, then hang up.
                 if h.option != OPT_EXPORT_NAME {
-                    let msg = format!("option length {} exceeds the {limit} bytes this server accepts", h.length);
+                    let msg = format!(
+                        "option length {} exceeds the {limit} bytes this server accepts",
+                        h.length
+                    );
                     self.error(h.option, REP_ERR_TOO_BIG, &msg)?;
                 }
-                return violation(format!("option {} with length {} (limit {limit})", h.option, h.length));
+                return violation(format!(
+                    "option {} with length {} (limit {limit})",
+                    h.option, h.length
+                ));
             }
             let mut data = vec![0u8; h.length as usize];
             self.io.read_exact(&mut data)?;
@@ -255,7 +285,10 @@ impl<S: Read + Write> Session<'_, S> {
             match h.option {
                 OPT_EXPORT_NAME => {
                     if !self.export.matches(&data) {
-                        return violation(format!("EXPORT_NAME for unknown export \"{}\"", lossy(&data)));
+                        return violation(format!(
+                            "EXPORT_NAME for unknown export \"{}\"",
+                            lossy(&data)
+                        ));
                     }
                     let flags = self.export.transmission_flags(self.structured);
                     self.out.extend_from_slice(&self.export.size.to_be_bytes());
@@ -277,66 +310,110 @@ impl<S: Read + Write> Session<'_, S> {
                         continue;
                     }
                     let name = self.export.name.as_bytes();
-                    self.reply(h.option, REP_SERVER, &[&(name.len() as u32).to_be_bytes(), name])?;
+                    self.reply(
+                        h.option,
+                        REP_SERVER,
+                        &[&(name.len() as u32).to_be_bytes(), name],
+                    )?;
                     self.reply(h.option, REP_ACK, &[])?;
                 }
-                OPT_STARTTLS => self.error(h.option, REP_ERR_POLICY, "TLS is not supported by this server")?,
+                OPT_STARTTLS => self.error(
+                    h.option,
+                    REP_ERR_POLICY,
+                    "TLS is not supported by this server",
+                )?,
                 OPT_INFO | OPT_GO => {
-                    if self.info(h.option, &data)?.is_some() {
-                        if h.option == OPT_GO {
-                            let (name, _) = parse_info_request(&data).unwrap_or((&[], Vec::new()));
-                            return Ok(self.negotiated(name, "GO"));
-                        }
+                    if self.info(h.option, &data)? && h.option == OPT_GO {
+                        let (name, _) = parse_info_request(&data).unwrap_or((&[], Vec::new()));
+                        return Ok(self.negotiated(name, "GO"));
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
                     if !data.is_empty() {
-                        self.error(h.option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                        self.error(
+                            h.option,
+                            REP_ERR_INVALID,
+                            "NBD_OPT_STRUCTURED_REPLY takes no data",
+                        )?;
                         continue;
                     }
                     self.structured = true;
                     self.reply(h.option, REP_ACK, &[])?;
                 }
-                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(h.option, &data)?,
-                other => self.error(other, REP_ERR_UNSUP, &format!("option {other} is not supported by this server"))?,
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    self.meta_context(h.option, &data)?
+                }
+                other => self.error(
+                    other,
+                    REP_ERR_UNSUP,
+                    &format!("option {other} is not supported by this server"),
+                )?,
             }
         }
     }
 
     fn negotiated(&self, name: &[u8], entered_with: &'static str) -> Negotiated {
-        Negotiated { structured: self.structured, contexts: self.contexts, export_name: lossy(name), entered_with }
+        Negotiated {
+            structured: self.structured,
+            contexts: self.contexts,
+            export_name: lossy(name),
+            entered_with,
+        }
     }
 
-    /// Answers INFO or GO; returns the transmission flags when the export was accepted.
-    fn info(&mut self, option: u32, data: &[u8]) -> io::Result<Option<u16>> {
+    /// Answers INFO or GO; returns true when the export was accepted.
+    fn info(&mut self, option: u32, data: &[u8]) -> io::Result<bool> {
         let (name, requests) = match parse_info_request(data) {
             Ok(r) => r,
             Err(msg) => {
                 self.error(option, REP_ERR_INVALID, &msg)?;
-                return Ok(None);
+                return Ok(false);
             }
         };
         if !self.export.matches(name) {
-            let msg = format!("no export named \"{}\" (this server exports \"{}\")", lossy(name), self.export.name);
+            let msg = format!(
+                "no export named \"{}\" (this server exports \"{}\")",
+                lossy(name),
+                self.export.name
+            );
             self.error(option, REP_ERR_UNKNOWN, &msg)?;
-            return Ok(None);
+            return Ok(false);
         }
         let flags = self.export.transmission_flags(self.structured);
-        option_reply(&mut self.out, option, REP_INFO, &[&info_export(self.export.size, flags)]);
+        option_reply(
+            &mut self.out,
+            option,
+            REP_INFO,
+            &[&info_export(self.export.size, flags)],
+        );
         // Our constraints are the protocol defaults, so sending them unasked is harmless.
         option_reply(&mut self.out, option, REP_INFO, &[&info_block_size()]);
         if requests.contains(&INFO_NAME) {
-            let canonical = if self.export.name.is_empty() { name } else { self.export.name.as_bytes() };
-            option_reply(&mut self.out, option, REP_INFO, &[&INFO_NAME.to_be_bytes(), canonical]);
+            let canonical = if self.export.name.is_empty() {
+                name
+            } else {
+                self.export.name.as_bytes()
+            };
+            option_reply(
+                &mut self.out,
+                option,
+                REP_INFO,
+                &[&INFO_NAME.to_be_bytes(), canonical],
+            );
         }
         if requests.contains(&INFO_DESCRIPTION) {
             let d = self.export.description.as_bytes();
             let d = &d[..d.len().min(MAX_STRING)];
-            option_reply(&mut self.out, option, REP_INFO, &[&INFO_DESCRIPTION.to_be_bytes(), d]);
+            option_reply(
+                &mut self.out,
+                option,
+                REP_INFO,
+                &[&INFO_DESCRIPTION.to_be_bytes(), d],
+            );
         }
         option_reply(&mut self.out, option, REP_ACK, &[]);
         self.send()?;
-        Ok(Some(flags))
+        Ok(true)
     }
 
     fn meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
@@ -345,7 +422,11 @@ impl<S: Read + Write> Session<'_, S> {
             // A SET replaces the selection even when it fails.
             self.contexts = MetaContexts::default();
             if !self.structured {
-                return self.error(option, REP_ERR_INVALID, "negotiate structured replies before selecting meta contexts");
+                return self.error(
+                    option,
+                    REP_ERR_INVALID,
+                    "negotiate structured replies before selecting meta contexts",
+                );
             }
         }
         let (name, queries) = match parse_meta_request(data) {
@@ -353,11 +434,18 @@ impl<S: Read + Write> Session<'_, S> {
             Err(msg) => return self.error(option, REP_ERR_INVALID, &msg),
         };
         if !self.export.matches(name) {
-            return self.error(option, REP_ERR_UNKNOWN, &format!("no export named \"{}\"", lossy(name)));
+            return self.error(
+                option,
+                REP_ERR_UNKNOWN,
+                &format!("no export named \"{}\"", lossy(name)),
+            );
         }
         let mut found = MetaContexts::default();
         if !set && queries.is_empty() {
-            found = MetaContexts { allocation: true, layer: true };
+            found = MetaContexts {
+                allocation: true,
+                layer: true,
+            };
         }
         for q in &queries {
             let m = if set { set_matches(q) } else { list_matches(q) };
@@ -367,10 +455,26 @@ impl<S: Read + Write> Session<'_, S> {
         // LIST replies carry ID 0, as the spec asks; SET replies carry the real IDs.
         let id = |real: u32| if set { real } else { 0 };
         if found.allocation {
-            option_reply(&mut self.out, option, REP_META_CONTEXT, &[&id(CONTEXT_ID_ALLOCATION).to_be_bytes(), CONTEXT_ALLOCATION.as_bytes()]);
+            option_reply(
+                &mut self.out,
+                option,
+                REP_META_CONTEXT,
+                &[
+                    &id(CONTEXT_ID_ALLOCATION).to_be_bytes(),
+                    CONTEXT_ALLOCATION.as_bytes(),
+                ],
+            );
         }
         if found.layer {
-            option_reply(&mut self.out, option, REP_META_CONTEXT, &[&id(CONTEXT_ID_LAYER).to_be_bytes(), CONTEXT_LAYER.as_bytes()]);
+            option_reply(
+                &mut self.out,
+                option,
+                REP_META_CONTEXT,
+                &[
+                    &id(CONTEXT_ID_LAYER).to_be_bytes(),
+                    CONTEXT_LAYER.as_bytes(),
+                ],
+            );
         }
         option_reply(&mut self.out, option, REP_ACK, &[]);
         if set {
@@ -381,8 +485,20 @@ impl<S: Read + Write> Session<'_, S> {
 }
 
 /// Runs the handshake on `io` (whose reads and writes the caller bounds in time).
-pub(crate) fn negotiate<S: Read + Write>(io: &mut S, export: &ExportInfo, shutting_down: &AtomicBool) -> Result<Negotiated, HandshakeEnd> {
-    Session { io, export, shutting_down, structured: false, contexts: MetaContexts::default(), out: Vec::new() }.run()
+pub(crate) fn negotiate<S: Read + Write>(
+    io: &mut S,
+    export: &ExportInfo,
+    shutting_down: &AtomicBool,
+) -> Result<Negotiated, HandshakeEnd> {
+    Session {
+        io,
+        export,
+        shutting_down,
+        structured: false,
+        contexts: MetaContexts::default(),
+        out: Vec::new(),
+    }
+    .run()
 }
 
 #[cfg(test)]
@@ -430,22 +546,45 @@ mod tests {
         let (name, q) = parse_meta_request(&d).unwrap();
         assert!(name.is_empty());
         assert_eq!(q.len(), 3);
-        assert_eq!(list_matches(q[0]), MetaContexts { allocation: true, layer: false });
+        assert_eq!(
+            list_matches(q[0]),
+            MetaContexts {
+                allocation: true,
+                layer: false
+            }
+        );
         assert_eq!(set_matches(q[0]), MetaContexts::default());
-        assert_eq!(set_matches(q[1]), MetaContexts { allocation: false, layer: true });
+        assert_eq!(
+            set_matches(q[1]),
+            MetaContexts {
+                allocation: false,
+                layer: true
+            }
+        );
         assert_eq!(list_matches(q[2]), MetaContexts::default());
     }
 
     #[test]
     fn multi_conn_is_advertised_and_write_flags_follow_read_only() {
-        let rw = ExportInfo { name: "", size: 1, read_only: false, description: String::new() };
+        let rw = ExportInfo {
+            name: "",
+            size: 1,
+            read_only: false,
+            description: String::new(),
+        };
         let f = rw.transmission_flags(true);
         assert_ne!(f & TFLAG_CAN_MULTI_CONN, 0);
         assert_ne!(f & TFLAG_SEND_DF, 0);
         assert_ne!(f & TFLAG_SEND_FAST_ZERO, 0);
-        let ro = ExportInfo { read_only: true, ..rw };
+        let ro = ExportInfo {
+            read_only: true,
+            ..rw
+        };
         let f = ro.transmission_flags(false);
         assert_ne!(f & TFLAG_READ_ONLY, 0);
-        assert_eq!(f & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_DF), 0);
+        assert_eq!(
+            f & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_DF),
+            0
+        );
     }
 }

@@ -143,7 +143,11 @@ pub struct OptionHeader {
 
 impl OptionHeader {
     pub fn parse(b: &[u8; OPTION_HEADER_LEN]) -> OptionHeader {
-        OptionHeader { magic: be_u64(&b[0..]), option: be_u32(&b[8..]), length: be_u32(&b[12..]) }
+        OptionHeader {
+            magic: be_u64(&b[0..]),
+            option: be_u32(&b[8..]),
+            length: be_u32(&b[12..]),
+        }
     }
 }
 
@@ -221,7 +225,12 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
     b
 }
 
-pub fn chunk_header(flags: u16, chunk_type: u16, cookie: u64, length: u32) -> [u8; CHUNK_HEADER_LEN] {
+pub fn chunk_header(
+    flags: u16,
+    chunk_type: u16,
+    cookie: u64,
+    length: u32,
+) -> [u8; CHUNK_HEADER_LEN] {
     let mut b = [0u8; CHUNK_HEADER_LEN];
     b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -281,7 +290,14 @@ mod tests {
 
     #[test]
     fn request_round_trips_through_its_wire_form() {
-        let r = Request { magic: REQUEST_MAGIC, flags: CMD_FLAG_FUA, command: CMD_WRITE, cookie: 0x0102_0304_0506_0708, offset: 1 << 40, length: 4096 };
+        let r = Request {
+            magic: REQUEST_MAGIC,
+            flags: CMD_FLAG_FUA,
+            command: CMD_WRITE,
+            cookie: 0x0102_0304_0506_0708,
+            offset: 1 << 40,
+            length: 4096,
+        };
         let wire = r.encode();
         assert_eq!(&wire[..4], &[0x25, 0x60, 0x95, 0x13]);
         assert_eq!(Request::parse(&wire), r);

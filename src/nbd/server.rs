@@ -38,8 +38,14 @@ struct Shared {
 
 pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()> {
     let listener = open_listener(&config.listen)?;
-    listener.set_nonblocking().map_err(|e| listen_error(&config.listen, e))?;
-    let signals = SignalPipe::install().map_err(|e| Error::File { path: "signal handlers".into(), op: "installing", source: e })?;
+    listener
+        .set_nonblocking()
+        .map_err(|e| listen_error(&config.listen, e))?;
+    let signals = SignalPipe::install().map_err(|e| Error::File {
+        path: "signal handlers".into(),
+        op: "installing",
+        source: e,
+    })?;
     eprintln!(
         "cowimg: serving {} ({} bytes{}) on {}",
         image.path().display(),
@@ -102,19 +108,31 @@ fn listen_error(listen: &Listen, source: io::Error) -> Error {
         Listen::Unix(p) => p.clone(),
         Listen::Systemd => "systemd socket".into(),
     };
-    Error::File { path, op: "listening", source }
+    Error::File {
+        path,
+        op: "listening",
+        source,
+    }
 }
 
 fn open_listener(listen: &Listen) -> crate::Result<Listener> {
     match listen {
         Listen::Tcp(addr) => Listener::bind_tcp(addr).map_err(|e| listen_error(listen, e)),
         Listen::Unix(path) => Listener::bind_unix(path).map_err(|e| listen_error(listen, e)),
-        Listen::Systemd => Listener::from_systemd().map_err(|reason| Error::Invalid { path: "LISTEN_FDS".into(), reason }),
+        Listen::Systemd => Listener::from_systemd().map_err(|reason| Error::Invalid {
+            path: "LISTEN_FDS".into(),
+            reason,
+        }),
     }
 }
 
 /// Registers the connection and starts its thread, or refuses it when the server is full.
-fn start_connection(shared: &Arc<Shared>, id: u64, socket: Socket, peer: String) -> Option<std::thread::JoinHandle<()>> {
+fn start_connection(
+    shared: &Arc<Shared>,
+    id: u64,
+    socket: Socket,
+    peer: String,
+) -> Option<std::thread::JoinHandle<()>> {
     {
         let mut live = lock(&shared.live);
         if live.len() >= shared.config.max_connections {
@@ -132,13 +150,18 @@ fn start_connection(shared: &Arc<Shared>, id: u64, socket: Socket, peer: String)
         }
     }
     let s = Arc::clone(shared);
-    let spawned = std::thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
-        let started = Instant::now();
-        let summary = run_connection(&s, socket);
-        lock(&s.live).remove(&id);
-        s.changed.notify_all();
-        eprintln!("cowimg: connection {id} from {peer}: {summary} ({:.1}s)", started.elapsed().as_secs_f64());
-    });
+    let spawned = std::thread::Builder::new()
+        .name(format!("nbd-conn-{id}"))
+        .spawn(move || {
+            let started = Instant::now();
+            let summary = run_connection(&s, socket);
+            lock(&s.live).remove(&id);
+            s.changed.notify_all();
+            eprintln!(
+                "cowimg: connection {id} from {peer}: {summary} ({:.1}s)",
+                started.elapsed().as_secs_f64()
+            );
+        });
     match spawned {
         Ok(t) => Some(t),
         Err(e) => {
@@ -159,7 +182,10 @@ impl Deadline<'_> {
     fn left(&self) -> io::Result<Duration> {
         let left = self.until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake timed out",
+            ));
         }
         Ok(left)
     }
@@ -191,11 +217,23 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
     let config = &shared.config;
     let description = format!(
         "cowimg image {}",
-        image.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        image
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     );
-    let export = ExportInfo { name: &config.export_name, size: image.virtual_size(), read_only: config.read_only, description };
+    let export = ExportInfo {
+        name: &config.export_name,
+        size: image.virtual_size(),
+        read_only: config.read_only,
+        description,
+    };
     let negotiated = {
-        let mut io = Deadline { socket: &mut socket, until: Instant::now() + config.handshake_timeout };
+        let mut io = Deadline {
+            socket: &mut socket,
+            until: Instant::now() + config.handshake_timeout,
+        };
         handshake::negotiate(&mut io, &export, &shared.shutting_down)
     };
     let negotiated = match negotiated {
@@ -207,7 +245,10 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
     };
     // An idle client may stay connected as long as it likes; a client that stops reading
     // our replies is dropped once a reply has been stuck for the reply timeout.
-    if let Err(e) = socket.set_read_timeout(None).and_then(|()| socket.set_write_timeout(config.reply_timeout)) {
+    if let Err(e) = socket
+        .set_read_timeout(None)
+        .and_then(|()| socket.set_write_timeout(config.reply_timeout))
+    {
         return format!("setting socket timeouts failed: {e}");
     }
     let params = Params {
@@ -242,8 +283,16 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
         "export \"{}\" via {}{}{}, {} requests ({} errors), {} bytes read, {} written; {}{}",
         negotiated.export_name,
         negotiated.entered_with,
-        if negotiated.structured { ", structured replies" } else { "" },
-        if contexts.is_empty() { String::new() } else { format!(", contexts {}", contexts.join(" ")) },
+        if negotiated.structured {
+            ", structured replies"
+        } else {
+            ""
+        },
+        if contexts.is_empty() {
+            String::new()
+        } else {
+            format!(", contexts {}", contexts.join(" "))
+        },
         st.requests.load(Ordering::Relaxed),
         st.errors.load(Ordering::Relaxed),
         st.bytes_read.load(Ordering::Relaxed),
@@ -273,7 +322,11 @@ fn shut_down(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
             }
             break;
         }
-        live = shared.changed.wait_timeout(live, left).unwrap_or_else(|e| e.into_inner()).0;
+        live = shared
+            .changed
+            .wait_timeout(live, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
     drop(live);
     for t in threads {
@@ -291,7 +344,10 @@ fn wait_readable(listener: &Listener, signal: &OwnedFd) -> io::Result<Event> {
     // SAFETY: the listener outlives this call, so its descriptor stays valid while borrowed.
     let lfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
     loop {
-        let mut fds = [PollFd::new(lfd, PollFlags::POLLIN), PollFd::new(signal.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(lfd, PollFlags::POLLIN),
+            PollFd::new(signal.as_fd(), PollFlags::POLLIN),
+        ];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {
                 if fds[1].revents().is_some_and(|r| !r.is_empty()) {
@@ -339,14 +395,22 @@ impl SignalPipe {
         use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
-        let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+        let action = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
         let mut previous = Vec::new();
         for sig in [Signal::SIGINT, Signal::SIGTERM] {
             // SAFETY: the handler only calls async-signal-safe functions.
             let old = unsafe { sigaction(sig, &action) }?;
             previous.push((sig, old));
         }
-        Ok(SignalPipe { read, _write: write, previous })
+        Ok(SignalPipe {
+            read,
+            _write: write,
+            previous,
+        })
     }
 
     /// The signal that woke us.

@@ -88,7 +88,12 @@ impl Socket {
                 }
             };
             let mut written = match result {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes")),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "socket accepted no bytes",
+                    ))
+                }
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -156,12 +161,17 @@ impl Listener {
             Ok(l) => Ok(Listener::Unix(l, Some(path.to_path_buf()))),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                 use std::os::unix::fs::FileTypeExt;
-                let is_socket = std::fs::symlink_metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false);
+                let is_socket = std::fs::symlink_metadata(path)
+                    .map(|m| m.file_type().is_socket())
+                    .unwrap_or(false);
                 if !is_socket || UnixStream::connect(path).is_ok() {
                     return Err(e);
                 }
                 std::fs::remove_file(path)?;
-                Ok(Listener::Unix(UnixListener::bind(path)?, Some(path.to_path_buf())))
+                Ok(Listener::Unix(
+                    UnixListener::bind(path)?,
+                    Some(path.to_path_buf()),
+                ))
             }
             Err(e) => Err(e),
         }
@@ -170,11 +180,16 @@ impl Listener {
     /// Takes the first socket passed by systemd socket activation (fd 3), checking that
     /// LISTEN_PID names this process and that the descriptor is a listening socket.
     pub fn from_systemd() -> Result<Listener, String> {
-        use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage};
+        use nix::sys::socket::{
+            getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage,
+        };
         const FIRST_FD: RawFd = 3;
         let pid = std::env::var("LISTEN_PID").map_err(|_| "LISTEN_PID is not set".to_string())?;
         if pid.trim() != std::process::id().to_string() {
-            return Err(format!("LISTEN_PID={pid} is not this process ({})", std::process::id()));
+            return Err(format!(
+                "LISTEN_PID={pid} is not this process ({})",
+                std::process::id()
+            ));
         }
         let fds: u32 = std::env::var("LISTEN_FDS")
             .ok()
@@ -186,22 +201,34 @@ impl Listener {
         // SAFETY: fd 3 is ours by the socket activation protocol (LISTEN_PID matched); the
         // borrow only lives for these checks.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(FIRST_FD) };
-        let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| format!("fd 3 from systemd is not a socket: {e}"))?;
+        let listening = getsockopt(&fd, sockopt::AcceptConn)
+            .map_err(|e| format!("fd 3 from systemd is not a socket: {e}"))?;
         if !listening {
             return Err("fd 3 from systemd is not a listening socket".into());
         }
-        let addr: SockaddrStorage = getsockname(FIRST_FD).map_err(|e| format!("fd 3 from systemd: getsockname: {e}"))?;
-        let _ = nix::fcntl::fcntl(FIRST_FD, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        let addr: SockaddrStorage =
+            getsockname(FIRST_FD).map_err(|e| format!("fd 3 from systemd: getsockname: {e}"))?;
+        let _ = nix::fcntl::fcntl(
+            FIRST_FD,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
         for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
             std::env::remove_var(var);
         }
         match addr.family() {
             // SAFETY: the descriptor is a listening socket of this family that nothing else
             // in the process owns; the listener takes ownership of it.
-            Some(AddressFamily::Unix) => Ok(Listener::Unix(unsafe { UnixListener::from_raw_fd(FIRST_FD) }, None)),
+            Some(AddressFamily::Unix) => Ok(Listener::Unix(
+                unsafe { UnixListener::from_raw_fd(FIRST_FD) },
+                None,
+            )),
             // SAFETY: as above.
-            Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => Ok(Listener::Tcp(unsafe { TcpListener::from_raw_fd(FIRST_FD) })),
-            other => Err(format!("fd 3 from systemd has unsupported address family {other:?}")),
+            Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => {
+                Ok(Listener::Tcp(unsafe { TcpListener::from_raw_fd(FIRST_FD) }))
+            }
+            other => Err(format!(
+                "fd 3 from systemd has unsupported address family {other:?}"
+            )),
         }
     }
 
@@ -235,7 +262,11 @@ impl Listener {
                 Ok(a) => format!("tcp {a}"),
                 Err(_) => "tcp (unknown address)".into(),
             },
-            Listener::Unix(l, _) => match l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())) {
+            Listener::Unix(l, _) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            {
                 Some(p) => format!("unix {p}"),
                 None => "unix socket".into(),
             },

@@ -19,7 +19,10 @@ pub fn exercise_image_bytes(data: &[u8]) {
         Ok(image) => image,
         Err(e) => {
             let message = e.to_string();
-            assert!(message.contains("fuzz.cow"), "error does not name the file: {message}");
+            assert!(
+                message.contains("fuzz.cow"),
+                "error does not name the file: {message}"
+            );
             return;
         }
     };

@@ -4,9 +4,9 @@
 
 pub mod fuzz_body;
 
+use cowimg::format::BackingFormat;
 use cowimg::image::{CreateOptions, Image, Layer, RawFile};
 use cowimg::storage::{MemStorage, Storage};
-use cowimg::format::BackingFormat;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -41,10 +41,23 @@ pub fn backing_content(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Creates an image file with `Image::create` and returns its path.
-pub fn create_image(dir: &Path, name: &str, size: u64, cluster_size: u64, backing: Option<(String, BackingFormat)>) -> PathBuf {
+pub fn create_image(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    cluster_size: u64,
+    backing: Option<(String, BackingFormat)>,
+) -> PathBuf {
     let path = dir.join(name);
-    Image::create(&path, &CreateOptions { size: Some(size), cluster_size, backing })
-        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    Image::create(
+        &path,
+        &CreateOptions {
+            size: Some(size),
+            cluster_size,
+            backing,
+        },
+    )
+    .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
     path
 }
 
@@ -57,11 +70,18 @@ pub fn fresh_image_bytes(size: u64, cluster_size: u64) -> Vec<u8> {
 
 /// Opens a raw file as a read-only backing layer.
 pub fn raw_layer(path: &Path) -> Layer {
-    Layer::Raw(RawFile::open(path, false, true).unwrap_or_else(|e| panic!("opening backing {}: {e}", path.display())))
+    Layer::Raw(
+        RawFile::open(path, false, true)
+            .unwrap_or_else(|e| panic!("opening backing {}: {e}", path.display())),
+    )
 }
 
 /// Opens in-memory image bytes read-write, with an optional backing layer.
-pub fn open_mem(storage: &Arc<MemStorage>, name: &str, backing: Option<Layer>) -> cowimg::Result<Image> {
+pub fn open_mem(
+    storage: &Arc<MemStorage>,
+    name: &str,
+    backing: Option<Layer>,
+) -> cowimg::Result<Image> {
     let s: Arc<dyn Storage> = storage.clone();
     let mut image = Image::open_storage(s, Path::new(name), false)?;
     if let Some(b) = backing {
@@ -73,7 +93,9 @@ pub fn open_mem(storage: &Arc<MemStorage>, name: &str, backing: Option<Layer>) -
 /// Reads the whole virtual size.
 pub fn read_all(image: &Image) -> Vec<u8> {
     let mut buf = vec![0u8; image.virtual_size() as usize];
-    image.read_at(&mut buf, 0).unwrap_or_else(|e| panic!("reading {}: {e}", image.path().display()));
+    image
+        .read_at(&mut buf, 0)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", image.path().display()));
     buf
 }
 
@@ -153,7 +175,11 @@ impl Change {
             offset &= !4095;
         }
         match rng.gen_range(0..10) {
-            0..=5 => Change::Write { offset, seed: rng.gen(), len: len as usize },
+            0..=5 => Change::Write {
+                offset,
+                seed: rng.gen(),
+                len: len as usize,
+            },
             6 | 7 => Change::Zeroes { offset, len },
             _ => Change::Discard { offset, len },
         }

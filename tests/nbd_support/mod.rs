@@ -14,7 +14,13 @@ use std::time::{Duration, Instant};
 /// True when the tool can be run. When it cannot: under CI the test fails, elsewhere it
 /// prints why it is skipped and the caller returns.
 pub fn have_tool(name: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !found {
         skip_or_fail(&format!("{name} is not installed"));
     }
@@ -39,17 +45,30 @@ pub fn skip_or_fail(reason: &str) {
 }
 
 pub fn create_image(path: &Path, size: u64) {
-    Image::create(path, &CreateOptions { size: Some(size), ..Default::default() }).expect("create image");
+    Image::create(
+        path,
+        &CreateOptions {
+            size: Some(size),
+            ..Default::default()
+        },
+    )
+    .expect("create image");
 }
 
 pub fn create_overlay(path: &Path, backing: &Path, format: BackingFormat) {
-    let opts = CreateOptions { size: None, backing: Some((backing.to_string_lossy().into_owned(), format)), ..Default::default() };
+    let opts = CreateOptions {
+        size: None,
+        backing: Some((backing.to_string_lossy().into_owned(), format)),
+        ..Default::default()
+    };
     Image::create(path, &opts).expect("create overlay");
 }
 
 /// A pattern that differs for every byte offset and seed, to detect misplaced data.
 pub fn pattern(len: usize, offset: u64, seed: u8) -> Vec<u8> {
-    (0..len as u64).map(|i| ((offset + i).wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed).collect()
+    (0..len as u64)
+        .map(|i| ((offset + i).wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .collect()
 }
 
 /// A running `cowimg serve`. Dropping it kills the server.
@@ -65,7 +84,11 @@ impl Server {
     /// Serves `image` on a Unix socket in `dir`.
     pub fn start(dir: &Path, image: &Path, extra: &[&str]) -> Server {
         let socket = dir.join(format!("nbd-{}.sock", std::process::id()));
-        let mut args: Vec<String> = vec!["serve".into(), "--socket".into(), socket.to_string_lossy().into_owned()];
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--socket".into(),
+            socket.to_string_lossy().into_owned(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(image.to_string_lossy().into_owned());
         Self::spawn(args, socket, false)
@@ -99,7 +122,12 @@ impl Server {
                 l.push('\n');
             }
         });
-        let mut server = Server { child: Some(child), socket, tcp: None, log };
+        let mut server = Server {
+            child: Some(child),
+            socket,
+            tcp: None,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = server.log();
@@ -110,7 +138,11 @@ impl Server {
                 }
                 break;
             }
-            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("server exited with {status} before listening:\n{log}");
             }
             assert!(Instant::now() < deadline, "server did not start:\n{log}");
@@ -161,7 +193,10 @@ impl Server {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("server did not exit within {timeout:?} after signal {signal}:\n{}", self.log());
+                panic!(
+                    "server did not exit within {timeout:?} after signal {signal}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -170,7 +205,11 @@ impl Server {
     /// SIGTERM, and the server must exit 0.
     pub fn stop(&mut self) {
         let status = self.stop_with(libc::SIGTERM, Duration::from_secs(20));
-        assert!(status.success(), "server exited with {status}:\n{}", self.log());
+        assert!(
+            status.success(),
+            "server exited with {status}:\n{}",
+            self.log()
+        );
     }
 }
 
@@ -185,16 +224,27 @@ impl Drop for Server {
 
 /// Runs a command, panicking with its output when it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{cmd:?} failed with {}:\nstdout:\n{stdout}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
 /// Image check must find no corruption and no leak.
 pub fn assert_check_clean(path: &Path) {
     let report = cowimg::image::ops::check(path, false).expect("check runs");
-    assert!(report.corruptions.is_empty() && report.leaks == 0, "check of {} is not clean: {report:?}", path.display());
+    assert!(
+        report.corruptions.is_empty() && report.leaks == 0,
+        "check of {} is not clean: {report:?}",
+        path.display()
+    );
 }
 
 // --- a minimal raw NBD client -------------------------------------------------------
@@ -263,7 +313,10 @@ impl RawClient {
     pub fn connect(path: &Path) -> RawClient {
         let s = UnixStream::connect(path).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        RawClient { s, structured: false }
+        RawClient {
+            s,
+            structured: false,
+        }
     }
 
     pub fn u16(&mut self) -> u16 {
@@ -314,7 +367,11 @@ impl RawClient {
         let len = self.u32();
         assert!(len < 1 << 20, "reply length {len}");
         let data = self.bytes(len as usize);
-        OptReply { option, reply_type, data }
+        OptReply {
+            option,
+            reply_type,
+            data,
+        }
     }
 
     /// Replies to one option, up to and including the final ACK or error.
@@ -366,13 +423,24 @@ impl RawClient {
         self.send_option(OPT_GO, &Self::info_payload(b"", &[]));
         let replies = self.option_replies();
         assert_eq!(replies.last().unwrap().reply_type, REP_ACK);
-        let export = replies.iter().find(|r| r.reply_type == REP_INFO && r.data[..2] == [0, 0]).expect("INFO_EXPORT");
+        let export = replies
+            .iter()
+            .find(|r| r.reply_type == REP_INFO && r.data[..2] == [0, 0])
+            .expect("INFO_EXPORT");
         let size = u64::from_be_bytes(export.data[2..10].try_into().unwrap());
         let flags = u16::from_be_bytes(export.data[10..12].try_into().unwrap());
         (size, flags)
     }
 
-    pub fn request(&mut self, command: u16, flags: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+    pub fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
         let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
         m.extend_from_slice(&flags.to_be_bytes());
         m.extend_from_slice(&command.to_be_bytes());
@@ -390,8 +458,16 @@ impl RawClient {
         if magic == SIMPLE_REPLY_MAGIC {
             let error = self.u32();
             let cookie = self.u64();
-            let data = if error == 0 { self.bytes(read_len) } else { Vec::new() };
-            return Reply { cookie, error, data };
+            let data = if error == 0 {
+                self.bytes(read_len)
+            } else {
+                Vec::new()
+            };
+            return Reply {
+                cookie,
+                error,
+                data,
+            };
         }
         assert_eq!(magic, STRUCTURED_REPLY_MAGIC, "reply magic");
         let mut data = Vec::new();
@@ -408,20 +484,37 @@ impl RawClient {
                 0 => {}
                 1 => data.extend_from_slice(&payload[8..]),
                 5 => data.extend_from_slice(&payload),
-                k if k & 0x8000 != 0 => error = u32::from_be_bytes(payload[..4].try_into().unwrap()),
+                k if k & 0x8000 != 0 => {
+                    error = u32::from_be_bytes(payload[..4].try_into().unwrap())
+                }
                 k => panic!("unexpected chunk type {k}"),
             }
             if flags & 1 != 0 {
-                return Reply { cookie, error, data };
+                return Reply {
+                    cookie,
+                    error,
+                    data,
+                };
             }
             magic = self.u32();
         }
     }
 
     /// Sends one request and reads its reply.
-    pub fn call(&mut self, command: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Reply {
+    pub fn call(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Reply {
         self.request(command, flags, 0x1234, offset, length, payload);
-        let read_len = if command == CMD_READ { length as usize } else { 0 };
+        let read_len = if command == CMD_READ {
+            length as usize
+        } else {
+            0
+        };
         let r = self.reply(read_len);
         assert_eq!(r.cookie, 0x1234);
         r
