@@ -126,7 +126,9 @@ fn mapped_read(c: &mut Criterion, fx: &Fixture) {
     let file = plain_file(&fx.path("mapped.raw"));
     let data = random_bytes(BLOCK, 1);
     for cl in 0..MAPPED_CLUSTERS {
-        image.write_at(&data, cl * CLUSTER).expect("filling the image");
+        image
+            .write_at(&data, cl * CLUSTER)
+            .expect("filling the image");
         file.write_all_at(&data, cl * CLUSTER)
             .expect("filling the plain file");
     }
@@ -208,7 +210,9 @@ fn write_allocated(c: &mut Criterion, fx: &Fixture) {
     let file = plain_file(&fx.path("alloc.raw"));
     let data = random_bytes(CLUSTER as usize, 3);
     for cl in 0..clusters {
-        image.write_at(&data, cl * CLUSTER).expect("filling the image");
+        image
+            .write_at(&data, cl * CLUSTER)
+            .expect("filling the image");
         file.write_all_at(&data, cl * CLUSTER)
             .expect("filling the plain file");
     }

@@ -67,7 +67,8 @@ fn parse_args() -> Res<Args> {
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let num = |v: &str| -> Res<u64> { v.parse().map_err(|_| format!("{flag}: bad number {v:?}")) };
+        let num =
+            |v: &str| -> Res<u64> { v.parse().map_err(|_| format!("{flag}: bad number {v:?}")) };
         match flag.as_str() {
             "--socket" => a.socket = value,
             "--rw" => {
@@ -80,7 +81,9 @@ fn parse_args() -> Res<Args> {
             "--bs" => a.bs = num(&value)? as u32,
             "--iodepth" => a.iodepth = num(&value)?.max(1) as usize,
             "--flush-every" => a.flush_every = num(&value)?,
-            "--runtime" => a.runtime = Duration::from_secs_f64(value.parse().map_err(|_| "bad --runtime")?),
+            "--runtime" => {
+                a.runtime = Duration::from_secs_f64(value.parse().map_err(|_| "bad --runtime")?)
+            }
             "--ramp" => a.ramp = Duration::from_secs_f64(value.parse().map_err(|_| "bad --ramp")?),
             "--seed" => a.seed = num(&value)?.max(1),
             other => return Err(format!("unknown flag {other}")),
@@ -89,7 +92,7 @@ fn parse_args() -> Res<Args> {
     if a.socket.is_empty() {
         return Err("--socket PATH is required".into());
     }
-    if a.bs == 0 || a.bs % 512 != 0 {
+    if a.bs == 0 || !a.bs.is_multiple_of(512) {
         return Err("--bs must be a non-zero multiple of 512".into());
     }
     Ok(a)
@@ -142,17 +145,24 @@ fn handshake(r: &mut impl Read, w: &mut impl Write) -> Res<u64> {
             return Err(format!("option reply of {len} bytes"));
         }
         let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data).map_err(|e| format!("reading: {e}"))?;
+        r.read_exact(&mut data)
+            .map_err(|e| format!("reading: {e}"))?;
         match kind {
             NBD_REP_ACK => break,
-            NBD_REP_INFO if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT => {
+            NBD_REP_INFO
+                if data.len() >= 12
+                    && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT =>
+            {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&data[2..10]);
                 size = Some(u64::from_be_bytes(b));
             }
             NBD_REP_INFO => {}
             k if k & 0x8000_0000 != 0 => {
-                return Err(format!("NBD_OPT_GO refused (reply {k:#x}): {}", String::from_utf8_lossy(&data)))
+                return Err(format!(
+                    "NBD_OPT_GO refused (reply {k:#x}): {}",
+                    String::from_utf8_lossy(&data)
+                ))
             }
             k => return Err(format!("unexpected option reply {k}")),
         }
@@ -160,7 +170,14 @@ fn handshake(r: &mut impl Read, w: &mut impl Write) -> Res<u64> {
     size.ok_or_else(|| "server sent no NBD_INFO_EXPORT".into())
 }
 
-fn request(w: &mut impl Write, cmd: u16, cookie: u64, offset: u64, len: u32, payload: Option<&[u8]>) -> Res<()> {
+fn request(
+    w: &mut impl Write,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: Option<&[u8]>,
+) -> Res<()> {
     let mut h = [0u8; 28];
     h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     h[6..8].copy_from_slice(&cmd.to_be_bytes());
@@ -217,24 +234,25 @@ fn run(a: &Args) -> Res<String> {
         if !measuring && now >= measure_from {
             measuring = true;
         }
-        // Fill every free slot, then wait for one reply.
-        while !stopping {
-            let Some(slot) = free.pop() else { break };
-            let cookie = slot as u64;
-            if a.write && a.flush_every > 0 && writes_since_flush >= a.flush_every {
-                request(&mut w, CMD_FLUSH, cookie, 0, 0, None)?;
-                slots[slot] = Some(Kind::Flush);
-                writes_since_flush = 0;
-                continue;
+        // Fill every free slot (unless the run is over), then wait for one reply.
+        if !stopping {
+            while let Some(slot) = free.pop() {
+                let cookie = slot as u64;
+                if a.write && a.flush_every > 0 && writes_since_flush >= a.flush_every {
+                    request(&mut w, CMD_FLUSH, cookie, 0, 0, None)?;
+                    slots[slot] = Some(Kind::Flush);
+                    writes_since_flush = 0;
+                    continue;
+                }
+                let offset = (next() % blocks) * u64::from(a.bs);
+                if a.write {
+                    request(&mut w, CMD_WRITE, cookie, offset, a.bs, Some(&payload))?;
+                    writes_since_flush += 1;
+                } else {
+                    request(&mut w, CMD_READ, cookie, offset, a.bs, None)?;
+                }
+                slots[slot] = Some(Kind::Data);
             }
-            let offset = (next() % blocks) * u64::from(a.bs);
-            if a.write {
-                request(&mut w, CMD_WRITE, cookie, offset, a.bs, Some(&payload))?;
-                writes_since_flush += 1;
-            } else {
-                request(&mut w, CMD_READ, cookie, offset, a.bs, None)?;
-            }
-            slots[slot] = Some(Kind::Data);
         }
         w.flush().map_err(|e| format!("writing: {e}"))?;
         if free.len() == a.iodepth {
@@ -245,13 +263,17 @@ fn run(a: &Args) -> Res<String> {
         }
         let error = read_u32(&mut r)?;
         let cookie = read_u64(&mut r)?;
-        let slot = usize::try_from(cookie).ok().filter(|&s| s < a.iodepth).ok_or("unknown cookie")?;
+        let slot = usize::try_from(cookie)
+            .ok()
+            .filter(|&s| s < a.iodepth)
+            .ok_or("unknown cookie")?;
         let kind = slots[slot].take().ok_or("reply for an idle cookie")?;
         if error != 0 {
             return Err(format!("server returned error {error}"));
         }
         if kind == Kind::Data && !a.write {
-            r.read_exact(&mut readbuf).map_err(|e| format!("reading: {e}"))?;
+            r.read_exact(&mut readbuf)
+                .map_err(|e| format!("reading: {e}"))?;
         }
         free.push(slot);
         if measuring && !stopping {

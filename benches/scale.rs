@@ -60,8 +60,8 @@ fn main() {
                 ));
             }
             let create_ms = create(path, size);
-            let image = Image::open(path, &OpenOptions::default())
-                .unwrap_or_else(|e| fail(e.to_string()));
+            let image =
+                Image::open(path, &OpenOptions::default()).unwrap_or_else(|e| fail(e.to_string()));
             let block = vec![0xa5u8; BLOCK];
             // i * odd (mod a power of two) is a permutation: distinct clusters, scattered.
             let stride = 0x9e37_79b9_7f4a_7c15u64 | 1;
@@ -81,7 +81,9 @@ fn main() {
             let write_ms = t.elapsed().as_secs_f64() * 1e3;
             let mapped = image.stats().mapped_clusters;
             if mapped != clusters {
-                fail(format!("expected {clusters} mapped clusters, image says {mapped}"));
+                fail(format!(
+                    "expected {clusters} mapped clusters, image says {mapped}"
+                ));
             }
             println!(
                 "{{\"create_ms\": {create_ms:.3}, \"populate_ms\": {write_ms:.3}, \"mapped_clusters\": {mapped}}}"
