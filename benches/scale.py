@@ -44,7 +44,8 @@ def main():
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     exe = cargo_bench_exe("scale")
     empty = WORK_DIR / "scale-empty.cow"
-    full = WORK_DIR / "scale-full.cow"
+    # One cached image per cluster count, so QUICK and full runs do not remake each other's.
+    full = WORK_DIR / f"scale-full-{CLUSTERS}.cow"
     results = {}
 
     remove(empty)
@@ -62,7 +63,7 @@ def main():
     # unlinking a file of a million scattered extents takes minutes. It is remade when the
     # format changed (open fails) or the count differs.
     pop = None
-    cached = WORK_DIR / "scale-full.json"
+    cached = full.with_suffix(".json")
     if full.exists() and cached.exists():
         try:
             pop = json.loads(cached.read_text())
