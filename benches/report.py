@@ -221,7 +221,8 @@ def render_cc(run_dir, cc, lines, checks):
     lines.append("### Commit and convert\n")
     lines.append(f"{p['dirty'] >> 20} MiB written through NBD (same fio job: 1 MiB writes at distinct "
                  f"random offsets) into an overlay over a fresh copy of the {p['size'] >> 20} MiB "
-                 f"backing file; then `convert -O raw` and `commit` are timed. Median of "
+                 f"backing file; then `convert -O raw` (fastest of "
+                 f"{p.get('convert_tries', 1)} back-to-back runs) and `commit` are timed. Median of "
                  f"{p['reps']}; peak RSS from /usr/bin/time.\n")
     lines.append("| tool | convert -O raw | convert peak RSS | commit | commit peak RSS |")
     lines.append("|---|---|---|---|---|")
