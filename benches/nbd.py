@@ -16,7 +16,7 @@ FLUSH every 32 writes. The last one is driven by benches/nbd_load.rs, not fio: f
 issues a flush for every free queue slot while a flush is in flight (see that file).
 
 Servers alternate within each repetition (round robin), every figure is the median over
-REPS repetitions. Knobs (environment): REPS, RUNTIME, RAMP (seconds), SIZE_MIB, WA_MIB,
+REPS repetitions. Knobs (environment): REPS, RUNTIME, RAMP (seconds), SIZE_MIB, WA_MIB, SKIP_WA,
 SERVERS (comma-separated subset), WORKLOADS (subset), QUICK=1.
 """
 

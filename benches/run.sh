@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs every cowimg benchmark and renders benches/RESULTS.md.
 #
-#   benches/run.sh            full run (about 25 minutes on 2 cores)
-#   QUICK=1 benches/run.sh    one repetition, short runs (about 8 minutes)
+#   benches/run.sh            full run (about 20 minutes on 2 cores)
+#   QUICK=1 benches/run.sh    one repetition, short runs (about 5 minutes)
 #
 # Steps can be skipped: SKIP_CRITERION=1 SKIP_NBD=1 SKIP_CC=1 SKIP_SCALE=1.
 # Every script's knobs (REPS, RUNTIME, RAMP, SERVERS, WORKLOADS, DIRTY_MIB, SCALE_CLUSTERS,
 # WORK_DIR, ...) are described in its docstring. Scratch files go to target/bench-work
 # (WORK_DIR); results to benches/results/<run id>/.
+# benches/profile.sh WORKLOAD profiles cowimg serve under one NBD workload (perf + strace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
