@@ -18,6 +18,7 @@ command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v qemu-nbd >/dev/null || need+=(qemu-utils)
 [ -x /usr/bin/time ] || need+=(time)
+command -v strace >/dev/null || need+=(strace)
 command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}" >&2
