@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Renders benches/RESULTS.md (newest run first) and one SVG chart per run from the JSON the
+other scripts leave in benches/results/<run id>/.
+
+  report.py collect-criterion   copy criterion's estimates (target/criterion) into the
+                                current run's criterion.json
+  report.py                     render RESULTS.md and the charts
+"""
+
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import BENCHES, GIB, MIB, REPO, RESULTS_DIR, log, machine, save_json  # noqa: E402
+
+COW_PEERS = ["qcow2", "qcow2-el2", "nbdkit-cow"]
+LIMIT = "raw"
+COLORS = {"cowimg": "#d9480f", "qcow2": "#1c7ed6", "qcow2-el2": "#4dabf7",
+          "nbdkit-cow": "#37b24d", "raw": "#868e96", "qemu-img": "#1c7ed6"}
+
+
+def collect_criterion():
+    root = REPO / "target" / "criterion"
+    out = {}
+    for est in sorted(root.glob("*/**/new/estimates.json")):
+        rel = est.parent.parent.relative_to(root)
+        parts = rel.parts
+        group, impl = parts[0], parts[1]
+        e = json.loads(est.read_text())
+        out.setdefault(group, {})[impl] = {
+            "median_ns": e["median"]["point_estimate"],
+            "lower_ns": e["median"]["confidence_interval"]["lower_bound"],
+            "upper_ns": e["median"]["confidence_interval"]["upper_bound"],
+        }
+    save_json("criterion.json", {"machine": machine(), "groups": out})
+
+
+def load(run_dir, name):
+    p = run_dir / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def fmt_value(v, unit):
+    if v is None:
+        return "-"
+    if unit == "GiB/s":
+        return f"{v / GIB:.2f}"
+    if v >= 10000:
+        return f"{v / 1000:.0f}k"
+    return f"{v / 1000:.1f}k"
+
+
+def metric(cell, unit):
+    if not cell:
+        return None
+    return cell["bw"] if unit == "GiB/s" else cell["iops"]
+
+
+def svg_bars(title_by_panel, panels, path, subtitle):
+    """Small-multiples horizontal bar chart: panels = [(title, [(label, key, value, text)])]."""
+    pw, bar_h, gap, left = 300, 18, 6, 140
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    n = max(len(p[1]) for p in panels) if panels else 1
+    ph = 30 + n * (bar_h + gap) + 10
+    width, height = cols * (pw + left) + 20, rows * ph + 50
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="20" font-size="15" font-weight="bold">{html.escape(title_by_panel)}</text>',
+           f'<text x="10" y="38" fill="#555">{html.escape(subtitle)}</text>']
+    for i, (title, bars) in enumerate(panels):
+        x0 = 10 + (i % cols) * (pw + left)
+        y0 = 50 + (i // cols) * ph
+        out.append(f'<text x="{x0}" y="{y0 + 16}" font-weight="bold">{html.escape(title)}</text>')
+        top = max([b[2] for b in bars if b[2]] or [1])
+        for j, (label, key, value, text) in enumerate(bars):
+            y = y0 + 26 + j * (bar_h + gap)
+            w = 0 if not value else max(1, (pw - 70) * value / top)
+            bold = ' font-weight="bold"' if key == "cowimg" else ""
+            out.append(f'<text x="{x0 + left - 6}" y="{y + 13}" text-anchor="end"{bold}>'
+                       f'{html.escape(label)}</text>')
+            out.append(f'<rect x="{x0 + left}" y="{y}" width="{w:.1f}" height="{bar_h}" '
+                       f'fill="{COLORS.get(key, "#999")}"/>')
+            out.append(f'<text x="{x0 + left + w + 4:.1f}" y="{y + 13}"{bold}>{html.escape(text)}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+def machine_line(m):
+    return (f"{m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, {m['mem_gib']} GiB RAM, "
+            f"work dir on {m['filesystem'] or '?'}; load average at start {m['loadavg_at_start']:.2f}")
+
+
+def verdict(ok):
+    return "PASS" if ok else "**FAIL**"
+
+
+def render_nbd(run_dir, nbd, lines, checks):
+    order = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m", "randwrite-4k-flush32"]
+    wls = [w for w in order if w in nbd["workloads"]] + [
+        w for w in nbd["workloads"] if w not in order]
+    servers = nbd["servers"]
+    s = nbd["summary"]
+    p = nbd["params"]
+    lines.append(f"### NBD throughput\n")
+    lines.append(f"fio {nbd['versions']['fio'].replace('fio-', '')} nbd engine over a Unix socket, one "
+                 f"connection, iodepth {p['iodepth']}, {p['runtime']} s runs after {p['ramp']} s ramp, "
+                 f"median of {p['reps']} repetition(s), servers round-robin; fresh overlay each run "
+                 f"over the same {p['size'] >> 20} MiB random backing file. The flush workload is "
+                 f"driven by `benches/nbd_load.rs` (one FLUSH per {p['flush_every']} writes; fio 3.33 "
+                 f"floods flushes at iodepth > 1). Peak RSS = max VmHWM of the server over all runs.\n")
+    head = "| server | " + " | ".join(
+        f"{nbd['workloads'][w]['label']} ({nbd['workloads'][w]['unit']})" for w in wls) + " | peak RSS |"
+    lines.append(head)
+    lines.append("|" + "---|" * (len(wls) + 2))
+    for name in servers:
+        row = [f"**{s[name]['label']}**" if name == "cowimg" else s[name]["label"]]
+        for w in wls:
+            row.append(fmt_value(metric(s[name].get(w), nbd["workloads"][w]["unit"]),
+                                 nbd["workloads"][w]["unit"]))
+        rss = s[name].get("peak_rss_max")
+        row.append(f"{rss / MIB:.1f} MiB" if rss else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if "cowimg" in servers:
+        lines.append("cowimg's ratio to each server (> 1 means cowimg is faster):\n")
+        lines.append("| cowimg ÷ | " + " | ".join(nbd["workloads"][w]["label"] for w in wls) + " |")
+        lines.append("|" + "---|" * (len(wls) + 1))
+        for name in servers:
+            if name == "cowimg":
+                continue
+            row = [s[name]["label"]]
+            for w in wls:
+                unit = nbd["workloads"][w]["unit"]
+                a, b = metric(s["cowimg"].get(w), unit), metric(s[name].get(w), unit)
+                row.append(f"{a / b:.2f}x" if a and b else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        for w in wls:
+            unit = nbd["workloads"][w]["unit"]
+            mine = metric(s["cowimg"].get(w), unit)
+            peers = [metric(s[n].get(w), unit) for n in COW_PEERS if n in servers]
+            if mine and peers:
+                checks.append((f"{nbd['workloads'][w]['label']}: ahead of every COW peer",
+                               f"{mine / max(peers):.2f}x the best", mine > max(peers)))
+            fc = nbd.get("flush_syscalls") or {}
+            if w == "randwrite-4k-flush32" and mine and fc:
+                syncing = [metric(s[n].get(w), unit) for n in COW_PEERS
+                           if n in servers and fc.get(n, {}).get("syncs_per_flush", 0) > 0]
+                if syncing and len(syncing) < len(peers):
+                    checks.append((f"{nbd['workloads'][w]['label']}: ahead of every COW peer "
+                                   "that syncs on FLUSH", f"{mine / max(syncing):.2f}x the best",
+                                   mine > max(syncing)))
+            if mine and LIMIT in servers and metric(s[LIMIT].get(w), unit):
+                r = mine / metric(s[LIMIT][w], unit)
+                checks.append((f"{nbd['workloads'][w]['label']}: >= 0.9x raw limit", f"{r:.2f}x",
+                               r >= 0.9))
+        rss = s["cowimg"].get("peak_rss_max")
+        if rss:
+            checks.append(("serve peak memory < 64 MiB", f"{rss / MIB:.1f} MiB", rss < 64 * MIB))
+    panels = []
+    for w in wls:
+        unit = nbd["workloads"][w]["unit"]
+        bars = []
+        for name in servers:
+            v = metric(s[name].get(w), unit)
+            shown = v / GIB if unit == "GiB/s" and v else v
+            bars.append((name, name, shown, fmt_value(v, unit)))
+        panels.append((f"{nbd['workloads'][w]['label']} ({unit}, higher is better)", bars))
+    rss_bars = [(n, n, (s[n].get("peak_rss_max") or 0) / MIB,
+                 f"{(s[n].get('peak_rss_max') or 0) / MIB:.1f} MiB") for n in servers]
+    panels.append(("server peak RSS (MiB, lower is better)", rss_bars))
+    svg = run_dir / "nbd.svg"
+    svg_bars("NBD throughput", panels, svg,
+             f"{nbd['machine']['date']} - {nbd['machine']['nproc']} CPUs - median of {p['reps']}")
+    lines.append(f"![NBD throughput]({svg.relative_to(BENCHES)})\n")
+
+    fc = nbd.get("flush_syscalls") or {}
+    if fc:
+        lines.append("What a FLUSH costs each server (strace of a 2 s flush-every-32 run): "
+                     "fsync/fdatasync calls per NBD FLUSH, and hole punches (fallocate) in that run. "
+                     "A server making no sync call on FLUSH offers no durability for it.\n")
+        lines.append("| server | syncs per FLUSH | fallocate calls | FLUSHes |")
+        lines.append("|---|---|---|---|")
+        for name in servers:
+            if name in fc:
+                c = fc[name]
+                lines.append(f"| {s[name]['label']} | {c['syncs_per_flush']:.2f} | "
+                             f"{c['counts'].get('fallocate', 0)} | {c['flushes']} |")
+        lines.append("")
+
+    wa = nbd.get("write_amplification") or {}
+    if wa:
+        lines.append("### Write amplification\n")
+        lines.append(f"{p['wa_bytes'] >> 20} MiB of 4 KiB random writes, each to a distinct block, into a "
+                     "fresh overlay through NBD; the server is stopped with SIGTERM (which flushes), "
+                     "then the growth of the image's allocated blocks (`st_blocks` x 512) is divided "
+                     "by the bytes written. nbdkit cow: its unlinked temporary overlay, measured "
+                     "through /proc/PID/fd before the stop. The raw copy is written in place (no "
+                     "growth) and is left out.\n")
+        lines.append("| server | written | image grew by | ratio |")
+        lines.append("|---|---|---|---|")
+        for name in servers:
+            if name in wa:
+                r = wa[name]
+                lines.append(f"| {s[name]['label']} | {r['written'] / MIB:.0f} MiB | "
+                             f"{r['grown'] / MIB:.1f} MiB | {r['ratio']:.3f} |")
+        lines.append("")
+        if "cowimg" in wa:
+            checks.append(("write amplification <= 1.1", f"{wa['cowimg']['ratio']:.3f}",
+                           wa["cowimg"]["ratio"] <= 1.1))
+
+
+def render_cc(run_dir, cc, lines, checks):
+    s = cc["summary"]
+    p = cc["params"]
+    lines.append("### Commit and convert\n")
+    lines.append(f"{p['dirty'] >> 20} MiB written through NBD (same fio job: 1 MiB writes at distinct "
+                 f"random offsets) into an overlay over a fresh copy of the {p['size'] >> 20} MiB "
+                 f"backing file; then `convert -O raw` (fastest of "
+                 f"{p.get('convert_tries', 1)} back-to-back runs) and `commit` are timed. Median of "
+                 f"{p['reps']}; peak RSS from /usr/bin/time.\n")
+    lines.append("| tool | convert -O raw | convert peak RSS | commit | commit peak RSS |")
+    lines.append("|---|---|---|---|---|")
+    for name, ops in s.items():
+        lines.append(f"| {name} | {ops['convert']['seconds']:.2f} s | "
+                     f"{ops['convert']['peak_rss'] / MIB:.1f} MiB | {ops['commit']['seconds']:.2f} s | "
+                     f"{ops['commit']['peak_rss'] / MIB:.1f} MiB |")
+        if "convert_durable" in ops:
+            d = ops["convert_durable"]
+            lines.append(f"| {name} -t writeback (fsyncs its output, as cowimg does) | "
+                         f"{d['seconds']:.2f} s | {d['peak_rss'] / MIB:.1f} MiB | | |")
+    lines.append("")
+    if "cowimg" in s and "qemu-img" in s:
+        cv = s["qemu-img"]["convert"]["seconds"] / s["cowimg"]["convert"]["seconds"]
+        cm = s["qemu-img"]["commit"]["seconds"] / s["cowimg"]["commit"]["seconds"]
+        text = f"cowimg is {cv:.2f}x as fast as qemu-img at convert"
+        if "convert_durable" in s["qemu-img"]:
+            cvd = s["qemu-img"]["convert_durable"]["seconds"] / s["cowimg"]["convert"]["seconds"]
+            text += f" ({cvd:.2f}x against `-t writeback`)"
+        lines.append(text + f" and {cm:.2f}x at commit.\n")
+        checks.append(("convert >= qemu-img convert (default, no fsync)", f"{cv:.2f}x", cv >= 1.0))
+        if "convert_durable" in s["qemu-img"]:
+            checks.append(("convert >= qemu-img convert -t writeback", f"{cvd:.2f}x", cvd >= 1.0))
+        checks.append(("commit >= 1.5x qemu-img commit", f"{cm:.2f}x", cm >= 1.5))
+        bars = {"convert": [(n, n, s[n]["convert"]["seconds"], f"{s[n]['convert']['seconds']:.2f} s")
+                            for n in s]}
+        if "convert_durable" in s["qemu-img"]:
+            v = s["qemu-img"]["convert_durable"]["seconds"]
+            bars["convert"].append(("qemu-img -t wb", "qemu-img", v, f"{v:.2f} s"))
+        bars["commit"] = [(n, n, s[n]["commit"]["seconds"], f"{s[n]['commit']['seconds']:.2f} s")
+                          for n in s]
+        panels = [(f"{op} (seconds, lower is better)", bars[op]) for op in ("convert", "commit")]
+        svg = run_dir / "commit_convert.svg"
+        svg_bars("Commit and convert", panels, svg, f"{p['dirty'] >> 20} MiB dirty, median of {p['reps']}")
+        lines.append(f"![commit and convert]({svg.relative_to(BENCHES)})\n")
+
+
+def render_scale(sc, lines, checks):
+    r = sc["results"]
+    lines.append("### Scale\n")
+    lines.append("A 16 TiB overlay, empty and with clusters scattered over it (one 4 KiB write "
+                 "per 64 KiB cluster, written with the library, flushed every 65,536 writes). "
+                 "Open: median of in-process `Image::open` calls; peak RSS of a process that only "
+                 "opens it; `cowimg info`: wall time and peak RSS of the command.\n")
+    lines.append("| image | file size / allocated | create | open | open peak RSS | cowimg info | info peak RSS |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for key in ("empty", "full"):
+        if key not in r:
+            continue
+        x = r[key]
+        create = x.get("cli_create_ms", x.get("create_ms"))
+        lines.append(
+            f"| {x['label']} | {x['file_size'] / MIB:,.1f} / {x['file_allocated'] / MIB:,.1f} MiB | "
+            f"{create:.1f} ms | {x['open_ms']:.3f} ms | {x['open_peak_rss'] / MIB:.1f} MiB | "
+            + (f"{x['info_ms']:.1f} ms | {x['info_peak_rss'] / MIB:.1f} MiB |" if "info_ms" in x
+               else "- | - |"))
+    lines.append("")
+    if "empty" in r:
+        e = r["empty"]
+        t = e.get("info_ms", e["open_ms"])
+        m = e.get("info_peak_rss", e["open_peak_rss"])
+        checks.append(("16 TiB overlay opens < 50 ms and in a few MiB",
+                       f"{t:.1f} ms, {m / MIB:.1f} MiB", t < 50 and m < 8 * MIB))
+
+
+def render_criterion(cr, lines):
+    g = cr["groups"]
+    lines.append("### Library micro-benchmarks (criterion)\n")
+    lines.append("`cargo bench --bench image`: median time per 4 KiB operation; the plain file is "
+                 "pread/pwrite on a `std::fs::File` on the same filesystem (tmpfs by default), "
+                 "the limit.\n")
+    lines.append("| operation | cowimg | plain file | cowimg ÷ plain |")
+    lines.append("|---|---|---|---|")
+    for group, impls in g.items():
+        c = next((v for k, v in impls.items() if k.startswith("cowimg")), None)
+        f = next((v for k, v in impls.items() if k.startswith("plain_file")), None)
+        if c and f:
+            lines.append(f"| {group} | {c['median_ns'] / 1000:.2f} µs | {f['median_ns'] / 1000:.2f} µs | "
+                         f"{c['median_ns'] / f['median_ns']:.2f}x |")
+    lines.append("")
+
+
+def render():
+    runs = sorted([d for d in RESULTS_DIR.iterdir() if d.is_dir() and d.name != "debug"],
+                  key=lambda d: d.name, reverse=True) if RESULTS_DIR.exists() else []
+    lines = ["# cowimg benchmark results", "",
+             "Generated by `benches/report.py` from `benches/results/<run>/*.json`, newest run "
+             "first. Run everything with `benches/run.sh` (`QUICK=1` for a fast pass); see "
+             "the scripts' docstrings for the knobs.", ""]
+    for d in runs:
+        parts = {n: load(d, f"{n}.json") for n in ("nbd", "commit_convert", "scale", "criterion")}
+        present = [v for v in parts.values() if v]
+        if not present:
+            continue
+        m = present[0]["machine"]
+        lines.append(f"## Run {d.name}{' (QUICK)' if m.get('quick') else ''}\n")
+        lines.append(f"{m['date']} - {machine_line(m)}\n")
+        if parts["nbd"]:
+            v = parts["nbd"]["versions"]
+            lines.append(f"Versions: {v['cowimg']}; {v['qemu-nbd']}; {v['nbdkit']}; {v['fio']}.\n")
+        checks = []
+        body = []
+        if parts["nbd"]:
+            render_nbd(d, parts["nbd"], body, checks)
+        if parts["commit_convert"]:
+            render_cc(d, parts["commit_convert"], body, checks)
+        if parts["scale"]:
+            render_scale(parts["scale"], body, checks)
+        if parts["criterion"]:
+            render_criterion(parts["criterion"], body)
+        if checks:
+            lines.append("### Targets\n")
+            lines.append("| target | measured | |")
+            lines.append("|---|---|---|")
+            for what, got, ok in checks:
+                lines.append(f"| {what} | {got} | {verdict(ok)} |")
+            lines.append("")
+        lines.extend(body)
+    (BENCHES / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    log("wrote", BENCHES / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["collect-criterion"]:
+        collect_criterion()
+    else:
+        render()
