@@ -62,6 +62,23 @@ impl RawFile {
     }
 }
 
+/// Starts writing a range of a file back to the disk without waiting (sync_file_range), so
+/// that the fdatasync that ends a long copy has little left to do. A hint: errors are left to
+/// that fdatasync, which reports them.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: sync_file_range takes plain integers and a descriptor that `file` owns and
+    // keeps open for the whole call; it touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 impl Layer {
     /// Opens a backing file. `depth` counts the layers above it.
     pub fn open(
@@ -179,17 +196,7 @@ impl Layer {
     /// flush, which reports them.
     pub fn start_writeback(&self, offset: u64, len: u64) {
         if let Layer::Raw(r) = self {
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: sync_file_range takes plain integers and a descriptor that `r.file`
-            // owns and keeps open for the whole call; it touches no memory of ours.
-            unsafe {
-                libc::sync_file_range(
-                    r.file.as_raw_fd(),
-                    offset as i64,
-                    len as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
+            start_writeback(&r.file, offset, len);
         }
     }
 

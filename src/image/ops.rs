@@ -294,22 +294,68 @@ fn convert_to_raw(
         source,
     };
     out.set_len(size).map_err(|e| io("sizing", size, e))?;
-    let mut buf = vec![0u8; COPY_CHUNK];
-    for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {
-        let mut pos = e.offset;
-        while pos < e.offset + e.length {
-            let n = (e.offset + e.length - pos).min(COPY_CHUNK as u64) as usize;
-            src.read_at(&mut buf[..n], pos)?;
-            // Blocks of zeros stay holes, as qemu-img convert -S 4k leaves them.
-            for (off, len) in nonzero_spans(&buf[..n]) {
-                let at = pos + off as u64;
-                out.write_all_at(&buf[off..off + len], at)
-                    .map_err(|e| io("writing", at, e))?;
-            }
-            pos += n as u64;
-            progress(pos, size);
-        }
+    // Data is read in the order it lies in its file (extents of the same layer by host
+    // offset), so that reads stream; the output takes writes in any order.
+    let mut data: Vec<&super::Extent> = extents
+        .iter()
+        .filter(|e| e.kind == ExtentKind::Data)
+        .collect();
+    data.sort_by_key(|e| (e.depth, e.host_offset.unwrap_or(e.offset)));
+    let total: u64 = data.iter().map(|e| e.length).sum();
+    // A reader and a writer overlap: two buffers circulate between them.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        empty_tx
+            .send(vec![0u8; COPY_CHUNK])
+            .expect("the channel holds two buffers");
     }
+    std::thread::scope(|scope| -> Result<()> {
+        let writer = scope.spawn(|| -> Result<()> {
+            for (pos, buf) in full_rx {
+                // Blocks of zeros stay holes, as qemu-img convert -S 4k leaves them.
+                for (off, len) in nonzero_spans(&buf) {
+                    let at = pos + off as u64;
+                    out.write_all_at(&buf[off..off + len], at)
+                        .map_err(|e| io("writing", at, e))?;
+                }
+                super::layer::start_writeback(&out, pos, buf.len() as u64);
+                // The reader may have stopped on an error; then nobody takes the buffer back.
+                let _ = empty_tx.send(buf);
+            }
+            Ok(())
+        });
+        let mut done = 0;
+        let read = (|| -> Result<()> {
+            for e in &data {
+                let mut pos = e.offset;
+                while pos < e.offset + e.length {
+                    let n = (e.offset + e.length - pos).min(COPY_CHUNK as u64) as usize;
+                    let Ok(mut buf) = empty_rx.recv() else {
+                        return Ok(());
+                    };
+                    buf.resize(n, 0);
+                    src.read_at(&mut buf, pos)?;
+                    if full_tx.send((pos, buf)).is_err() {
+                        return Ok(()); // the writer failed; its error is reported below
+                    }
+                    pos += n as u64;
+                    done += n as u64;
+                    progress(done, total);
+                }
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(io(
+                "writing",
+                0,
+                std::io::Error::other("the writer thread panicked"),
+            ))
+        });
+        read.and(written)
+    })?;
     out.sync_data().map_err(|e| io("syncing", 0, e))?;
     progress(size, size);
     Ok(())
