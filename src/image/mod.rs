@@ -1393,17 +1393,18 @@ fn entry_leaving_zero_run<'a>(
     g: Geometry,
     vcluster: u64,
 ) -> &'a mut Entry {
-    if !map.contains_key(&vcluster) && zero_runs.contains(vcluster) {
-        zero_runs.remove(vcluster, vcluster + 1);
-        map.insert(
-            vcluster,
+    // One lookup on the common path; the zero runs are only consulted for a new entry.
+    map.entry(vcluster).or_insert_with(|| {
+        if zero_runs.contains(vcluster) {
+            zero_runs.remove(vcluster, vcluster + 1);
             Entry {
                 zero: g.full_mask(),
                 ..Default::default()
-            },
-        );
-    }
-    map.entry(vcluster).or_default()
+            }
+        } else {
+            Entry::default()
+        }
+    })
 }
 
 /// Figures `info` shows about the map and the file.
