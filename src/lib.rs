@@ -1,6 +1,6 @@
 //! cowimg: block-level copy-on-write disk images.
 //!
-//! - [`format`]: the on-disk structures, bytes to structs and back (no I/O);
+//! - [`format`](mod@format): the on-disk structures, bytes to structs and back (no I/O);
 //! - [`storage`]: the small I/O trait the image layer runs on;
 //! - [`image`]: the extent map, copy-on-write, allocation, the flush protocol, backing
 //!   chains, and the whole-image operations (commit, rebase, convert, check);
