@@ -247,7 +247,21 @@ pub fn assert_check_clean(path: &Path) {
     );
 }
 
+/// Reopens an image read-only (after the server stopped) and reads `len` bytes at `offset`.
+pub fn read_image(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let opts = cowimg::image::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let image = cowimg::image::Image::open(path, &opts).expect("reopening the image");
+    let mut b = vec![0u8; len];
+    image.read_at(&mut b, offset).expect("reading the image");
+    b
+}
+
 // --- a minimal raw NBD client -------------------------------------------------------
+// The wire constants are restated here from the NBD spec rather than taken from
+// `cowimg::nbd::protocol`: a wrong constant in the server must not pass its own tests.
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
