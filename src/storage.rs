@@ -29,6 +29,8 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Hints that a range will be read soon (the kernel starts reading it ahead).
     fn will_need(&self, _offset: u64, _len: u64) {}
+    /// Hints that a range will not be read again (the kernel may drop it from its cache).
+    fn wont_need(&self, _offset: u64, _len: u64) {}
 }
 
 /// A regular file, read and written with pread/pwrite.
@@ -87,6 +89,16 @@ impl Storage for FileStorage {
             offset as i64,
             len as i64,
             PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
+    }
+    fn wont_need(&self, offset: u64, len: u64) {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        // Only a hint, like will_need.
+        let _ = posix_fadvise(
+            self.file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         );
     }
 }

@@ -52,11 +52,10 @@ pub fn commit(image: &Image, keep_overlay: bool, progress: Progress) -> Result<C
     });
     let total: u64 = runs.iter().map(|r| r.1).sum();
     let mut stats = CommitStats::default();
-    let mut read_ahead = ReadAhead::new(&runs);
-    let mut buf = vec![0u8; COPY_CHUNK.min(total as usize)];
     let mut done = 0;
     progress(0, total);
-    for (start, length, src) in runs {
+    let mut chunks = Vec::new();
+    for &(start, length, src) in &runs {
         match src {
             Source::Zero => {
                 backing.write_zeroes(start, length)?;
@@ -65,32 +64,119 @@ pub fn commit(image: &Image, keep_overlay: bool, progress: Progress) -> Result<C
                 progress(done, total);
             }
             Source::Host(host) => {
-                let mut pos = start;
-                while pos < start + length {
-                    let n = (start + length - pos).min(buf.len() as u64) as usize;
-                    let at = host + (pos - start);
-                    read_ahead.advance(image, at);
-                    image
-                        .storage()
-                        .read_at(&mut buf[..n], at)
-                        .map_err(|e| image.io_err("reading", at, e))?;
-                    backing.write_at(&buf[..n], pos)?;
-                    backing.start_writeback(pos, n as u64);
-                    pos += n as u64;
-                    done += n as u64;
-                    progress(done, total);
-                }
+                chunks.extend(split_copy(host, start, length));
                 stats.bytes_written += length;
             }
             Source::Backing => unreachable!("own_runs leaves out what falls through"),
         }
     }
+    let mut read_ahead = ReadAhead::new(&runs);
+    copy_overlapped(
+        backing.path(),
+        chunks,
+        |buf, at| {
+            read_ahead.advance(image, at);
+            image
+                .storage()
+                .read_at(buf, at)
+                .map_err(|e| image.io_err("reading", at, e))?;
+            if !keep_overlay {
+                // The overlay lets go of this data at the end; dropping its cached pages
+                // now, while the other thread writes, spares the final truncate that work.
+                image.storage().wont_need(at, buf.len() as u64);
+            }
+            Ok(())
+        },
+        |buf, pos| {
+            backing.write_at(buf, pos)?;
+            backing.start_writeback(pos, buf.len() as u64);
+            Ok(())
+        },
+        |n| {
+            done += n;
+            progress(done, total);
+        },
+    )?;
     // The backing file must hold everything before the overlay lets go of it.
     backing.flush()?;
     if !keep_overlay {
         image.clear()?;
     }
     Ok(stats)
+}
+
+/// One piece of a copy: `len` bytes read at `from` are written at `to`.
+#[derive(Debug, Clone, Copy)]
+struct CopyChunk {
+    from: u64,
+    to: u64,
+    len: usize,
+}
+
+/// The `COPY_CHUNK`-sized pieces of a run of `length` bytes read at `from`, written at `to`.
+fn split_copy(from: u64, to: u64, length: u64) -> impl Iterator<Item = CopyChunk> {
+    (0..length.div_ceil(COPY_CHUNK as u64)).map(move |i| {
+        let skip = i * COPY_CHUNK as u64;
+        CopyChunk {
+            from: from + skip,
+            to: to + skip,
+            len: (length - skip).min(COPY_CHUNK as u64) as usize,
+        }
+    })
+}
+
+/// Copies `chunks` with reading (on this thread) and writing (on a second one) overlapped:
+/// two buffers circulate between them, so the disk always has a read and a write to do.
+/// `copied` hears the length of each chunk once it has been read. The first error stops
+/// both sides and is returned (a read error before a write error).
+fn copy_overlapped(
+    dst: &Path,
+    chunks: impl IntoIterator<Item = CopyChunk>,
+    mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    write: impl Fn(&[u8], u64) -> Result<()> + Sync,
+    mut copied: impl FnMut(u64),
+) -> Result<()> {
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        empty_tx
+            .send(Vec::with_capacity(COPY_CHUNK))
+            .expect("the channel holds two buffers");
+    }
+    std::thread::scope(|scope| -> Result<()> {
+        let writer = scope.spawn(|| -> Result<()> {
+            for (to, buf) in full_rx {
+                write(&buf, to)?;
+                // The reader may have stopped on an error; then nobody takes the buffer back.
+                let _ = empty_tx.send(buf);
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<()> {
+            for chunk in chunks {
+                let Ok(mut buf) = empty_rx.recv() else {
+                    return Ok(()); // the writer failed; its error is reported below
+                };
+                buf.resize(chunk.len, 0);
+                read(&mut buf, chunk.from)?;
+                if full_tx.send((chunk.to, buf)).is_err() {
+                    return Ok(());
+                }
+                copied(chunk.len as u64);
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(Error::Io {
+                path: dst.into(),
+                op: "writing",
+                offset: 0,
+                source: std::io::Error::other("the writer thread panicked"),
+            })
+        });
+        read.and(written)
+    })
 }
 
 /// Asks the kernel to read the image's data runs ahead of a copy that walks them in host
@@ -221,6 +307,20 @@ pub struct ConvertOptions {
     /// what differs from it is stored.
     pub backing: Option<(String, BackingFormat)>,
     pub cluster_size: u64,
+    /// Whether the output reaches the disk before convert returns.
+    pub cache: CacheMode,
+}
+
+/// What convert does to make its output durable (qemu-img's `-t`, for the modes that
+/// differ here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// The output is written back as the copy goes and synced (fdatasync) at the end.
+    #[default]
+    Writeback,
+    /// No sync: the output may still be in the page cache when convert returns, so a crash
+    /// soon after can lose it. Raw output only. This is qemu-img convert's default.
+    Unsafe,
 }
 
 /// Opens a file given on the command line as a source: `format` if given, else cowimg when
@@ -265,7 +365,7 @@ pub fn convert(src: &Layer, dst: &Path, opts: &ConvertOptions, progress: Progres
     let total = size;
     progress(0, total);
     match opts.output {
-        OutputFormat::Raw => convert_to_raw(src, dst, size, &extents, progress),
+        OutputFormat::Raw => convert_to_raw(src, dst, size, &extents, opts.cache, progress),
         OutputFormat::Cowimg => convert_to_cowimg(src, dst, size, &extents, opts, progress),
     }
 }
@@ -275,6 +375,7 @@ fn convert_to_raw(
     dst: &Path,
     size: u64,
     extents: &[super::Extent],
+    cache: CacheMode,
     progress: Progress,
 ) -> Result<()> {
     let out = FsOpenOptions::new()
@@ -302,61 +403,34 @@ fn convert_to_raw(
         .collect();
     data.sort_by_key(|e| (e.depth, e.host_offset.unwrap_or(e.offset)));
     let total: u64 = data.iter().map(|e| e.length).sum();
-    // A reader and a writer overlap: two buffers circulate between them.
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(1);
-    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
-    for _ in 0..2 {
-        empty_tx
-            .send(vec![0u8; COPY_CHUNK])
-            .expect("the channel holds two buffers");
-    }
-    std::thread::scope(|scope| -> Result<()> {
-        let writer = scope.spawn(|| -> Result<()> {
-            for (pos, buf) in full_rx {
-                // Blocks of zeros stay holes, as qemu-img convert -S 4k leaves them.
-                for (off, len) in nonzero_spans(&buf) {
-                    let at = pos + off as u64;
-                    out.write_all_at(&buf[off..off + len], at)
-                        .map_err(|e| io("writing", at, e))?;
-                }
+    let chunks = data
+        .iter()
+        .flat_map(|e| split_copy(e.offset, e.offset, e.length));
+    let mut done = 0;
+    copy_overlapped(
+        dst,
+        chunks,
+        |buf, pos| src.read_at(buf, pos),
+        |buf, pos| {
+            // Blocks of zeros stay holes, as qemu-img convert -S 4k leaves them.
+            for (off, len) in nonzero_spans(buf) {
+                let at = pos + off as u64;
+                out.write_all_at(&buf[off..off + len], at)
+                    .map_err(|e| io("writing", at, e))?;
+            }
+            if cache == CacheMode::Writeback {
                 super::layer::start_writeback(&out, pos, buf.len() as u64);
-                // The reader may have stopped on an error; then nobody takes the buffer back.
-                let _ = empty_tx.send(buf);
             }
             Ok(())
-        });
-        let mut done = 0;
-        let read = (|| -> Result<()> {
-            for e in &data {
-                let mut pos = e.offset;
-                while pos < e.offset + e.length {
-                    let n = (e.offset + e.length - pos).min(COPY_CHUNK as u64) as usize;
-                    let Ok(mut buf) = empty_rx.recv() else {
-                        return Ok(());
-                    };
-                    buf.resize(n, 0);
-                    src.read_at(&mut buf, pos)?;
-                    if full_tx.send((pos, buf)).is_err() {
-                        return Ok(()); // the writer failed; its error is reported below
-                    }
-                    pos += n as u64;
-                    done += n as u64;
-                    progress(done, total);
-                }
-            }
-            Ok(())
-        })();
-        drop(full_tx);
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(io(
-                "writing",
-                0,
-                std::io::Error::other("the writer thread panicked"),
-            ))
-        });
-        read.and(written)
-    })?;
-    out.sync_data().map_err(|e| io("syncing", 0, e))?;
+        },
+        |n| {
+            done += n;
+            progress(done, total);
+        },
+    )?;
+    if cache == CacheMode::Writeback {
+        out.sync_data().map_err(|e| io("syncing", 0, e))?;
+    }
     progress(size, size);
     Ok(())
 }
