@@ -499,3 +499,37 @@ fn random_scripts_match_qemu_io_and_survive_commit() {
         assert_same_bytes(&committed, &read_file(&d.join("ref.raw")), &what);
     }
 }
+
+#[test]
+fn convert_t_unsafe_writes_the_same_raw_bytes_and_is_refused_for_cowimg_output() {
+    let dir = tempdir();
+    let d = dir.path();
+    make_backing(d);
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "top.cow"]).ok();
+    cowimg_io(d, "top.cow", &["write -P 7 100K 200K", "write -z 1M 64K"]).ok();
+    let expected = contents(d, "top.cow");
+
+    cowimg_in(d, &["convert", "-t", "unsafe", "top.cow", "fast.raw"]).ok();
+    assert_same_bytes(&read_file(&d.join("fast.raw")), &expected, "-t unsafe copy");
+
+    let run = cowimg_in(
+        d,
+        &[
+            "convert", "-t", "unsafe", "-O", "cowimg", "top.cow", "x.cow",
+        ],
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("-t unsafe needs -O raw"),
+        "{}",
+        run.stderr
+    );
+    let run = cowimg_in(d, &["convert", "-t", "none", "top.cow", "y.raw"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("unknown cache mode 'none'"),
+        "{}",
+        run.stderr
+    );
+    assert!(!d.join("x.cow").exists() && !d.join("y.raw").exists());
+}

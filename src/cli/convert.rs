@@ -3,7 +3,7 @@ use super::progress::Progress;
 use super::size::parse_cluster_size;
 use super::{backing_option, parse_format};
 use crate::format::BackingFormat;
-use crate::image::ops::{self, ConvertOptions, OutputFormat};
+use crate::image::ops::{self, CacheMode, ConvertOptions, OutputFormat};
 use crate::image::{resolve_backing_path, CreateOptions, Layer};
 use anyhow::bail;
 use clap::Args;
@@ -29,6 +29,11 @@ pub struct ConvertArgs {
     /// For cowimg output: the cluster size, a power of two from 4K to 2M (default 64K).
     #[arg(short = 'c', long = "cluster-size", value_name = "CLUSTER_SIZE", value_parser = parse_cluster_size)]
     pub cluster_size: Option<u64>,
+    /// Cache mode of DST: writeback (the default: DST is on the disk when convert exits) or
+    /// unsafe (DST may still be in the page cache, as with qemu-img convert's default;
+    /// -O raw only).
+    #[arg(short = 't', value_name = "CACHE", value_parser = parse_cache_mode, default_value = "writeback")]
+    pub cache: CacheMode,
     /// Show a progress bar.
     #[arg(short = 'p', long)]
     pub progress: bool,
@@ -48,6 +53,16 @@ fn parse_output_format(text: &str) -> Result<OutputFormat, String> {
     }
 }
 
+fn parse_cache_mode(text: &str) -> Result<CacheMode, String> {
+    match text {
+        "writeback" => Ok(CacheMode::Writeback),
+        "unsafe" => Ok(CacheMode::Unsafe),
+        _ => Err(format!(
+            "unknown cache mode '{text}': expected writeback or unsafe"
+        )),
+    }
+}
+
 pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let backing = backing_option(args.backing, args.backing_format)?;
     if args.output_format == OutputFormat::Raw {
@@ -57,6 +72,8 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         if args.cluster_size.is_some() {
             bail!("-c needs -O cowimg: a raw file has no clusters");
         }
+    } else if args.cache == CacheMode::Unsafe {
+        bail!("-t unsafe needs -O raw: a cowimg image orders its writes with flushes");
     }
     let source = ops::open_source(&args.source, args.source_format)?;
     refuse_to_overwrite_an_input(&source, &args.destination, backing.as_ref())?;
@@ -66,6 +83,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         cluster_size: args
             .cluster_size
             .unwrap_or(CreateOptions::default().cluster_size),
+        cache: args.cache,
     };
     let mut progress = Progress::new(args.progress);
     ops::convert(&source, &args.destination, &opts, &mut |done, total| {
