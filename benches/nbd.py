@@ -17,11 +17,13 @@ issues a flush for every free queue slot while a flush is in flight (see that fi
 
 Servers alternate within each repetition (round robin), every figure is the median over
 REPS repetitions. Knobs (environment): REPS, RUNTIME, RAMP (seconds), SIZE_MIB, WA_MIB, SKIP_WA,
-SERVERS (comma-separated subset), WORKLOADS (subset), QUICK=1.
+SERVERS (comma-separated subset; cowimg-4k, cowimg with 4 KiB clusters, runs only when named
+there), WORKLOADS (subset), QUICK=1.
 """
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -68,6 +70,7 @@ def servers():
     q = WORK_DIR / "overlay.qcow2"
     q2 = WORK_DIR / "overlay-el2.qcow2"
     raw = WORK_DIR / "copy.raw"
+    cow4k = WORK_DIR / "overlay-4k.cow"
     all_ = [
         Setup("cowimg", "cowimg serve",
               lambda: (remove(cow), sh([COWIMG, "create", "-b", BASE, "-F", "raw", cow])),
@@ -90,10 +93,18 @@ def servers():
               lambda: copy_file(BASE, raw),
               ["nbdkit", "-f", "--unix", SOCK, "file", raw], raw),
     ]
+    # Not in the default set: 4 KiB clusters, where every new unit is a new cluster placed
+    # at the end of the file (see RESULTS.md on flushes and file-system allocation).
+    optional = [
+        Setup("cowimg-4k", "cowimg serve, -c 4K clusters",
+              lambda: (remove(cow4k), sh([COWIMG, "create", "-c", "4K", "-b", BASE, "-F", "raw",
+                                          cow4k])),
+              [COWIMG, "serve", "--socket", SOCK, cow4k], cow4k),
+    ]
     wanted = os.environ.get("SERVERS")
     if wanted:
         names = wanted.split(",")
-        all_ = [s for s in all_ if s.name in names]
+        all_ = [s for s in all_ + optional if s.name in names]
     if any(s.name == "cowimg" for s in all_) and not (
             have_cowimg_command("serve") and have_cowimg_command("create")):
         log("cowimg serve/create are not available in", COWIMG, "- skipping cowimg")
@@ -162,10 +173,30 @@ def write_amplification(setup):
     return {"written": written, "grown": grown, "ratio": grown / written, "file": note}
 
 
+def device_writes():
+    """(write requests, bytes written, flushes) so far on the block device under WORK_DIR,
+    from /sys/dev/block/MAJ:MIN/stat; None where the kernel does not show it."""
+    dev = os.stat(WORK_DIR).st_dev
+    try:
+        f = (pathlib.Path("/sys/dev/block") / f"{os.major(dev)}:{os.minor(dev)}" / "stat") \
+            .read_text().split()
+    except OSError:
+        return None
+    flushes = int(f[15]) if len(f) > 15 else 0
+    return int(f[4]), int(f[6]) * 512, flushes
+
+
+def flush_load(load_exe, seconds):
+    return json.loads(sh([load_exe, "--socket", SOCK, "--rw", "randwrite", "--bs", "4096",
+                          "--iodepth", str(IODEPTH), "--flush-every", str(FLUSH_EVERY),
+                          "--runtime", str(seconds), "--ramp", "0"]))
+
+
 def flush_syscalls(setup, load_exe):
     """What one NBD FLUSH costs each server in system calls: strace counts fsync/fdatasync
     (and hole punches) during a short flush-every-32 run. A server that syncs nothing on
-    FLUSH is not offering the same durability, whatever its IOPS."""
+    FLUSH is not offering the same durability, whatever its IOPS. A second, untraced run
+    counts what the block device under WORK_DIR wrote meanwhile."""
     srv = start(setup)
     trace = WORK_DIR / f"{setup.name}.flush-strace"
     remove(trace)
@@ -175,9 +206,7 @@ def flush_syscalls(setup, load_exe):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        out = json.loads(sh([load_exe, "--socket", SOCK, "--rw", "randwrite", "--bs", "4096",
-                             "--iodepth", str(IODEPTH), "--flush-every", str(FLUSH_EVERY),
-                             "--runtime", "2", "--ramp", "0"]))
+        out = flush_load(load_exe, 2)
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait()
@@ -190,8 +219,25 @@ def flush_syscalls(setup, load_exe):
         if len(f) >= 5 and f[-1] in ("fsync", "fdatasync", "sync_file_range", "fallocate"):
             counts[f[-1]] = int(f[3])
     flushes = max(out["flushes"], 1)
-    return {"flushes": out["flushes"], "counts": counts,
-            "syncs_per_flush": (counts.get("fsync", 0) + counts.get("fdatasync", 0)) / flushes}
+    res = {"flushes": out["flushes"], "counts": counts,
+           "syncs_per_flush": (counts.get("fsync", 0) + counts.get("fdatasync", 0)) / flushes}
+    settle()
+    srv = start(setup)
+    try:
+        before = device_writes()
+        out = flush_load(load_exe, RUNTIME)
+        after = device_writes()
+    finally:
+        srv.stop()
+        if setup.image:
+            remove(setup.image)
+    if before and after:
+        # What the device had to write per byte the client wrote: data plus whatever the
+        # server and the file system add (journal, extent tree, bitmaps) to make it durable.
+        # Other tenants of the disk add noise; the ratio between servers is what matters.
+        res["device_bytes_per_byte"] = (after[1] - before[1]) / max(out["ops"] * 4096, 1)
+        res["device_flushes_per_flush"] = (after[2] - before[2]) / max(out["flushes"], 1)
+    return res
 
 
 def main():
