@@ -535,40 +535,48 @@ impl Image {
         let mut plan = Vec::with_capacity((len / us + 2) as usize);
         let mut unit_start = offset & !(us - 1);
         while unit_start < end {
+            // One map lookup per cluster: its units of the request are planned together.
             let vcluster = unit_start >> g.cluster_bits;
-            let unit = ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
-            let bit = 1u64 << unit;
-            let covers = offset <= unit_start && end >= unit_start + us;
+            let cluster_end = end.min((vcluster + 1) << g.cluster_bits);
             let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vcluster);
-            if e.busy & bit != 0 {
-                return Plan::WaitForUnit(vcluster, bit);
-            }
-            let Some(slot) = Self::pick_slot(e, bit) else {
-                return Plan::WaitForCommit(st.commits);
-            };
-            if e.host[slot] == 0 {
-                e.host[slot] = st.free.allocate();
-            }
-            let in_place = e.units[slot] & bit != 0;
-            let old = match e.slot_of(bit) {
-                Some(s) => Source::Host(self.host_offset(e.host[s], unit)),
-                None if e.zero & bit != 0 => Source::Zero,
-                None => Source::Backing,
-            };
-            plan.push(UnitWrite {
-                vcluster,
-                bit,
-                slot,
-                host: self.host_offset(e.host[slot], unit),
-                unit_start,
-                direct: covers || in_place,
-                old,
-            });
-            unit_start += us;
-        }
-        for u in &plan {
-            if let Some(e) = st.map.get_mut(&u.vcluster) {
-                e.busy |= u.bit;
+            let first = plan.len();
+            while unit_start < cluster_end {
+                let unit =
+                    ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
+                let bit = 1u64 << unit;
+                let covers = offset <= unit_start && end >= unit_start + us;
+                if e.busy & bit != 0 {
+                    Self::release_planned(e, &plan[first..]);
+                    self.release_planned_clusters(&mut st.map, &plan[..first]);
+                    return Plan::WaitForUnit(vcluster, bit);
+                }
+                let Some(slot) = Self::pick_slot(e, bit) else {
+                    Self::release_planned(e, &plan[first..]);
+                    self.release_planned_clusters(&mut st.map, &plan[..first]);
+                    return Plan::WaitForCommit(st.commits);
+                };
+                if e.host[slot] == 0 {
+                    e.host[slot] = st.free.allocate();
+                }
+                let in_place = e.units[slot] & bit != 0;
+                let old = match e.slot_of(bit) {
+                    Some(s) => Source::Host(self.host_offset(e.host[s], unit)),
+                    None if e.zero & bit != 0 => Source::Zero,
+                    None => Source::Backing,
+                };
+                // Held at once, so that a request spanning the unit twice cannot happen
+                // and the units of this cluster are not planned by someone else meanwhile.
+                e.busy |= bit;
+                plan.push(UnitWrite {
+                    vcluster,
+                    bit,
+                    slot,
+                    host: self.host_offset(e.host[slot], unit),
+                    unit_start,
+                    direct: covers || in_place,
+                    old,
+                });
+                unit_start += us;
             }
         }
         Plan::Ready(plan)
@@ -585,13 +593,25 @@ impl Image {
         st.waiters -= 1;
     }
 
-    /// Ends a write's hold on its units, successful or not, and wakes whoever waits.
-    fn end_writes(&self, st: &mut State, units: &[UnitWrite]) {
+    /// Drops the hold of `units` (all of one cluster's entry `e`) on their units.
+    fn release_planned(e: &mut Entry, units: &[UnitWrite]) {
         for u in units {
-            if let Some(e) = st.map.get_mut(&u.vcluster) {
-                e.busy &= !u.bit;
+            e.busy &= !u.bit;
+        }
+    }
+
+    /// Drops the hold of `units` (in cluster order) on their units: one lookup per cluster.
+    fn release_planned_clusters(&self, map: &mut BTreeMap<u64, Entry>, units: &[UnitWrite]) {
+        for group in units.chunk_by(|a, b| a.vcluster == b.vcluster) {
+            if let Some(e) = map.get_mut(&group[0].vcluster) {
+                Self::release_planned(e, group);
             }
         }
+    }
+
+    /// Ends a write's hold on its units, successful or not, and wakes whoever waits.
+    fn end_writes(&self, st: &mut State, units: &[UnitWrite]) {
+        self.release_planned_clusters(&mut st.map, units);
         // A wake-up is a system call; writes with nobody waiting skip it.
         if st.waiters > 0 {
             self.committed.notify_all();
@@ -645,18 +665,22 @@ impl Image {
             }
             let mut st = lock(&self.state);
             self.end_writes(&mut st, &units);
-            for u in &units {
+            let st = &mut *st;
+            for group in units.chunk_by(|a, b| a.vcluster == b.vcluster) {
+                let vcluster = group[0].vcluster;
                 let e = st
                     .map
-                    .get_mut(&u.vcluster)
+                    .get_mut(&vcluster)
                     .expect("planned clusters stay mapped while I/O is shared");
-                e.units[u.slot] |= u.bit;
-                e.units[1 - u.slot] &= !u.bit;
-                e.zero &= !u.bit;
-                e.written |= u.bit;
+                for u in group {
+                    e.units[u.slot] |= u.bit;
+                    e.units[1 - u.slot] &= !u.bit;
+                    e.zero &= !u.bit;
+                    e.written |= u.bit;
+                }
                 if !e.dirty {
                     e.dirty = true;
-                    st.dirty.push(u.vcluster);
+                    st.dirty.push(vcluster);
                 }
             }
             return Ok(());
