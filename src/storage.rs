@@ -1,5 +1,6 @@
 //! The small I/O interface under the image layer: bytes at offsets, a durability barrier,
 //! and hole punching. Tests implement it to inject errors and simulate power loss.
+use nix::fcntl::PosixFadviseAdvice;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -82,24 +83,17 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
     fn will_need(&self, offset: u64, len: u64) {
-        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-        // Only a hint: a failure costs speed, never data.
-        let _ = posix_fadvise(
-            self.file.as_raw_fd(),
-            offset as i64,
-            len as i64,
-            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-        );
+        self.advise(offset, len, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
     }
     fn wont_need(&self, offset: u64, len: u64) {
-        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-        // Only a hint, like will_need.
-        let _ = posix_fadvise(
-            self.file.as_raw_fd(),
-            offset as i64,
-            len as i64,
-            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        self.advise(offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+}
+
+impl FileStorage {
+    fn advise(&self, offset: u64, len: u64, advice: PosixFadviseAdvice) {
+        // Only a hint: a failure costs speed, never data.
+        let _ = nix::fcntl::posix_fadvise(self.file.as_raw_fd(), offset as i64, len as i64, advice);
     }
 }
 
