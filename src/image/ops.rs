@@ -143,8 +143,11 @@ fn copy_overlapped(
             .send(Vec::with_capacity(COPY_CHUNK))
             .expect("the channel holds two buffers");
     }
+    let write = &write;
     std::thread::scope(|scope| -> Result<()> {
-        let writer = scope.spawn(|| -> Result<()> {
+        // The writer owns the sending side of the empty buffers: when it stops on an error,
+        // the reader's wait for a buffer ends instead of hanging.
+        let writer = scope.spawn(move || -> Result<()> {
             for (to, buf) in full_rx {
                 write(&buf, to)?;
                 // The reader may have stopped on an error; then nobody takes the buffer back.
@@ -625,4 +628,106 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
         storage.sync().map_err(|e| io("syncing", 0, e))?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(n: u64) -> Vec<CopyChunk> {
+        split_copy(0, 1 << 30, n * COPY_CHUNK as u64).collect()
+    }
+
+    fn failure(at: u64) -> Error {
+        Error::Io {
+            path: "test".into(),
+            op: "writing",
+            offset: at,
+            source: std::io::Error::other("injected"),
+        }
+    }
+
+    #[test]
+    fn an_overlapped_copy_moves_every_chunk_to_its_place() {
+        let written = std::sync::Mutex::new(Vec::new());
+        let mut read_at = Vec::new();
+        copy_overlapped(
+            Path::new("test"),
+            chunks(5),
+            |buf, from| {
+                read_at.push(from);
+                buf.fill((from / COPY_CHUNK as u64) as u8);
+                Ok(())
+            },
+            |buf, to| {
+                written.lock().unwrap().push((to, buf[0], buf.len()));
+                Ok(())
+            },
+            |_| {},
+        )
+        .expect("the copy succeeds");
+        let step = COPY_CHUNK as u64;
+        assert_eq!(read_at, (0..5).map(|i| i * step).collect::<Vec<_>>());
+        let expected: Vec<_> = (0..5u64)
+            .map(|i| ((1 << 30) + i * step, i as u8, COPY_CHUNK))
+            .collect();
+        assert_eq!(*written.lock().unwrap(), expected);
+    }
+
+    #[test]
+    fn a_write_error_stops_an_overlapped_copy_instead_of_hanging_it() {
+        for failing in 0..4u64 {
+            let target = (1 << 30) + failing * COPY_CHUNK as u64;
+            // The copy runs on its own thread so that a hang fails the test instead of
+            // stalling the suite.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let result = copy_overlapped(
+                    Path::new("test"),
+                    chunks(8),
+                    |_, _| Ok(()),
+                    |_, to| {
+                        if to == target {
+                            // Slow enough that the reader has filled both buffers and
+                            // waits for an empty one when the write fails.
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            Err(failure(to))
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    |_| {},
+                );
+                let _ = done_tx.send(result);
+            });
+            let result = done_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("chunk {failing}: the copy hung after a write error"));
+            match result {
+                Err(Error::Io { offset, .. }) => assert_eq!(offset, target),
+                other => panic!("chunk {failing}: expected the write error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_error_stops_an_overlapped_copy_and_is_reported() {
+        let result = copy_overlapped(
+            Path::new("test"),
+            chunks(6),
+            |_, from| {
+                if from == 2 * COPY_CHUNK as u64 {
+                    Err(failure(from))
+                } else {
+                    Ok(())
+                }
+            },
+            |_, _| Ok(()),
+            |_| {},
+        );
+        assert!(
+            matches!(result, Err(Error::Io { offset, .. }) if offset == 2 * COPY_CHUNK as u64),
+            "{result:?}"
+        );
+    }
 }
