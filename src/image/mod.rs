@@ -1047,12 +1047,7 @@ impl Image {
                     digest,
                 );
                 let at = lock(&self.state).journal_position();
-                self.storage
-                    .write_at(&record, at)
-                    .map_err(|e| self.io_err("writing journal record", at, e))?;
-                self.storage
-                    .sync()
-                    .map_err(|e| self.io_err("syncing journal", at, e))?;
+                self.append_record(&record, at)?;
             }
             Some(c) => {
                 // The checkpoint replaces the journal, so it must be durable, data included,
@@ -1117,17 +1112,23 @@ impl Image {
                 st.journal_position(),
             )
         };
-        self.storage
-            .write_at(&record, at)
-            .map_err(|e| self.io_err("writing journal record", at, e))?;
-        self.storage
-            .sync()
-            .map_err(|e| self.io_err("syncing journal", at, e))?;
+        self.append_record(&record, at)?;
         let mut st = lock(&self.state);
         st.journal_tail += record.len() as u64;
         st.journal_next_seq += 1;
         st.last_record_has_data = false;
         Ok(())
+    }
+
+    /// Writes a journal record at `at` and syncs: the record, and the data written
+    /// before it, are durable when this returns.
+    fn append_record(&self, record: &[u8], at: u64) -> Result<()> {
+        self.storage
+            .write_at(record, at)
+            .map_err(|e| self.io_err("writing journal record", at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing journal", at, e))
     }
 
     fn write_header_slot(&self, header: &Header, slot: usize) -> Result<()> {
