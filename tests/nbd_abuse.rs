@@ -31,6 +31,14 @@ fn normal_client_works(server: &Server) {
     c.request(CMD_DISC, 0, 1, 0, 0, &[]);
 }
 
+/// A fresh image (see `image`) in a new directory, served with `args`.
+fn serve_fresh_image(args: &[&str]) -> (tempfile::TempDir, std::path::PathBuf, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let server = Server::start(dir.path(), &img, args);
+    (dir, img, server)
+}
+
 fn finish(mut server: Server, img: &Path) {
     normal_client_works(&server);
     server.stop();
@@ -41,9 +49,7 @@ fn finish(mut server: Server, img: &Path) {
 
 #[test]
 fn truncated_handshakes_leave_the_server_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &[]);
+    let (_dir, img, server) = serve_fresh_image(&[]);
     // Connect and leave at once.
     drop(UnixStream::connect(&server.socket).unwrap());
     // Half the client flags.
@@ -70,9 +76,7 @@ fn truncated_handshakes_leave_the_server_serving() {
 
 #[test]
 fn unknown_client_flags_and_bad_option_magic_end_the_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &[]);
+    let (_dir, img, server) = serve_fresh_image(&[]);
     let mut c = RawClient::connect(&server.socket);
     c.greet(1 | 1 << 5);
     assert!(c.is_closed(), "unknown client flag accepted");
@@ -88,9 +92,7 @@ fn unknown_client_flags_and_bad_option_magic_end_the_connection() {
 
 #[test]
 fn huge_option_and_name_lengths_are_refused_without_allocating() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &[]);
+    let (_dir, img, server) = serve_fresh_image(&[]);
 
     // An option length of 4 GiB: refused before a byte of it is read, then hang up.
     let mut c = RawClient::connect(&server.socket);
@@ -159,9 +161,7 @@ fn huge_option_and_name_lengths_are_refused_without_allocating() {
 
 #[test]
 fn meta_context_rules_are_enforced() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &["--export-name", "disk"]);
+    let (_dir, img, server) = serve_fresh_image(&["--export-name", "disk"]);
     let mut c = RawClient::connect(&server.socket);
     c.greet(1);
     // SET before structured replies is invalid.
@@ -250,9 +250,7 @@ fn meta_context_rules_are_enforced() {
 }
 
 fn requests_are_checked(structured: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &[]);
+    let (_dir, img, server) = serve_fresh_image(&[]);
     let mut c = RawClient::connect(&server.socket);
     c.go(structured, &["base:allocation", "cowimg:layer"]);
     let page = vec![0xee; 4096];
@@ -332,9 +330,7 @@ fn bad_requests_get_errors_with_structured_replies() {
 
 #[test]
 fn structured_read_errors_come_as_error_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &[]);
+    let (_dir, img, server) = serve_fresh_image(&[]);
     let mut c = RawClient::connect(&server.socket);
     c.go(true, &[]);
     c.request(CMD_READ, 0, 77, SIZE, 4096, &[]);
@@ -357,9 +353,7 @@ fn structured_read_errors_come_as_error_chunks() {
 
 #[test]
 fn write_to_a_read_only_export_is_refused_and_its_payload_drained() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &["--read-only"]);
+    let (_dir, img, server) = serve_fresh_image(&["--read-only"]);
     let mut c = RawClient::connect(&server.socket);
     let (_, flags) = c.go(true, &[]);
     assert_ne!(flags & 2, 0, "READ_ONLY flag");
@@ -384,9 +378,7 @@ fn write_to_a_read_only_export_is_refused_and_its_payload_drained() {
 
 #[test]
 fn oversize_write_and_bad_request_magic_drop_only_that_client() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &[]);
+    let (_dir, img, server) = serve_fresh_image(&[]);
     let mut bystander = RawClient::connect(&server.socket);
     bystander.go(true, &[]);
 
@@ -421,9 +413,7 @@ fn oversize_write_and_bad_request_magic_drop_only_that_client() {
 
 #[test]
 fn pipelined_requests_are_all_answered_with_their_cookies() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let server = Server::start(dir.path(), &img, &[]);
+    let (_dir, img, server) = serve_fresh_image(&[]);
     let mut c = RawClient::connect(&server.socket);
     c.go(true, &["base:allocation"]);
     // 100 writes to distinct blocks, sent without waiting, then their replies.
