@@ -157,6 +157,16 @@ struct Harness {
 }
 
 impl Harness {
+    fn new(home: Home, image: Image, model: Vec<u8>, cluster_size: u64) -> Self {
+        Harness {
+            home,
+            image: Some(image),
+            model,
+            cluster_size,
+            steps: 0,
+        }
+    }
+
     fn image(&self) -> &Image {
         self.image.as_ref().expect("image is open")
     }
@@ -267,29 +277,34 @@ fn overlay_harness(dir: &Path, setup: &Setup) -> Harness {
         let image = Image::open(&path, &OpenOptions::default()).expect("opening the new image");
         (Home::File(path), image)
     } else {
-        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(
+        let backing_path = backing.as_ref().map(|(p, _)| p.clone());
+        in_memory(
             size,
             setup.cluster_size,
-        )));
-        let backing_path = backing.as_ref().map(|(p, _)| p.clone());
-        let attach: Box<dyn Fn() -> Option<Layer>> =
-            Box::new(move || backing_path.as_deref().map(raw_layer));
-        let image = open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory image");
-        (
-            Home::Memory {
-                storage,
-                backing: attach,
-            },
-            image,
+            Box::new(move || backing_path.as_deref().map(raw_layer)),
         )
     };
-    Harness {
-        home,
-        image: Some(image),
-        model,
-        cluster_size: setup.cluster_size,
-        steps: 0,
-    }
+    Harness::new(home, image, model, setup.cluster_size)
+}
+
+/// A fresh image of `size` in memory over whatever `attach` opens as its backing file.
+fn in_memory(
+    size: u64,
+    cluster_size: u64,
+    attach: Box<dyn Fn() -> Option<Layer>>,
+) -> (Home, Image) {
+    let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(
+        size,
+        cluster_size,
+    )));
+    let image = open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory image");
+    (
+        Home::Memory {
+            storage,
+            backing: attach,
+        },
+        image,
+    )
 }
 
 /// raw <- mid.cow <- top: the middle image gets its own random changes and a flush first.
@@ -342,36 +357,21 @@ fn chain_harness(
             Image::open(&path, &OpenOptions::default()).expect("opening top.cow and its chain");
         (Home::File(path), image)
     } else {
-        let storage = Arc::new(MemStorage::new(lib_support::fresh_image_bytes(
+        in_memory(
             size,
             setup.cluster_size,
-        )));
-        let attach: Box<dyn Fn() -> Option<Layer>> = Box::new(move || {
-            let ro = OpenOptions {
-                read_only: true,
-                ..Default::default()
-            };
-            Some(Layer::Cowimg(Box::new(
-                Image::open(&mid_path, &ro).expect("opening mid.cow read-only"),
-            )))
-        });
-        let image =
-            open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory top image");
-        (
-            Home::Memory {
-                storage,
-                backing: attach,
-            },
-            image,
+            Box::new(move || {
+                let ro = OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                };
+                Some(Layer::Cowimg(Box::new(
+                    Image::open(&mid_path, &ro).expect("opening mid.cow read-only"),
+                )))
+            }),
         )
     };
-    Harness {
-        home,
-        image: Some(image),
-        model,
-        cluster_size: setup.cluster_size,
-        steps: 0,
-    }
+    Harness::new(home, image, model, setup.cluster_size)
 }
 
 proptest! {
