@@ -91,42 +91,61 @@ fn every_command_has_help() {
 /// `-r`) until its stdin is closed. The lock is held by another process rather than by this
 /// one, where the file descriptor could leak into children that other tests are spawning
 /// at the same moment and keep the lock after it is dropped.
-struct Holder(std::process::Child);
+struct Holder {
+    child: std::process::Child,
+    /// Kept open: a holder whose stdout closes stops at its next line of output.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
 
 impl Holder {
+    /// Starts the holder and returns once it has answered a read: from then on it has the
+    /// image open, with its lock. (Polling with writers instead raced: a probe that won
+    /// the lock first made the holder fail and exit.)
     fn start(d: &Path, extra: &[&str]) -> Holder {
+        use std::io::{BufRead, BufReader, Write};
         use std::process::{Command, Stdio};
         let mut args = vec!["io"];
         args.extend(extra);
         args.push("img.cow");
-        let child = Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cowimg"))
             .args(&args)
             .current_dir(d)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("spawning the lock holder");
-        Holder(child)
+        child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(b"read 0 1\n")
+            .expect("asking the lock holder to read");
+        let mut answer = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        stdout
+            .read_line(&mut answer)
+            .expect("reading the lock holder's answer");
+        assert!(
+            answer.starts_with("read 1/1 bytes"),
+            "the lock holder did not open the image: {answer:?}"
+        );
+        Holder {
+            child,
+            _stdout: stdout,
+        }
     }
 
     fn finish(mut self) {
-        drop(self.0.stdin.take());
-        let status = self.0.wait().expect("waiting for the lock holder");
+        drop(self.child.stdin.take());
+        let status = self.child.wait().expect("waiting for the lock holder");
         assert!(status.success(), "the lock holder failed: {status}");
     }
 }
 
-/// Waits (boundedly) until a writer is refused: the holder has its lock.
-fn wait_until_writers_are_refused(d: &Path) -> Run {
-    for _ in 0..3000 {
-        // A flush opens the image for writing but changes no data.
-        let run = cowimg_io(d, "img.cow", &["flush"]);
-        if run.code == Some(1) {
-            return run;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    panic!("the lock holder never took its lock");
+/// A writer that the holder's lock refuses.
+fn refused_writer(d: &Path) -> Run {
+    // A flush opens the image for writing but changes no data.
+    cowimg_io(d, "img.cow", &["flush"])
 }
 
 #[test]
@@ -136,7 +155,7 @@ fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
     cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
     let writer = Holder::start(d, &[]);
 
-    let run = wait_until_writers_are_refused(d);
+    let run = refused_writer(d);
     assert_fails(&run, 1, &["img.cow", "could not get a write lock"]);
     assert_one_line(&run);
     // A reader needs the shared lock too; -U skips it.
@@ -164,7 +183,7 @@ fn a_reader_blocks_writers_but_not_other_readers() {
     let d = dir.path();
     cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
     let reader = Holder::start(d, &["-r"]);
-    let run = wait_until_writers_are_refused(d);
+    let run = refused_writer(d);
     assert_fails(&run, 1, &["img.cow", "lock"]);
     cowimg_in(d, &["io", "-r", "img.cow", "-c", "read 0 1"]).ok();
     cowimg_in(d, &["info", "img.cow"]).ok();

@@ -23,7 +23,7 @@ const DEFAULT_PATTERN: u8 = 0xcd;
     write -z [-q] OFF LEN           write zeroes\n  \
     discard [-q] OFF LEN            discard: frees the space, reads as zeros (alias: trim)\n  \
     flush                           make every earlier write durable\n\
-    Without -c, commands are read from stdin, one per line."
+    Without -c, commands are read from stdin, one per line, and each runs as it arrives."
 )]
 pub struct IoArgs {
     /// Open the image read-only.
@@ -68,18 +68,21 @@ pub fn run(args: IoArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let image = Image::open(&args.image, &opts)?;
-    let commands = if args.commands.is_empty() {
-        std::io::stdin()
-            .lock()
-            .lines()
-            .collect::<Result<Vec<_>, _>>()?
+    // Commands from stdin run as they arrive, as in qemu-io: a script driving cowimg io
+    // through a pipe sees each answer before it sends the next command.
+    let commands: Box<dyn Iterator<Item = std::io::Result<String>>> = if args.commands.is_empty() {
+        Box::new(std::io::stdin().lock().lines())
     } else {
-        args.commands
+        Box::new(args.commands.into_iter().map(Ok))
     };
     let mut out = std::io::stdout().lock();
     let mut failed = false;
-    for line in commands.iter().filter(|l| !l.trim().is_empty()) {
-        let command = match parse_command(line) {
+    for line in commands {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let command = match parse_command(&line) {
             Ok(command) => command,
             Err(message) => {
                 out.flush()?;
