@@ -156,6 +156,57 @@ fn assert_refused_or_a_flushed_state(bytes: &[u8], states: &HashSet<u64>, what: 
     }
 }
 
+/// Two clusters written and flushed, then the image closed (which seals the journal): the
+/// bytes, and the offset of the one record that maps both clusters.
+fn two_cluster_image() -> (Vec<u8>, Header, u64) {
+    let storage = Arc::new(MemStorage::new(fresh_image_bytes(256 * 1024, 64 * 1024)));
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("opening");
+    image.write_at(&[1u8; 4096], 0).expect("writing cluster 0");
+    image
+        .write_at(&[2u8; 4096], 64 * 1024)
+        .expect("writing cluster 1");
+    image.flush().expect("flushing");
+    let header = image.header();
+    drop(image);
+    let bytes = storage.contents();
+    let records = journal_records(&bytes, &header);
+    assert!(
+        records.len() >= 2,
+        "expected a record and its seal: {records:?}"
+    );
+    (bytes, header, records[0].0)
+}
+
+#[test]
+fn two_entries_claiming_one_host_cluster_are_refused_naming_both() {
+    let (mut bytes, h, at) = two_cluster_image();
+    let at = at as usize;
+    let mut raw = [0u8; JOURNAL_RECORD_HEADER_SIZE];
+    raw.copy_from_slice(&bytes[at..at + JOURNAL_RECORD_HEADER_SIZE]);
+    let rec = JournalRecordHeader::parse(&raw, h.journal_epoch, 1).expect("the first record");
+    assert_eq!(rec.item_count, 2, "one item per written cluster");
+    let body_at = at + JOURNAL_RECORD_HEADER_SIZE;
+    let body_len = JournalRecordHeader::body_len(2) as usize;
+    let (mut items, written) = rec.split_body(&bytes[body_at..body_at + body_len]);
+    // Virtual cluster 1's slot A now claims virtual cluster 0's host cluster.
+    let host_of_first: [u8; 8] = items[0x08..0x10].try_into().expect("8 bytes");
+    items[48 + 0x08..48 + 0x10].copy_from_slice(&host_of_first);
+    let record = JournalRecordHeader::encode(h.journal_epoch, 1, &items, &written, rec.data_digest);
+    bytes[at..at + record.len()].copy_from_slice(&record);
+    let message = match open_bytes(&bytes) {
+        Ok(_) => panic!("an image whose clusters share a host cluster opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        message.contains(
+            "claimed by both slot A of virtual cluster 0 and slot A of virtual cluster 1"
+        ),
+        "{message}"
+    );
+    assert!(message.contains(NAME), "{message}");
+}
+
 #[test]
 fn truncation_at_every_metadata_boundary_is_refused_or_reads_a_flushed_state() {
     let r = reference();

@@ -71,6 +71,11 @@ impl ClusterRuns {
         self.runs.iter().map(|(&s, &e)| (s, e))
     }
 
+    /// The number of runs.
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
     pub fn clusters(&self) -> u64 {
         self.runs.iter().map(|(s, e)| e - s).sum()
     }

@@ -14,6 +14,7 @@
 //! for bookkeeping, never across data I/O.
 
 mod cluster_runs;
+mod entry;
 mod free_clusters;
 mod layer;
 mod open;
@@ -26,11 +27,12 @@ pub use open::resolve_backing_path;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    BackingFormat, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, BLOCK_SIZE,
-    HEADER_SLOT_SIZE, MAP_ENTRY_SIZE,
+    BackingFormat, Geometry, Header, JournalRecordHeader, MapItem, BLOCK_SIZE, HEADER_SLOT_SIZE,
+    MAP_ENTRY_SIZE,
 };
 use crate::storage::Storage;
 use cluster_runs::ClusterRuns;
+use entry::Entry;
 use free_clusters::FreeClusters;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,55 +116,6 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
         }
     }
     out.push(e);
-}
-
-/// The runtime state of one virtual cluster. `units`/`zero` are the current state;
-/// `durable` and `inflight` record which units of each slot the last completed flush and the
-/// flush in progress reference: those bytes must not change.
-#[derive(Debug, Clone, Default)]
-struct Entry {
-    host: [u64; 2],
-    units: [u64; 2],
-    zero: u64,
-    durable: [u64; 2],
-    inflight: [u64; 2],
-    /// Units dropped by discard whose bytes still occupy disk space; punched once unpinned.
-    discarded: [u64; 2],
-    /// Units written since the last snapshot: the next record's data digest covers them.
-    written: u64,
-    /// Units with a write in flight. A write that moves a unit copies the rest of it from
-    /// the old contents, and a discard may punch it: either would lose the other's bytes
-    /// or mix them, so writes and discards of one unit take turns.
-    busy: u64,
-    dirty: bool,
-}
-
-impl Entry {
-    fn pinned(&self, slot: usize) -> u64 {
-        self.durable[slot] | self.inflight[slot] | self.discarded[slot]
-    }
-
-    fn slot_of(&self, bit: u64) -> Option<usize> {
-        (0..2).find(|&s| self.units[s] & bit != 0)
-    }
-
-    fn to_disk(&self, virtual_cluster: u64) -> MapEntry {
-        MapEntry {
-            virtual_cluster,
-            // Both clusters stay reserved while the entry holds data in either slot.
-            host: if self.units == [0, 0] {
-                [0, 0]
-            } else {
-                self.host
-            },
-            units: self.units,
-            zero: self.zero,
-        }
-    }
-
-    fn is_unused(&self) -> bool {
-        self.host == [0, 0] && self.units == [0, 0] && self.zero == 0 && !self.dirty
-    }
 }
 
 /// Where the bytes of a unit, or a run of units, come from.
@@ -545,7 +498,7 @@ impl Image {
                     ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
                 let bit = 1u64 << unit;
                 let covers = offset <= unit_start && end >= unit_start + us;
-                if e.busy & bit != 0 {
+                if e.busy() & bit != 0 {
                     Self::release_planned(e, &plan[first..]);
                     self.release_planned_clusters(&mut st.map, &plan[..first]);
                     return Plan::WaitForUnit(vcluster, bit);
@@ -566,7 +519,7 @@ impl Image {
                 };
                 // Held at once, so that a request spanning the unit twice cannot happen
                 // and the units of this cluster are not planned by someone else meanwhile.
-                e.busy |= bit;
+                e.in_flight_mut().busy |= bit;
                 plan.push(UnitWrite {
                     vcluster,
                     bit,
@@ -587,7 +540,7 @@ impl Image {
     fn wait_for_unit(&self, vcluster: u64, bits: u64) {
         let mut st = lock(&self.state);
         st.waiters += 1;
-        while st.map.get(&vcluster).is_some_and(|e| e.busy & bits != 0) {
+        while st.map.get(&vcluster).is_some_and(|e| e.busy() & bits != 0) {
             st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.waiters -= 1;
@@ -595,9 +548,11 @@ impl Image {
 
     /// Drops the hold of `units` (all of one cluster's entry `e`) on their units.
     fn release_planned(e: &mut Entry, units: &[UnitWrite]) {
+        let f = e.in_flight_mut();
         for u in units {
-            e.busy &= !u.bit;
+            f.busy &= !u.bit;
         }
+        e.settle();
     }
 
     /// Drops the hold of `units` (in cluster order) on their units: one lookup per cluster.
@@ -672,14 +627,14 @@ impl Image {
                     .map
                     .get_mut(&vcluster)
                     .expect("planned clusters stay mapped while I/O is shared");
+                // The per-flush state first: it keeps the units the durable state references.
+                e.in_flight_mut().written |= group.iter().fold(0, |w, u| w | u.bit);
                 for u in group {
                     e.units[u.slot] |= u.bit;
                     e.units[1 - u.slot] &= !u.bit;
                     e.zero &= !u.bit;
-                    e.written |= u.bit;
                 }
-                if !e.dirty {
-                    e.dirty = true;
+                if e.mark_dirty() {
                     st.dirty.push(vcluster);
                 }
             }
@@ -774,7 +729,7 @@ impl Image {
                 .map
                 .range(first_cluster..=last_cluster)
                 .find_map(|(&vc, e)| {
-                    let b = e.busy & Self::whole_units_in(g, vc, first_full, last_full);
+                    let b = e.busy() & Self::whole_units_in(g, vc, first_full, last_full);
                     (b != 0).then_some((vc, b))
                 });
             match busy {
@@ -790,6 +745,10 @@ impl Image {
         let mut punches = Vec::new();
         let touch = |st: &mut State, vc: u64, mask: u64, punches: &mut Vec<(u64, u64)>| {
             let e = entry_leaving_zero_run(&mut st.map, &mut st.zero_runs, g, vc);
+            // The per-flush state first: it keeps the units the durable state references.
+            if e.mark_dirty() {
+                st.dirty.push(vc);
+            }
             for s in 0..2 {
                 let dropped = e.units[s] & mask;
                 if dropped == 0 {
@@ -800,7 +759,7 @@ impl Image {
                     // Unpinned bytes can go at once (no I/O can target them while the state
                     // lock is held); pinned ones wait for the flush that unpins them.
                     let now = dropped & !e.pinned(s);
-                    e.discarded[s] |= dropped & !now;
+                    e.in_flight_mut().discarded[s] |= dropped & !now;
                     let host = e.host[s];
                     for u in bits(now) {
                         punches.push((self.host_offset(host, u), us));
@@ -811,10 +770,6 @@ impl Image {
                 e.zero |= mask;
             } else {
                 e.zero &= !mask;
-            }
-            if !e.dirty {
-                e.dirty = true;
-                st.dirty.push(vc);
             }
         };
         if has_backing {
@@ -947,10 +902,12 @@ impl Image {
         }
         for (i, vc) in clusters.iter().enumerate() {
             let e = st.map.get_mut(vc).expect("dirty clusters are mapped");
-            e.dirty = false;
-            e.inflight = e.units;
-            let stored = e.written & (e.units[0] | e.units[1]);
-            e.written = 0;
+            let units = e.units;
+            let f = e.in_flight_mut();
+            f.dirty = false;
+            f.inflight = units;
+            let stored = f.written & (units[0] | units[1]);
+            f.written = 0;
             for u in bits(stored) {
                 let slot = usize::from(e.units[0] & (1 << u) == 0);
                 written_units.push(self.host_offset(e.host[slot], u));
@@ -980,22 +937,25 @@ impl Image {
     fn plan_checkpoint(&self, st: &mut State) -> PlannedCheckpoint {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let mut live: Vec<MapItem> = st
+        // Entries and zero runs are each sorted and never overlap: merging them gives the
+        // checkpoint's order, written straight into its bytes.
+        let entries = st
             .map
             .iter()
             .map(|(&vc, e)| e.to_disk(vc))
             .filter(|d| !d.is_empty())
-            .map(MapItem::Cluster)
-            .collect();
-        live.extend(st.zero_runs.iter().map(|(start, end)| MapItem::ZeroRun {
+            .map(MapItem::Cluster);
+        let runs = st.zero_runs.iter().map(|(start, end)| MapItem::ZeroRun {
             start,
             count: end - start,
-        }));
-        live.sort_unstable_by_key(MapItem::start);
-        let mut blob = vec![0u8; live.len() * MAP_ENTRY_SIZE];
-        for (i, d) in live.iter().enumerate() {
-            d.write_to(&mut blob[i * MAP_ENTRY_SIZE..]);
+        });
+        let mut blob = Vec::with_capacity((st.map.len() + st.zero_runs.len()) * MAP_ENTRY_SIZE);
+        let mut item_bytes = [0u8; MAP_ENTRY_SIZE];
+        for item in merge_by_start(entries, runs) {
+            item.write_to(&mut item_bytes);
+            blob.extend_from_slice(&item_bytes);
         }
+        let items = (blob.len() / MAP_ENTRY_SIZE) as u64;
         let ckpt_clusters = (blob.len() as u64).div_ceil(cs);
         let ckpt_start = if ckpt_clusters > 0 {
             st.free.allocate_run(ckpt_clusters)
@@ -1017,7 +977,7 @@ impl Image {
         let header = Header {
             generation,
             checkpoint_offset: ckpt_start * cs,
-            checkpoint_entries: live.len() as u64,
+            checkpoint_entries: items,
             checkpoint_crc: crate::format::crc32(&[&blob]),
             journal_offset: journal_start * cs,
             journal_capacity,
@@ -1155,12 +1115,15 @@ impl Image {
             let Some(e) = st.map.get_mut(vc) else {
                 continue;
             };
-            e.durable = e.inflight;
-            e.inflight = [0, 0];
+            let units = e.units;
+            let f = e.in_flight_mut();
+            f.durable = f.inflight;
+            f.inflight = [0, 0];
+            let durable = f.durable;
             // An entry keeps both clusters while it holds data: a unit that moves to the other
             // slot and back overwrites blocks the file system has already allocated, which is
             // what keeps flushes cheap. The clusters go when the entry holds no data at all.
-            let holds_data = e.units[0] | e.units[1] | e.durable[0] | e.durable[1] != 0;
+            let holds_data = units[0] | units[1] | durable[0] | durable[1] != 0;
             for s in 0..2 {
                 if e.host[s] == 0 {
                     continue;
@@ -1169,15 +1132,17 @@ impl Image {
                     punches.push((e.host[s] * cs, cs));
                     freed.push((e.host[s], 1));
                     e.host[s] = 0;
-                    e.discarded[s] = 0;
+                    e.in_flight_mut().discarded[s] = 0;
                 } else {
-                    let now = e.discarded[s] & !(e.units[s] | e.durable[s]);
-                    e.discarded[s] &= !now;
+                    let f = e.in_flight_mut();
+                    let now = f.discarded[s] & !(units[s] | durable[s]);
+                    f.discarded[s] &= !now;
                     for u in bits(now) {
                         punches.push((self.host_offset(e.host[s], u), us));
                     }
                 }
             }
+            e.settle();
             if e.is_unused() {
                 st.map.remove(vc);
             }
@@ -1362,12 +1327,11 @@ impl Image {
                     .push(MapItem::FallThroughRun { start: 0, count });
             }
             for (&vc, e) in st.map.iter_mut() {
-                e.units = [0, 0];
-                e.zero = 0;
-                if !e.dirty {
-                    e.dirty = true;
+                if e.mark_dirty() {
                     st.dirty.push(vc);
                 }
+                e.units = [0, 0];
+                e.zero = 0;
             }
         }
         self.flush()
@@ -1422,10 +1386,7 @@ fn entry_leaving_zero_run<'a>(
     map.entry(vcluster).or_insert_with(|| {
         if zero_runs.contains(vcluster) {
             zero_runs.remove(vcluster, vcluster + 1);
-            Entry {
-                zero: g.full_mask(),
-                ..Default::default()
-            }
+            Entry::at_rest([0, 0], [0, 0], g.full_mask())
         } else {
             Entry::default()
         }
@@ -1509,6 +1470,19 @@ fn bits(mut m: u64) -> impl Iterator<Item = u32> {
 }
 
 /// Sorts ranges and merges the touching ones.
+/// Merges two iterators of items, each sorted by start, into one sorted by start.
+fn merge_by_start(
+    a: impl Iterator<Item = MapItem>,
+    b: impl Iterator<Item = MapItem>,
+) -> impl Iterator<Item = MapItem> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.start() < x.start() => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
 fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());

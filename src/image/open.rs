@@ -5,7 +5,7 @@ use super::layer::Layer;
 use super::{open_locked, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, FormatError, Geometry, Header, JournalRecordHeader, MapEntry, MapItem, HEADER_SLOT_SIZE,
+    self, FormatError, Geometry, Header, JournalRecordHeader, MapItem, HEADER_SLOT_SIZE,
     JOURNAL_RECORD_HEADER_SIZE, MAP_ENTRY_SIZE,
 };
 use crate::storage::{FileStorage, Storage};
@@ -18,14 +18,14 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 pub(crate) struct Loaded {
     pub header: Header,
     pub active_slot: usize,
-    pub map: BTreeMap<u64, MapEntry>,
+    pub map: BTreeMap<u64, Entry>,
     pub zero_runs: ClusterRuns,
     pub journal_tail: u64,
     pub journal_next_seq: u64,
     /// The last record published data and no record seals it (see `Image::seal`).
     pub last_record_has_data: bool,
-    /// Every host cluster in use, sorted, and who uses it (for messages).
-    pub used: Vec<(u64, Owner)>,
+    /// Every host cluster in use, sorted.
+    pub used: Vec<u64>,
     pub file_length: u64,
     /// Header slots that are not valid, with the reason (for `check`).
     pub bad_slots: Vec<(usize, FormatError)>,
@@ -145,22 +145,8 @@ impl Image {
     pub fn open_storage(storage: Arc<dyn Storage>, name: &Path, read_only: bool) -> Result<Image> {
         let loaded = load(storage.as_ref(), name)?;
         let geometry = loaded.header.geometry();
-        let used: Vec<u64> = loaded.used.iter().map(|&(c, _)| c).collect();
-        let free = FreeClusters::from_used(geometry.first_data_cluster(), &used);
-        let map = loaded
-            .map
-            .iter()
-            .map(|(&vc, d)| {
-                let e = Entry {
-                    host: d.host,
-                    units: d.units,
-                    zero: d.zero,
-                    durable: d.units,
-                    ..Default::default()
-                };
-                (vc, e)
-            })
-            .collect();
+        let free = FreeClusters::from_used(geometry.first_data_cluster(), &loaded.used);
+        let map = loaded.map;
         Ok(Image {
             path: name.into(),
             storage,
@@ -276,6 +262,29 @@ fn inconsistent(path: &Path, reason: String) -> Error {
     }
 }
 
+/// Reads `[offset, offset + len)` in pieces of about 1 MiB, each a whole number of map items,
+/// and hands each piece and its offset to `f`. The caller has checked the range against the
+/// file's length.
+fn for_each_piece(
+    storage: &dyn Storage,
+    offset: u64,
+    len: u64,
+    read_failed: impl Fn(u64, std::io::Error) -> Error,
+    mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    const PIECE: u64 = (1 << 20) / MAP_ENTRY_SIZE as u64 * MAP_ENTRY_SIZE as u64;
+    let end = offset + len;
+    let mut buf = vec![0u8; PIECE.min(len) as usize];
+    let mut at = offset;
+    while at < end {
+        let piece = &mut buf[..PIECE.min(end - at) as usize];
+        storage.read_at(piece, at).map_err(|e| read_failed(at, e))?;
+        f(at, piece)?;
+        at += piece.len() as u64;
+    }
+    Ok(())
+}
+
 /// Reads `len` bytes at `offset`, or reports that they lie past the end of the file. The
 /// length comes from the file, so no allocation exceeds what the file really holds.
 fn read_region(
@@ -386,57 +395,82 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         ));
     }
 
-    let mut map = BTreeMap::new();
     let mut zero_runs = ClusterRuns::default();
+    // The map is built from the sorted checkpoint in one go, which packs its nodes full.
+    let mut entries: Vec<(u64, Entry)> = Vec::new();
     if header.checkpoint_entries > 0 {
         let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
-        let blob = read_region(
-            storage,
-            path,
-            "checkpoint",
-            header.checkpoint_offset,
-            len,
-            file_length,
-        )?;
-        let computed = format::crc32(&[&blob]);
+        let start = header.checkpoint_offset;
+        match start.checked_add(len) {
+            Some(end) if end <= file_length => {}
+            _ => {
+                return Err(inconsistent(path, format!("checkpoint at offset {start:#x} ({len} bytes) extends past the end of the file ({file_length:#x})")));
+            }
+        }
+        // Read in pieces, twice: once for the checksum, which must hold before any item is
+        // trusted, and once to decode. A large map is never held twice in memory.
+        let read_failed = |at, e| io("reading checkpoint", at, e);
+        let mut crc = crc32fast::Hasher::new();
+        for_each_piece(storage, start, len, read_failed, |_, piece| {
+            crc.update(piece);
+            Ok(())
+        })?;
+        let computed = crc.finalize();
         if computed != header.checkpoint_crc {
             return Err(corrupt(
                 path,
                 "checkpoint",
-                header.checkpoint_offset,
+                start,
                 FormatError::ChecksumMismatch {
                     stored: header.checkpoint_crc,
                     computed,
                 },
             ));
         }
+        // The count passed the checksum and fits in the file, but a sparse file can still
+        // claim more than this machine holds: that is an error, not an abort.
+        entries
+            .try_reserve_exact(header.checkpoint_entries as usize)
+            .map_err(|_| {
+                inconsistent(
+                    path,
+                    format!(
+                        "checkpoint at offset {start:#x} of {} entries does not fit in memory",
+                        header.checkpoint_entries
+                    ),
+                )
+            })?;
         // Items are sorted and disjoint: each starts at or after the end of the previous one.
         let mut next_free = 0u64;
-        for (i, chunk) in blob.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
-            let at = header.checkpoint_offset + (i * MAP_ENTRY_SIZE) as u64;
-            let item = MapItem::from_bytes(chunk, g, virtual_clusters, host_limit, false)
-                .map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
-            if item.start() < next_free {
-                return Err(inconsistent(
-                    path,
-                    format!("checkpoint entry at offset {at:#x} overlaps or is out of order"),
-                ));
+        for_each_piece(storage, start, len, read_failed, |at, piece| {
+            for (i, chunk) in piece.chunks_exact(MAP_ENTRY_SIZE).enumerate() {
+                let at = at + (i * MAP_ENTRY_SIZE) as u64;
+                let item = MapItem::from_bytes(chunk, g, virtual_clusters, host_limit, false)
+                    .map_err(|e| corrupt(path, "checkpoint entry", at, e))?;
+                if item.start() < next_free {
+                    return Err(inconsistent(
+                        path,
+                        format!("checkpoint entry at offset {at:#x} overlaps or is out of order"),
+                    ));
+                }
+                match item {
+                    MapItem::Cluster(e) => {
+                        next_free = e.virtual_cluster + 1;
+                        entries.push((e.virtual_cluster, Entry::at_rest(e.host, e.units, e.zero)));
+                    }
+                    MapItem::ZeroRun { start, count } => {
+                        next_free = start + count;
+                        zero_runs.insert(start, start + count);
+                    }
+                    MapItem::Removal(_) | MapItem::FallThroughRun { .. } => {
+                        unreachable!("from_bytes admits these only in journals")
+                    }
+                }
             }
-            match item {
-                MapItem::Cluster(e) => {
-                    next_free = e.virtual_cluster + 1;
-                    map.insert(e.virtual_cluster, e);
-                }
-                MapItem::ZeroRun { start, count } => {
-                    next_free = start + count;
-                    zero_runs.insert(start, start + count);
-                }
-                MapItem::Removal(_) | MapItem::FallThroughRun { .. } => {
-                    unreachable!("from_bytes admits these only in journals")
-                }
-            }
-        }
+            Ok(())
+        })?;
     }
+    let mut map: BTreeMap<u64, Entry> = entries.into_iter().collect();
 
     // Journal replay: records of this epoch with consecutive sequence numbers, until the
     // first one that is absent or fails its checksum (the flush that did not complete).
@@ -569,45 +603,51 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     }
 
     // Ownership of host clusters: no cluster may have two owners.
-    let mut used: Vec<(u64, Owner)> = Vec::with_capacity(map.len() * 2 + 32);
-    for c in 0..g.first_data_cluster() {
-        used.push((c, Owner::Header));
-    }
     let ckpt_clusters = (header.checkpoint_entries * MAP_ENTRY_SIZE as u64).div_ceil(cs);
-    for c in 0..ckpt_clusters {
-        used.push((header.checkpoint_offset / cs + c, Owner::Checkpoint));
-    }
     let journal_clusters = header.journal_capacity.div_ceil(cs);
-    for c in 0..journal_clusters {
-        used.push((header.journal_offset / cs + c, Owner::Journal));
+    let regions = [
+        (0, g.first_data_cluster(), Owner::Header),
+        (
+            header.checkpoint_offset / cs,
+            ckpt_clusters,
+            Owner::Checkpoint,
+        ),
+        (header.journal_offset / cs, journal_clusters, Owner::Journal),
+    ];
+    let mut used: Vec<u64> = Vec::with_capacity(
+        map.len() * 2 + (g.first_data_cluster() + ckpt_clusters + journal_clusters) as usize,
+    );
+    for &(start, count, _) in &regions {
+        used.extend(start..start + count);
     }
-    for (&vc, e) in &map {
-        for s in 0..2 {
-            if e.host[s] != 0 {
-                used.push((
-                    e.host[s],
-                    Owner::Data {
+    used.extend(map.values().flat_map(|e| e.host).filter(|&h| h != 0));
+    used.sort_unstable();
+    if let Some(w) = used.windows(2).find(|w| w[0] == w[1]) {
+        // Only now, for the message, find who the two claimants are.
+        let c = w[0];
+        let owners: Vec<Owner> = regions
+            .iter()
+            .filter(|&&(start, count, _)| (start..start + count).contains(&c))
+            .map(|&(_, _, o)| o)
+            .chain(map.iter().flat_map(|(&vc, e)| {
+                (0..2)
+                    .filter(move |&s| e.host[s] == c)
+                    .map(move |slot| Owner::Data {
                         virtual_cluster: vc,
-                        slot: s,
-                    },
-                ));
-            }
-        }
-    }
-    used.sort_unstable_by_key(|&(c, _)| c);
-    for w in used.windows(2) {
-        if w[0].0 == w[1].0 {
-            return Err(inconsistent(
-                path,
-                format!(
-                    "host cluster {} (offset {:#x}) is claimed by both {} and {}",
-                    w[0].0,
-                    w[0].0 * cs,
-                    w[0].1,
-                    w[1].1
-                ),
-            ));
-        }
+                        slot,
+                    })
+            }))
+            .take(2)
+            .collect();
+        return Err(inconsistent(
+            path,
+            format!(
+                "host cluster {c} (offset {:#x}) is claimed by both {} and {}",
+                c * cs,
+                owners[0],
+                owners[1]
+            ),
+        ));
     }
     Ok(Loaded {
         header,
@@ -625,11 +665,11 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
 
 /// Applies one journal item: a cluster item replaces whatever its cluster had, a run replaces
 /// whatever its clusters had.
-fn apply_item(map: &mut BTreeMap<u64, MapEntry>, zero_runs: &mut ClusterRuns, item: MapItem) {
+fn apply_item(map: &mut BTreeMap<u64, Entry>, zero_runs: &mut ClusterRuns, item: MapItem) {
     match item {
         MapItem::Cluster(e) => {
             zero_runs.remove(e.virtual_cluster, e.virtual_cluster + 1);
-            map.insert(e.virtual_cluster, e);
+            map.insert(e.virtual_cluster, Entry::at_rest(e.host, e.units, e.zero));
         }
         MapItem::Removal(vc) => {
             zero_runs.remove(vc, vc + 1);

@@ -590,7 +590,7 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
     }
     // Leaks: clusters no one owns that still hold bytes on disk (a crash between writing
     // data and publishing it leaves these; they are reused by later allocations anyway).
-    let mut owned = loaded.used.iter().map(|&(c, _)| c).peekable();
+    let mut owned = loaded.used.iter().copied().peekable();
     let end_cluster = loaded.file_length.div_ceil(cs);
     let mut pos = g.first_data_cluster() * cs;
     let io = |op, offset, source| Error::Io {
