@@ -564,9 +564,13 @@ impl Image {
         }
     }
 
-    /// Ends a write's hold on its units, successful or not, and wakes whoever waits.
+    /// Ends a failed write's hold on its units and wakes whoever waits.
     fn end_writes(&self, st: &mut State, units: &[UnitWrite]) {
         self.release_planned_clusters(&mut st.map, units);
+        self.wake_unit_waiters(st);
+    }
+
+    fn wake_unit_waiters(&self, st: &State) {
         // A wake-up is a system call; writes with nobody waiting skip it.
         if st.waiters > 0 {
             self.committed.notify_all();
@@ -619,7 +623,6 @@ impl Image {
                 return self.fail(e);
             }
             let mut st = lock(&self.state);
-            self.end_writes(&mut st, &units);
             let st = &mut *st;
             for group in units.chunk_by(|a, b| a.vcluster == b.vcluster) {
                 let vcluster = group[0].vcluster;
@@ -627,8 +630,11 @@ impl Image {
                     .map
                     .get_mut(&vcluster)
                     .expect("planned clusters stay mapped while I/O is shared");
+                let bits = group.iter().fold(0, |w, u| w | u.bit);
                 // The per-flush state first: it keeps the units the durable state references.
-                e.in_flight_mut().written |= group.iter().fold(0, |w, u| w | u.bit);
+                let f = e.in_flight_mut();
+                f.written |= bits;
+                f.busy &= !bits;
                 for u in group {
                     e.units[u.slot] |= u.bit;
                     e.units[1 - u.slot] &= !u.bit;
@@ -638,6 +644,7 @@ impl Image {
                     st.dirty.push(vcluster);
                 }
             }
+            self.wake_unit_waiters(st);
             return Ok(());
         }
     }
