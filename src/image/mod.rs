@@ -275,7 +275,8 @@ enum Plan {
 struct Snapshot {
     clusters: Vec<u64>,
     /// Encoded items of the journal record, their written bitmaps, and the host offsets of
-    /// the written units in record order (what the data digest covers).
+    /// the written units in record order (what the data digest covers). All empty when a
+    /// checkpoint replaces the record.
     items: Vec<u8>,
     written: Vec<u64>,
     written_units: Vec<u64>,
@@ -900,12 +901,20 @@ impl Image {
         let mut clusters = std::mem::take(&mut st.dirty);
         clusters.sort_unstable();
         let runs = std::mem::take(&mut st.dirty_runs);
+        let count = runs.len() + clusters.len();
+        // A record that does not fit in the journal is never written: the checkpoint that
+        // replaces the journal carries the whole map, so the record is not even encoded.
+        let into_checkpoint = st.journal_tail + JournalRecordHeader::padded_len(count as u64)
+            > st.header.journal_capacity;
+        let record_items = if into_checkpoint { 0 } else { count };
         // Runs first: an entry recorded after a run overrides it for its cluster.
-        let mut items = vec![0u8; (runs.len() + clusters.len()) * MAP_ENTRY_SIZE];
-        let mut written = vec![0u64; runs.len() + clusters.len()];
+        let mut items = vec![0u8; record_items * MAP_ENTRY_SIZE];
+        let mut written = vec![0u64; record_items];
         let mut written_units = Vec::new();
-        for (i, item) in runs.iter().enumerate() {
-            item.write_to(&mut items[i * MAP_ENTRY_SIZE..]);
+        if !into_checkpoint {
+            for (i, item) in runs.iter().enumerate() {
+                item.write_to(&mut items[i * MAP_ENTRY_SIZE..]);
+            }
         }
         for (i, vc) in clusters.iter().enumerate() {
             let e = st.map.get_mut(vc).expect("dirty clusters are mapped");
@@ -915,6 +924,9 @@ impl Image {
             f.inflight = units;
             let stored = f.written & (units[0] | units[1]);
             f.written = 0;
+            if into_checkpoint {
+                continue;
+            }
             for u in bits(stored) {
                 let slot = usize::from(e.units[0] & (1 << u) == 0);
                 written_units.push(self.host_offset(e.host[slot], u));
@@ -926,9 +938,7 @@ impl Image {
             };
             item.write_to(&mut items[(runs.len() + i) * MAP_ENTRY_SIZE..]);
         }
-        let needed = JournalRecordHeader::padded_len((runs.len() + clusters.len()) as u64);
-        let checkpoint = (st.journal_tail + needed > st.header.journal_capacity)
-            .then(|| self.plan_checkpoint(st));
+        let checkpoint = into_checkpoint.then(|| self.plan_checkpoint(st));
         Some(Snapshot {
             clusters,
             items,
