@@ -499,15 +499,19 @@ impl Image {
                     ((unit_start >> g.unit_bits) & (g.units_per_cluster() as u64 - 1)) as u32;
                 let bit = 1u64 << unit;
                 let covers = offset <= unit_start && end >= unit_start + us;
-                if e.busy() & bit != 0 {
-                    Self::release_planned(e, &plan[first..]);
-                    self.release_planned_clusters(&mut st.map, &plan[..first]);
-                    return Plan::WaitForUnit(vcluster, bit);
-                }
-                let Some(slot) = Self::pick_slot(e, bit) else {
-                    Self::release_planned(e, &plan[first..]);
-                    self.release_planned_clusters(&mut st.map, &plan[..first]);
-                    return Plan::WaitForCommit(st.commits);
+                let slot = if e.busy() & bit != 0 {
+                    Err(Plan::WaitForUnit(vcluster, bit))
+                } else {
+                    Self::pick_slot(e, bit).ok_or(Plan::WaitForCommit(st.commits))
+                };
+                let slot = match slot {
+                    Ok(slot) => slot,
+                    Err(wait) => {
+                        // Nothing of this request runs yet: give back what it holds.
+                        Self::release_planned(e, &plan[first..]);
+                        self.release_planned_clusters(&mut st.map, &plan[..first]);
+                        return wait;
+                    }
                 };
                 if e.host[slot] == 0 {
                     e.host[slot] = st.free.allocate();
@@ -1486,7 +1490,6 @@ fn bits(mut m: u64) -> impl Iterator<Item = u32> {
     })
 }
 
-/// Sorts ranges and merges the touching ones.
 /// Merges two iterators of items, each sorted by start, into one sorted by start.
 fn merge_by_start(
     a: impl Iterator<Item = MapItem>,
@@ -1500,6 +1503,7 @@ fn merge_by_start(
     })
 }
 
+/// Sorts ranges and merges the touching ones.
 fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());

@@ -285,6 +285,20 @@ fn for_each_piece(
     Ok(())
 }
 
+/// Reports a region that does not lie inside the file, before anything is sized by it.
+fn check_inside_file(
+    path: &Path,
+    what: &str,
+    offset: u64,
+    len: u64,
+    file_length: u64,
+) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= file_length => Ok(()),
+        _ => Err(inconsistent(path, format!("{what} at offset {offset:#x} ({len} bytes) extends past the end of the file ({file_length:#x})"))),
+    }
+}
+
 /// Reads `len` bytes at `offset`, or reports that they lie past the end of the file. The
 /// length comes from the file, so no allocation exceeds what the file really holds.
 fn read_region(
@@ -295,12 +309,7 @@ fn read_region(
     len: u64,
     file_length: u64,
 ) -> Result<Vec<u8>> {
-    match offset.checked_add(len) {
-        Some(end) if end <= file_length => {}
-        _ => {
-            return Err(inconsistent(path, format!("{what} at offset {offset:#x} ({len} bytes) extends past the end of the file ({file_length:#x})")));
-        }
-    }
+    check_inside_file(path, what, offset, len, file_length)?;
     let mut buf = vec![0u8; len as usize];
     storage
         .read_at(&mut buf, offset)
@@ -401,12 +410,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     if header.checkpoint_entries > 0 {
         let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
         let start = header.checkpoint_offset;
-        match start.checked_add(len) {
-            Some(end) if end <= file_length => {}
-            _ => {
-                return Err(inconsistent(path, format!("checkpoint at offset {start:#x} ({len} bytes) extends past the end of the file ({file_length:#x})")));
-            }
-        }
+        check_inside_file(path, "checkpoint", start, len, file_length)?;
         // Read in pieces, twice: once for the checksum, which must hold before any item is
         // trusted, and once to decode. A large map is never held twice in memory.
         let read_failed = |at, e| io("reading checkpoint", at, e);
