@@ -4,19 +4,6 @@ mod cli_support;
 use cli_support::*;
 use std::path::Path;
 
-/// A failing run: the exit code, and a single stderr line that contains every `needle`.
-fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
-    assert_eq!(run.code, Some(code), "stderr: {}", run.stderr);
-    for needle in needles {
-        assert!(
-            run.stderr.contains(needle),
-            "no {needle:?} in {:?}",
-            run.stderr
-        );
-    }
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-}
-
 fn assert_one_line(run: &Run) {
     assert_eq!(run.stderr.lines().count(), 1, "{:?}", run.stderr);
 }

@@ -255,25 +255,17 @@ fn convert_refuses_a_backing_file_for_raw_output_and_a_backing_without_format() 
     let dir = tempdir();
     let d = dir.path();
     make_backing(d);
-    let run = cowimg_in(
-        d,
-        &[
-            "convert", "-B", "base.raw", "-F", "raw", "base.raw", "out.raw",
-        ],
-    );
-    assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("-B needs -O cowimg"), "{}", run.stderr);
-    let run = cowimg_in(
-        d,
-        &[
-            "convert", "-O", "cowimg", "-B", "base.raw", "base.raw", "out.cow",
-        ],
-    );
-    assert_eq!(run.code, Some(1));
-    assert!(
-        run.stderr.contains("backing format must be given with -F"),
-        "{}",
-        run.stderr
+    let raw_with_backing = [
+        "convert", "-B", "base.raw", "-F", "raw", "base.raw", "out.raw",
+    ];
+    assert_fails(&cowimg_in(d, &raw_with_backing), 1, &["-B needs -O cowimg"]);
+    let no_format = [
+        "convert", "-O", "cowimg", "-B", "base.raw", "base.raw", "out.cow",
+    ];
+    assert_fails(
+        &cowimg_in(d, &no_format),
+        1,
+        &["backing format must be given with -F"],
     );
     assert!(!d.join("out.raw").exists() && !d.join("out.cow").exists());
 }
@@ -512,24 +504,19 @@ fn convert_t_unsafe_writes_the_same_raw_bytes_and_is_refused_for_cowimg_output()
     cowimg_in(d, &["convert", "-t", "unsafe", "top.cow", "fast.raw"]).ok();
     assert_same_bytes(&read_file(&d.join("fast.raw")), &expected, "-t unsafe copy");
 
-    let run = cowimg_in(
-        d,
-        &[
-            "convert", "-t", "unsafe", "-O", "cowimg", "top.cow", "x.cow",
-        ],
+    let unsafe_cowimg = [
+        "convert", "-t", "unsafe", "-O", "cowimg", "top.cow", "x.cow",
+    ];
+    assert_fails(
+        &cowimg_in(d, &unsafe_cowimg),
+        1,
+        &["-t unsafe needs -O raw"],
     );
-    assert_eq!(run.code, Some(1));
-    assert!(
-        run.stderr.contains("-t unsafe needs -O raw"),
-        "{}",
-        run.stderr
-    );
-    let run = cowimg_in(d, &["convert", "-t", "none", "top.cow", "y.raw"]);
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("unknown cache mode 'none'"),
-        "{}",
-        run.stderr
+    let unknown_mode = ["convert", "-t", "none", "top.cow", "y.raw"];
+    assert_fails(
+        &cowimg_in(d, &unknown_mode),
+        1,
+        &["unknown cache mode 'none'"],
     );
     assert!(!d.join("x.cow").exists() && !d.join("y.raw").exists());
 }

@@ -30,6 +30,20 @@ impl Run {
     }
 }
 
+/// A failing run: the exit code, and stderr that contains every `needle` and no panic.
+#[track_caller]
+pub fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
+    assert_eq!(run.code, Some(code), "stderr: {}", run.stderr);
+    for needle in needles {
+        assert!(
+            run.stderr.contains(needle),
+            "no {needle:?} in {:?}",
+            run.stderr
+        );
+    }
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}
+
 /// Runs `cowimg ARGS` in `dir`.
 pub fn cowimg_in(dir: &Path, args: &[&str]) -> Run {
     let output = Command::new(env!("CARGO_BIN_EXE_cowimg"))
