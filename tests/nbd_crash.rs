@@ -8,7 +8,7 @@ use nbd_support::*;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+
 use std::time::Duration;
 
 const BLOCK: usize = 4096;
@@ -25,7 +25,7 @@ fn block_data(block: u64, gen: u32) -> Vec<u8> {
 }
 
 fn send_request(
-    s: &mut UnixStream,
+    s: &mut Stream,
     command: u16,
     flags: u16,
     cookie: u64,
@@ -44,7 +44,7 @@ fn send_request(
 }
 
 /// Reads a simple reply: (error, cookie).
-fn read_reply(s: &mut UnixStream) -> io::Result<(u32, u64)> {
+fn read_reply(s: &mut Stream) -> io::Result<(u32, u64)> {
     let mut b = [0u8; 16];
     s.read_exact(&mut b)?;
     assert_eq!(
@@ -82,8 +82,8 @@ impl Model {
 
 /// Runs writes until the server dies; returns how many flushes completed.
 fn workload(
-    writer: &mut UnixStream,
-    flusher: &mut UnixStream,
+    writer: &mut Stream,
+    flusher: &mut Stream,
     model: &mut Model,
     rng: &mut rand::rngs::StdRng,
     gen: &mut u32,

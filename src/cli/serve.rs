@@ -18,12 +18,28 @@ pub struct ServeArgs {
     /// Export name clients ask for (any name is accepted when empty).
     #[arg(long, default_value = "")]
     pub export_name: String,
+    /// Description sent to clients that ask (NBD_INFO_DESCRIPTION, NBD_OPT_LIST), as
+    /// qemu-nbd's --description; none unless given.
+    #[arg(short = 'D', long, value_name = "TEXT", value_parser = parse_description)]
+    pub description: Option<String>,
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
     /// Most clients connected at once; more are refused.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_connections: u32,
+    /// Most connections one TCP client (one IP address) may hold at once; 0 for no limit
+    /// besides --max-connections. Unix socket clients are not counted per user.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub max_connections_per_client: u32,
+    /// Seconds a client has to send a whole WRITE payload and to read a whole reply before
+    /// it is disconnected (0: wait for ever).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub io_timeout: u64,
+    /// Disconnect a client that has no request in flight and sends nothing for this many
+    /// seconds (0, the default: idle clients may stay, as a mounted kernel client does).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub idle_timeout: u64,
     /// Seconds a client has to finish the handshake.
     #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
@@ -32,6 +48,18 @@ pub struct ServeArgs {
     pub threads: u32,
     /// The image to serve.
     pub image: PathBuf,
+}
+
+fn parse_description(s: &str) -> Result<String, String> {
+    if s.len() > 4096 {
+        return Err(format!("{} bytes; at most 4096", s.len()));
+    }
+    Ok(s.to_string())
+}
+
+/// Zero means "no limit".
+fn seconds(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
 }
 
 /// True when systemd passed us a socket: LISTEN_FDS is set and LISTEN_PID names this
@@ -57,11 +85,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = ServeConfig {
         listen,
         export_name: args.export_name,
+        description: args.description,
         read_only: args.read_only,
         max_connections: args.max_connections as usize,
+        max_connections_per_client: args.max_connections_per_client as usize,
+        io_timeout: seconds(args.io_timeout),
+        idle_timeout: seconds(args.idle_timeout),
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         workers_per_connection: args.threads as usize,
-        ..ServeConfig::default()
     };
     crate::nbd::serve(image, config)?;
     Ok(ExitCode::SUCCESS)

@@ -4,23 +4,34 @@
 //! whichever worker holds the input lock reads the next request header and its payload,
 //! releases the lock, runs the request against the image and writes the reply under the
 //! output lock with one `writev`. So requests run concurrently and are answered out of
-//! order, no request is handed from thread to thread, and each worker reuses its own
-//! buffer. Memory is bounded by byte budgets (per connection and server-wide) that a
-//! request's payload or reply data must fit in before its payload is read.
+//! order, and no request is handed from thread to thread.
+//!
+//! Memory: the bytes a request's payload or reply data needs are reserved in the server's
+//! [`Memory`] before its payload is read. Every connection has a floor of its own that no
+//! other client can take, and borrows from a shared pool above it, up to a cap; so however
+//! many clients stall with their reservations, a new client's small requests are served at
+//! once. A client that stops sending a payload or reading a reply loses its connection, and
+//! with it its reservations, when the I/O timeout has passed for the whole payload or reply.
+//! Buffers are kept between requests for reuse while the connection is busy, and freed
+//! once it has been idle for [`RELEASE_IDLE_BUFFERS`].
 use super::handshake::{MetaContexts, CONTEXT_ID_ALLOCATION, CONTEXT_ID_LAYER};
 use super::protocol::*;
 use super::socket::Socket;
 use crate::image::{Extent, ExtentKind, Image};
-use std::io::{self, BufReader, Read};
+use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Bytes of READ data or WRITE payload one connection may hold at once.
-pub(crate) const CONNECTION_BUDGET: u64 = 64 << 20;
-/// Buffers up to this size stay with their worker between requests; larger ones are
-/// freed, so a burst of 32 MiB requests does not pin memory afterwards.
-const RETAINED_BUFFER: usize = 2 << 20;
+pub(crate) const CONNECTION_CAP: u64 = 64 << 20;
+/// The most a connection's floor (bytes no other client can take from it) may be.
+const MAX_FLOOR: u64 = 8 << 20;
+/// Buffers a busy connection keeps for reuse, in bytes.
+const RETAINED_BUFFERS: usize = 16 << 20;
+/// A connection that has received nothing for this long frees the buffers it kept.
+pub(crate) const RELEASE_IDLE_BUFFERS: Duration = Duration::from_secs(1);
 /// CACHE reads the range through in pieces of this size.
 const CACHE_PIECE: u64 = 1 << 20;
 /// BLOCK_STATUS asks the image about this much at a time.
@@ -31,61 +42,118 @@ const MAX_DESCRIPTORS: usize = 8192;
 /// Input buffer: requests and small payloads come in with few system calls; large
 /// payloads bypass it.
 const INPUT_BUFFER: usize = 128 * 1024;
+/// How often a worker waiting for memory checks whether its connection is still wanted.
+const RECHECK: Duration = Duration::from_millis(50);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A pool of bytes that requests reserve before their data exists.
-pub(crate) struct Budget {
-    capacity: u64,
-    used: Mutex<u64>,
+/// The server's request memory: a floor for every connection plus a shared pool.
+///
+/// A connection holding `held` bytes has borrowed `held - floor` of them (if positive) from
+/// the pool. With `max_connections` floors and the pool, the server never holds more than
+/// `total` bytes of request data, one connection never more than [`CONNECTION_CAP`], and a
+/// connection's first `floor` bytes are always available to it.
+pub(crate) struct Memory {
+    floor: u64,
+    pool: u64,
+    cap: u64,
+    /// Bytes borrowed from the pool, over all connections.
+    borrowed: Mutex<u64>,
     freed: Condvar,
 }
 
-impl Budget {
-    pub fn new(capacity: u64) -> Budget {
-        Budget {
-            capacity,
-            used: Mutex::new(0),
+/// One connection's holding in [`Memory`]; changed only under `Memory::borrowed`'s lock.
+#[derive(Default)]
+pub(crate) struct Share {
+    held: AtomicU64,
+}
+
+impl Memory {
+    /// `total` bytes for up to `max_connections` connections. Floors take at most half.
+    pub fn new(total: u64, max_connections: usize) -> Memory {
+        let floor = (total / 2 / max_connections.max(1) as u64).min(MAX_FLOOR);
+        Memory {
+            floor,
+            pool: total - floor * max_connections as u64,
+            cap: CONNECTION_CAP,
+            borrowed: Mutex::new(0),
             freed: Condvar::new(),
         }
     }
 
-    /// Waits until `n` bytes fit. A request larger than the whole budget still runs, alone.
-    fn acquire(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        let mut used = lock(&self.used);
-        while *used > 0 && *used + n > self.capacity {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
-        }
-        *used += n;
+    fn borrowed_at(&self, held: u64) -> u64 {
+        held.saturating_sub(self.floor)
     }
 
-    fn release(&self, n: u64) {
+    /// Reserves `n` bytes for `share`, waiting while they do not fit. A request larger than
+    /// the connection's cap or the pool still runs, alone. Returns `None` (and reserves
+    /// nothing) once `give_up` says the connection no longer needs it.
+    fn acquire<'a>(
+        &'a self,
+        share: &'a Share,
+        n: u64,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Reservation<'a>> {
+        let mut borrowed = lock(&self.borrowed);
+        loop {
+            let held = share.held.load(Ordering::Relaxed);
+            let extra = self.borrowed_at(held + n) - self.borrowed_at(held);
+            let fits_connection = held == 0 || held + n <= self.cap;
+            let fits_pool = extra == 0 || *borrowed == 0 || *borrowed + extra <= self.pool;
+            if n == 0 || (fits_connection && fits_pool) {
+                share.held.store(held + n, Ordering::Relaxed);
+                *borrowed += extra;
+                return Some(Reservation {
+                    memory: self,
+                    share,
+                    bytes: n,
+                });
+            }
+            if give_up() {
+                return None;
+            }
+            borrowed = self
+                .freed
+                .wait_timeout(borrowed, RECHECK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn release(&self, share: &Share, n: u64) {
         if n == 0 {
             return;
         }
-        let mut used = lock(&self.used);
-        *used -= n;
+        let mut borrowed = lock(&self.borrowed);
+        let held = share.held.load(Ordering::Relaxed);
+        *borrowed -= self.borrowed_at(held) - self.borrowed_at(held - n);
+        share.held.store(held - n, Ordering::Relaxed);
         self.freed.notify_all();
     }
 }
 
-/// Bytes reserved in both budgets, given back on drop.
+/// Bytes reserved in [`Memory`], given back on drop.
 struct Reservation<'a> {
-    budgets: [&'a Budget; 2],
+    memory: &'a Memory,
+    share: &'a Share,
     bytes: u64,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        for b in self.budgets {
-            b.release(self.bytes);
-        }
+        self.memory.release(self.share, self.bytes);
     }
+}
+
+/// Buffers kept for the next requests of a busy connection.
+#[derive(Default)]
+struct Pool {
+    free: Vec<Vec<u8>>,
+    bytes: usize,
+    /// The connection has received nothing for a while: returned buffers are freed.
+    idle: bool,
 }
 
 /// A request that failed: the NBD error and a message for the client.
@@ -101,10 +169,82 @@ fn fail<T>(error: u32, message: impl Into<String>) -> Result<T, Failure> {
     })
 }
 
+/// The receiving side: a buffer over the socket, read without blocking and waited on with
+/// `poll`, so that every wait has a deadline and idleness can be noticed.
 struct Input {
-    reader: BufReader<Socket>,
+    socket: Socket,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
     /// Why reading stopped; once set, workers finish what they hold and exit.
-    end: Option<String>,
+    end_reason: Option<String>,
+}
+
+/// Why the input could not deliver bytes.
+enum InputError {
+    Eof,
+    TimedOut,
+    Io(io::Error),
+}
+
+impl Input {
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Reads whatever has arrived into the buffer, waiting with `wait` when nothing has.
+    fn fill(
+        &mut self,
+        mut wait: impl FnMut(&Socket) -> Result<(), InputError>,
+    ) -> Result<(), InputError> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match self.socket.read_available(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(InputError::Eof),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&self.socket)?,
+                Err(e) => return Err(InputError::Io(e)),
+            }
+        }
+    }
+
+    /// Fills `out` from the buffer and then straight from the socket, all of it before
+    /// `deadline`.
+    fn read_exact_by(
+        &mut self,
+        out: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), InputError> {
+        let from_buffer = self.buffered().min(out.len());
+        out[..from_buffer].copy_from_slice(&self.buf[self.start..self.start + from_buffer]);
+        self.start += from_buffer;
+        let mut done = from_buffer;
+        while done < out.len() {
+            match self.socket.read_available(&mut out[done..]) {
+                Ok(0) => return Err(InputError::Eof),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    if left.is_some_and(|l| l.is_zero()) {
+                        return Err(InputError::TimedOut);
+                    }
+                    self.socket.wait(true, left).map_err(InputError::Io)?;
+                }
+                Err(e) => return Err(InputError::Io(e)),
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Output {
@@ -120,6 +260,8 @@ pub(crate) struct Stats {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub errors: AtomicU64,
+    /// Requests not run because the client had gone.
+    pub dropped: AtomicU64,
     pub wrote: AtomicBool,
 }
 
@@ -133,8 +275,18 @@ pub(crate) struct Transmission<'a> {
     output: Mutex<Output>,
     /// A handle on the socket to hang up with, whoever holds the locks.
     control: Socket,
-    budget: Budget,
-    global: &'a Budget,
+    memory: &'a Memory,
+    share: Share,
+    pool: Mutex<Pool>,
+    io_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    /// Requests read and not yet answered.
+    in_flight: AtomicUsize,
+    /// The client has gone (a reply could not be written, or it hung up): nothing more
+    /// is read or run.
+    aborted: AtomicBool,
+    /// The client sent NBD_CMD_DISC: what it sent before still runs, whatever it does next.
+    disconnected: AtomicBool,
     shutting_down: &'a AtomicBool,
     pub stats: Stats,
     /// The first image error, logged once per connection.
@@ -146,8 +298,18 @@ pub(crate) struct Params<'a> {
     pub read_only: bool,
     pub structured: bool,
     pub contexts: MetaContexts,
-    pub global: &'a Budget,
+    pub memory: &'a Memory,
     pub shutting_down: &'a AtomicBool,
+    /// A client must send a whole WRITE payload, and read a whole reply, within this.
+    pub io_timeout: Option<Duration>,
+    /// A client with nothing in flight that sends nothing for this long is disconnected.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Read-only requests: their only effect is the reply, so a client that has gone does not
+/// need them run.
+fn only_replies(command: u16) -> bool {
+    matches!(command, CMD_READ | CMD_CACHE | CMD_BLOCK_STATUS)
 }
 
 impl<'a> Transmission<'a> {
@@ -161,16 +323,25 @@ impl<'a> Transmission<'a> {
             structured: p.structured,
             contexts: p.contexts,
             input: Mutex::new(Input {
-                reader: BufReader::with_capacity(INPUT_BUFFER, socket),
-                end: None,
+                socket,
+                buf: vec![0u8; INPUT_BUFFER].into_boxed_slice(),
+                start: 0,
+                end: 0,
+                end_reason: None,
             }),
             output: Mutex::new(Output {
                 socket: writer,
                 broken: None,
             }),
             control,
-            budget: Budget::new(CONNECTION_BUDGET),
-            global: p.global,
+            memory: p.memory,
+            share: Share::default(),
+            pool: Mutex::new(Pool::default()),
+            io_timeout: p.io_timeout,
+            idle_timeout: p.idle_timeout,
+            in_flight: AtomicUsize::new(0),
+            aborted: AtomicBool::new(false),
+            disconnected: AtomicBool::new(false),
             shutting_down: p.shutting_down,
             stats: Stats::default(),
             logged_image_error: AtomicBool::new(false),
@@ -191,11 +362,19 @@ impl<'a> Transmission<'a> {
             // could be spawned.
             self.worker();
         });
-        let input_end = lock(&self.input).end.take();
+        self.release_buffers();
+        let input_end = lock(&self.input).end_reason.take();
         let output_end = lock(&self.output).broken.take();
-        output_end
+        let mut end = output_end
             .or(input_end)
-            .unwrap_or_else(|| "connection closed".into())
+            .unwrap_or_else(|| "connection closed".into());
+        let dropped = self.stats.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            end.push_str(&format!(
+                "; {dropped} queued requests dropped, the client had gone"
+            ));
+        }
+        end
     }
 
     /// Hangs up at once: wakes the reader and makes pending writes fail.
@@ -203,48 +382,175 @@ impl<'a> Transmission<'a> {
         self.control.shutdown(Shutdown::Both);
     }
 
+    /// The client is gone: stop reading and running its requests.
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.hang_up();
+    }
+
+    fn stopping(&self) -> bool {
+        self.aborted.load(Ordering::Relaxed) || self.shutting_down.load(Ordering::Relaxed)
+    }
+
     fn worker(&self) {
-        let mut buf: Vec<u8> = Vec::new();
         loop {
-            let (req, reservation) = {
+            if self.stopping() {
+                return;
+            }
+            let (req, buf, reservation) = {
                 let mut input = lock(&self.input);
-                if input.end.is_some() {
+                if input.end_reason.is_some() {
                     return;
                 }
-                match self.next_request(&mut input, &mut buf) {
+                match self.next_request(&mut input) {
                     Ok(r) => r,
                     Err(reason) => {
-                        input.end = Some(reason);
+                        input.end_reason = Some(reason);
                         return;
                     }
                 }
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            self.handle(&req, &mut buf);
+            let mut buf = buf;
+            if only_replies(req.command) && self.client_has_gone() {
+                // Nobody will read the reply; a write still runs, it is the client's data.
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.abort();
+            } else {
+                self.handle(&req, &mut buf);
+            }
+            self.give_back(buf);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             drop(reservation);
-            if buf.capacity() > RETAINED_BUFFER {
-                buf = Vec::new();
+        }
+    }
+
+    /// True when the client has closed its side without NBD_CMD_DISC.
+    fn client_has_gone(&self) -> bool {
+        !self.disconnected.load(Ordering::Relaxed)
+            && self
+                .control
+                .wait(false, Some(Duration::ZERO))
+                .is_ok_and(|r| r.peer_closed)
+    }
+
+    /// A buffer of at least `n` bytes, reused when the connection kept one.
+    fn take_buffer(&self, n: usize) -> Vec<u8> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut pool = lock(&self.pool);
+        pool.idle = false;
+        let found = pool.free.iter().position(|b| b.len() >= n);
+        let mut buf = match found.or_else(|| pool.free.len().checked_sub(1)) {
+            Some(i) => {
+                let b = pool.free.swap_remove(i);
+                pool.bytes -= b.len();
+                b
+            }
+            None => Vec::new(),
+        };
+        drop(pool);
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        buf
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        if buf.is_empty() {
+            return;
+        }
+        let mut pool = lock(&self.pool);
+        if !pool.idle && pool.bytes + buf.len() <= RETAINED_BUFFERS {
+            pool.bytes += buf.len();
+            pool.free.push(buf);
+        }
+    }
+
+    /// Frees the buffers kept for reuse (the connection is idle, or ending).
+    fn release_buffers(&self) {
+        let freed = {
+            let mut pool = lock(&self.pool);
+            pool.idle = true;
+            pool.bytes = 0;
+            std::mem::take(&mut pool.free)
+        };
+        if !freed.is_empty() {
+            drop(freed);
+            return_freed_memory();
+        }
+    }
+
+    /// Waits for the next request's bytes: frees the kept buffers once the client has been
+    /// quiet for a while, and ends an idle connection after the idle timeout.
+    fn wait_for_request(&self, socket: &Socket, quiet_since: Instant) -> Result<(), InputError> {
+        loop {
+            let quiet = quiet_since.elapsed();
+            let release_due = !lock(&self.pool).idle;
+            let mut limit = self.idle_timeout.map(|t| t.saturating_sub(quiet));
+            if release_due {
+                let release_in = RELEASE_IDLE_BUFFERS.saturating_sub(quiet);
+                limit = Some(limit.map_or(release_in, |l| l.min(release_in)));
+            }
+            if socket.wait(true, limit).map_err(InputError::Io)?.readable {
+                return Ok(());
+            }
+            if self.stopping() {
+                return Err(InputError::Eof);
+            }
+            if release_due && quiet_since.elapsed() >= RELEASE_IDLE_BUFFERS {
+                self.release_buffers();
+            }
+            if let Some(t) = self.idle_timeout {
+                // A client waiting for replies is not idle, however long they take.
+                if quiet_since.elapsed() >= t && self.in_flight.load(Ordering::SeqCst) == 0 {
+                    return Err(InputError::TimedOut);
+                }
             }
         }
     }
 
-    /// Reads the next request and its payload (into `buf`), after reserving the memory
-    /// it needs. Errors are why the connection ends.
+    /// Reads the next request and its payload, after reserving the memory it needs.
+    /// Errors are why the connection ends.
     fn next_request(
         &self,
         input: &mut Input,
-        buf: &mut Vec<u8>,
-    ) -> Result<(Request, Reservation<'_>), String> {
-        let mut h = [0u8; REQUEST_LEN];
-        if let Err(e) = input.reader.read_exact(&mut h) {
+    ) -> Result<(Request, Vec<u8>, Reservation<'_>), String> {
+        let quiet_since = Instant::now();
+        while input.buffered() < REQUEST_LEN {
+            if let Err(e) = input.fill(|socket| self.wait_for_request(socket, quiet_since)) {
+                return Err(if self.shutting_down.load(Ordering::Relaxed) {
+                    "server shutting down".into()
+                } else if self.aborted.load(Ordering::Relaxed) {
+                    "the client went away".into()
+                } else {
+                    match e {
+                        InputError::Eof if input.buffered() == 0 => {
+                            "client closed the connection without NBD_CMD_DISC".into()
+                        }
+                        InputError::Eof => {
+                            "client closed the connection in the middle of a request".into()
+                        }
+                        InputError::TimedOut => format!(
+                            "idle for {}s (--idle-timeout), disconnected",
+                            self.idle_timeout.unwrap_or_default().as_secs()
+                        ),
+                        InputError::Io(e) => format!("reading a request failed: {e}"),
+                    }
+                });
+            }
+        }
+        if self.stopping() {
             return Err(if self.shutting_down.load(Ordering::Relaxed) {
                 "server shutting down".into()
-            } else if e.kind() == io::ErrorKind::UnexpectedEof {
-                "client closed the connection without NBD_CMD_DISC".into()
             } else {
-                format!("reading a request failed: {e}")
+                "the client went away".into()
             });
         }
+        let mut h = [0u8; REQUEST_LEN];
+        h.copy_from_slice(&input.buf[input.start..input.start + REQUEST_LEN]);
+        input.start += REQUEST_LEN;
         let req = Request::parse(&h);
         if req.magic != REQUEST_MAGIC {
             self.hang_up();
@@ -254,6 +560,7 @@ impl<'a> Transmission<'a> {
             ));
         }
         if req.command == CMD_DISC {
+            self.disconnected.store(true, Ordering::SeqCst);
             return Err("client disconnected (NBD_CMD_DISC)".into());
         }
         let payload = if req.command == CMD_WRITE {
@@ -273,24 +580,31 @@ impl<'a> Transmission<'a> {
             CMD_CACHE => (req.length as u64).min(CACHE_PIECE),
             _ => 0,
         };
-        self.budget.acquire(bytes);
-        self.global.acquire(bytes);
-        let reservation = Reservation {
-            budgets: [&self.budget, self.global],
-            bytes,
+        let Some(reservation) = self.memory.acquire(&self.share, bytes, || self.stopping()) else {
+            return Err("the client went away while its request waited for memory".into());
         };
+        let mut buf = self.take_buffer(bytes as usize);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         if payload > 0 {
             let n = payload as usize;
-            if buf.len() < n {
-                buf.resize(n, 0);
-            }
-            if let Err(e) = input.reader.read_exact(&mut buf[..n]) {
-                return Err(format!(
-                    "client went away in the middle of a {n} byte WRITE payload: {e}"
-                ));
+            let deadline = self.io_timeout.map(|t| Instant::now() + t);
+            if let Err(e) = input.read_exact_by(&mut buf[..n], deadline) {
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.give_back(buf);
+                self.hang_up();
+                return Err(match e {
+                    InputError::TimedOut => format!(
+                        "the client sent no more of a {n} byte WRITE payload for {}s (--io-timeout), disconnected",
+                        self.io_timeout.unwrap_or_default().as_secs()
+                    ),
+                    InputError::Eof => format!("client went away in the middle of a {n} byte WRITE payload"),
+                    InputError::Io(e) => format!(
+                        "client went away in the middle of a {n} byte WRITE payload: {e}"
+                    ),
+                });
             }
         }
-        Ok((req, reservation))
+        Ok((req, buf, reservation))
     }
 
     fn handle(&self, req: &Request, buf: &mut Vec<u8>) {
@@ -539,15 +853,31 @@ impl<'a> Transmission<'a> {
         if out.broken.is_some() {
             return;
         }
-        if let Err(e) = out.socket.write_all_vectored(parts) {
+        if let Err(e) = out.socket.write_all_vectored(parts, self.io_timeout) {
             out.broken = Some(if self.shutting_down.load(Ordering::Relaxed) {
                 "server shutting down".into()
+            } else if e.kind() == io::ErrorKind::TimedOut {
+                format!(
+                    "the client did not read a reply for {}s (--io-timeout), disconnected",
+                    self.io_timeout.unwrap_or_default().as_secs()
+                )
             } else {
                 format!("writing a reply failed: {e}")
             });
             drop(out);
-            self.hang_up();
+            self.abort();
         }
+    }
+}
+
+/// Hands memory that was freed back to the system. The allocator keeps freed blocks of
+/// buffers this size for reuse, which is right while a connection is busy and wrong once
+/// it is idle: idle connections must not hold memory.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -651,13 +981,41 @@ mod tests {
     }
 
     #[test]
-    fn budget_lets_an_oversized_request_run_alone() {
-        let b = Budget::new(10);
-        b.acquire(25);
-        b.release(25);
-        b.acquire(4);
-        b.acquire(6);
-        assert_eq!(*lock(&b.used), 10);
+    fn a_connection_keeps_its_floor_when_others_have_taken_the_pool() {
+        // 64 bytes for 4 connections: floors of 8, a pool of 32.
+        let m = Memory::new(64, 4);
+        assert_eq!((m.floor, m.pool), (8, 32));
+        let greedy = Share::default();
+        let held = m
+            .acquire(&greedy, 40, || false)
+            .expect("the floor and the pool");
+        assert_eq!(*lock(&m.borrowed), 32);
+        // The pool is empty, yet another connection gets its floor at once...
+        let other = Share::default();
+        let small = m
+            .acquire(&other, 8, || false)
+            .expect("the floor is its own");
+        // ...but not more: waiting for the pool gives up when the connection is gone.
+        assert!(m.acquire(&other, 1, || true).is_none());
+        drop(held);
+        assert_eq!(*lock(&m.borrowed), 0);
+        let more = m
+            .acquire(&other, 20, || false)
+            .expect("the pool is free again");
+        assert_eq!(*lock(&m.borrowed), 20);
+        drop((small, more));
+        assert_eq!(other.held.load(Ordering::Relaxed), 0);
+        assert_eq!(*lock(&m.borrowed), 0);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_pool_still_runs_alone() {
+        let m = Memory::new(64, 4);
+        let s = Share::default();
+        let r = m.acquire(&s, 100, || false).expect("runs alone");
+        assert!(m.acquire(&Share::default(), 9, || true).is_none());
+        drop(r);
+        assert_eq!(*lock(&m.borrowed), 0);
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub(crate) struct ExportInfo<'a> {
     pub name: &'a str,
     pub size: u64,
     pub read_only: bool,
-    pub description: String,
+    /// Sent only when the operator set one: a default would reveal server file names.
+    pub description: Option<String>,
 }
 
 impl ExportInfo<'_> {
@@ -310,10 +311,12 @@ impl<S: Read + Write> Session<'_, S> {
                         continue;
                     }
                     let name = self.export.name.as_bytes();
+                    let description = self.export.description.as_deref().unwrap_or("");
+                    let description = &description.as_bytes()[..description.len().min(MAX_STRING)];
                     self.reply(
                         h.option,
                         REP_SERVER,
-                        &[&(name.len() as u32).to_be_bytes(), name],
+                        &[&(name.len() as u32).to_be_bytes(), name, description],
                     )?;
                     self.reply(h.option, REP_ACK, &[])?;
                 }
@@ -401,8 +404,13 @@ impl<S: Read + Write> Session<'_, S> {
                 &[&INFO_NAME.to_be_bytes(), canonical],
             );
         }
-        if requests.contains(&INFO_DESCRIPTION) {
-            let d = self.export.description.as_bytes();
+        if let Some(d) = self
+            .export
+            .description
+            .as_ref()
+            .filter(|_| requests.contains(&INFO_DESCRIPTION))
+        {
+            let d = d.as_bytes();
             let d = &d[..d.len().min(MAX_STRING)];
             option_reply(
                 &mut self.out,
@@ -570,7 +578,7 @@ mod tests {
             name: "",
             size: 1,
             read_only: false,
-            description: String::new(),
+            description: None,
         };
         let f = rw.transmission_flags(true);
         assert_ne!(f & TFLAG_CAN_MULTI_CONN, 0);

@@ -24,8 +24,21 @@
 //! Block sizes advertised: minimum 1, preferred 4096, maximum 32 MiB; a WRITE payload
 //! above the maximum ends the connection, a READ or CACHE above it gets `EINVAL`, TRIM and
 //! WRITE_ZEROES may be any length. Option payloads are capped at 64 KiB and strings at
-//! 4096 bytes; the handshake must finish within [`ServeConfig::handshake_timeout`]. Each
-//! connection may hold 64 MiB of request data at once and the whole server 256 MiB.
+//! 4096 bytes; the handshake must finish within [`ServeConfig::handshake_timeout`].
+//!
+//! # Resources a client can hold
+//!
+//! Request data (WRITE payloads, READ replies) of all connections together stays under
+//! 256 MiB: every connection has a floor of its own (256 MiB / 2 / max-connections, at most
+//! 8 MiB) that no other client can take, and borrows from the shared rest above it, up to
+//! 64 MiB per connection. A WRITE payload must arrive, and a reply be read, within
+//! [`ServeConfig::io_timeout`] for the whole of it, or the client is disconnected and its
+//! reservations freed. A client that has gone does not have its queued read-only requests
+//! run. Buffers are kept while a connection is busy and freed after one second of quiet.
+//! Connection slots: [`ServeConfig::max_connections`] in all and
+//! [`ServeConfig::max_connections_per_client`] per IP address over TCP; idle clients may
+//! stay unless [`ServeConfig::idle_timeout`] is set. Refusals are logged at most once a
+//! second, with a count.
 mod connection;
 mod handshake;
 pub mod protocol;
@@ -54,15 +67,27 @@ pub struct ServeConfig {
     pub listen: Listen,
     /// The export's name; when empty, any name a client asks for is accepted.
     pub export_name: String,
+    /// Sent to clients that ask (NBD_INFO_DESCRIPTION, NBD_OPT_LIST); none by default, so
+    /// nothing about the server's files is revealed unless the operator chooses to.
+    pub description: Option<String>,
     pub read_only: bool,
     /// Clients connected at once; more are refused (accepted and closed at once).
     pub max_connections: usize,
+    /// Connections one TCP client (an IP address) may hold at once; 0 for no limit besides
+    /// `max_connections`. Unix socket clients are let in by the socket's file mode and are
+    /// not counted per user.
+    pub max_connections_per_client: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
     /// Requests served at once on each connection (worker threads).
     pub workers_per_connection: usize,
-    /// A client that leaves a reply unread this long is disconnected; `None` waits forever.
-    pub reply_timeout: Option<Duration>,
+    /// A client must send a whole WRITE payload, and read a whole reply, within this, or it
+    /// is disconnected (and the memory its requests held is freed); `None` waits forever.
+    pub io_timeout: Option<Duration>,
+    /// A client that has no request in flight and sends nothing for this long is
+    /// disconnected; `None` (the default) lets idle clients stay, as a kernel client with a
+    /// mounted but unused file system does.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServeConfig {
@@ -70,11 +95,14 @@ impl Default for ServeConfig {
         ServeConfig {
             listen: Listen::Tcp("127.0.0.1:10809".into()),
             export_name: String::new(),
+            description: None,
             read_only: false,
             max_connections: 16,
+            max_connections_per_client: 8,
             handshake_timeout: Duration::from_secs(10),
             workers_per_connection: 16,
-            reply_timeout: Some(Duration::from_secs(120)),
+            io_timeout: Some(Duration::from_secs(60)),
+            idle_timeout: None,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The listener: accepts clients, runs one thread per connection (handshake, then the
 //! transmission workers), and shuts everything down on SIGINT/SIGTERM.
-use super::connection::{Budget, Params, Transmission};
+use super::connection::{Memory, Params, Transmission};
 use super::handshake::{self, ExportInfo};
-use super::socket::{Listener, Socket};
+use super::socket::{Listener, PeerIdentity, Socket};
 use super::{Listen, ServeConfig};
 use crate::error::Error;
 use crate::image::Image;
@@ -16,7 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bytes of READ/WRITE data all connections together may hold at once.
-const GLOBAL_BUDGET: u64 = 256 << 20;
+const REQUEST_MEMORY: u64 = 256 << 20;
+/// Refused connections are logged at most this often (a flood would fill the log).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// On shutdown, connections get this long to answer requests already being served before
 /// their sockets are closed under them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -30,10 +32,41 @@ struct Shared {
     image: Arc<Image>,
     config: ServeConfig,
     shutting_down: AtomicBool,
-    global: Budget,
-    /// Live connections, by number, with a handle to hang up on each.
-    live: Mutex<HashMap<u64, Socket>>,
+    memory: Memory,
+    /// Live connections, by number, with a handle to hang up on each and who they are.
+    live: Mutex<HashMap<u64, (Socket, PeerIdentity)>>,
     changed: Condvar,
+    refusals: Mutex<RefusalLog>,
+}
+
+/// Refusals since the last line logged about them.
+struct RefusalLog {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Shared {
+    /// Logs a refused connection, or counts it when one was logged less than
+    /// [`REFUSAL_LOG_INTERVAL`] ago; the next line says how many went unlogged.
+    fn log_refusal(&self, message: std::fmt::Arguments) {
+        let mut log = lock(&self.refusals);
+        let now = Instant::now();
+        if log
+            .last_logged
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL)
+        {
+            log.unlogged += 1;
+            return;
+        }
+        let unlogged = std::mem::take(&mut log.unlogged);
+        log.last_logged = Some(now);
+        drop(log);
+        if unlogged > 0 {
+            eprintln!("cowimg: {message} (and {unlogged} more refused since the last such line)");
+        } else {
+            eprintln!("cowimg: {message}");
+        }
+    }
 }
 
 pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()> {
@@ -55,11 +88,15 @@ pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()>
     );
     let shared = Arc::new(Shared {
         image,
-        config,
         shutting_down: AtomicBool::new(false),
-        global: Budget::new(GLOBAL_BUDGET),
+        memory: Memory::new(REQUEST_MEMORY, config.max_connections),
+        config,
         live: Mutex::new(HashMap::new()),
         changed: Condvar::new(),
+        refusals: Mutex::new(RefusalLog {
+            last_logged: None,
+            unlogged: 0,
+        }),
     });
     let mut threads = Vec::new();
     let mut next_id = 1u64;
@@ -134,17 +171,33 @@ fn start_connection(
     peer: String,
 ) -> Option<std::thread::JoinHandle<()>> {
     {
+        let identity = socket.identity();
         let mut live = lock(&shared.live);
-        if live.len() >= shared.config.max_connections {
-            eprintln!("cowimg: connection {id} from {peer}: refused, {} clients already connected (--max-connections)", live.len());
+        let config = &shared.config;
+        if live.len() >= config.max_connections {
+            drop(live);
+            shared.log_refusal(format_args!("connection {id} from {peer}: refused, {} clients already connected (--max-connections)", config.max_connections));
+            return None;
+        }
+        let per_client = config.max_connections_per_client;
+        // Over TCP the address is the client; a Unix socket's clients are the local users
+        // its file mode lets in, often one user for many clients, so they are not capped.
+        let capped = matches!(identity, PeerIdentity::Address(_));
+        if capped
+            && per_client > 0
+            && live.values().filter(|(_, who)| *who == identity).count() >= per_client
+        {
+            drop(live);
+            shared.log_refusal(format_args!("connection {id} from {peer}: refused, {identity} already has {per_client} connections (--max-connections-per-client)"));
             return None;
         }
         match socket.try_clone() {
             Ok(handle) => {
-                live.insert(id, handle);
+                live.insert(id, (handle, identity));
             }
             Err(e) => {
-                eprintln!("cowimg: connection {id} from {peer}: refused: {e}");
+                drop(live);
+                shared.log_refusal(format_args!("connection {id} from {peer}: refused: {e}"));
                 return None;
             }
         }
@@ -215,19 +268,11 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
     socket.tune();
     let image = &*shared.image;
     let config = &shared.config;
-    let description = format!(
-        "cowimg image {}",
-        image
-            .path()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
     let export = ExportInfo {
         name: &config.export_name,
         size: image.virtual_size(),
         read_only: config.read_only,
-        description,
+        description: config.description.clone(),
     };
     let negotiated = {
         let mut io = Deadline {
@@ -243,21 +288,15 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
             return end.to_string();
         }
     };
-    // An idle client may stay connected as long as it likes; a client that stops reading
-    // our replies is dropped once a reply has been stuck for the reply timeout.
-    if let Err(e) = socket
-        .set_read_timeout(None)
-        .and_then(|()| socket.set_write_timeout(config.reply_timeout))
-    {
-        return format!("setting socket timeouts failed: {e}");
-    }
     let params = Params {
         image,
         read_only: config.read_only,
         structured: negotiated.structured,
         contexts: negotiated.contexts,
-        global: &shared.global,
+        memory: &shared.memory,
         shutting_down: &shared.shutting_down,
+        io_timeout: config.io_timeout,
+        idle_timeout: config.idle_timeout,
     };
     let transmission = match Transmission::new(socket, params) {
         Ok(t) => t,
@@ -308,7 +347,7 @@ fn shut_down(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
     shared.shutting_down.store(true, Ordering::SeqCst);
     {
         let live = lock(&shared.live);
-        for s in live.values() {
+        for (s, _) in live.values() {
             s.shutdown(Shutdown::Read);
         }
     }
@@ -317,7 +356,7 @@ fn shut_down(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
     while !live.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            for s in live.values() {
+            for (s, _) in live.values() {
                 s.shutdown(Shutdown::Both);
             }
             break;

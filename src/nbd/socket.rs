@@ -4,7 +4,35 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// What `Socket::wait` saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Readiness {
+    /// Bytes (or end of file) can be read.
+    pub readable: bool,
+    /// The peer has shut down its sending side (or the connection is gone).
+    pub peer_closed: bool,
+}
+
+/// Who a client is, for the per-client connection cap: its IP address over TCP (not the
+/// port, which a client picks freely), its user id over a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum PeerIdentity {
+    Address(std::net::IpAddr),
+    User(u32),
+    Unknown,
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerIdentity::Address(a) => write!(f, "{a}"),
+            PeerIdentity::User(uid) => write!(f, "uid {uid}"),
+            PeerIdentity::Unknown => write!(f, "unknown peer"),
+        }
+    }
+}
 
 /// A connected client socket.
 pub(crate) enum Socket {
@@ -26,6 +54,80 @@ impl Socket {
             Socket::Tcp(s) => s.shutdown(how),
             Socket::Unix(s) => s.shutdown(how),
         };
+    }
+
+    pub fn identity(&self) -> PeerIdentity {
+        match self {
+            Socket::Tcp(s) => s
+                .peer_addr()
+                .map_or(PeerIdentity::Unknown, |a| PeerIdentity::Address(a.ip())),
+            Socket::Unix(s) => {
+                use nix::sys::socket::{getsockopt, sockopt};
+                getsockopt(s, sockopt::PeerCredentials)
+                    .map_or(PeerIdentity::Unknown, |c| PeerIdentity::User(c.uid()))
+            }
+        }
+    }
+
+    /// Reads what has arrived, without waiting: `WouldBlock` when nothing has.
+    pub fn read_available(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::sys::socket::{recv, MsgFlags};
+        loop {
+            match recv(self.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until the socket is readable, or `timeout` passes (`None`: no limit). Also
+    /// reports whether the peer has closed its side, which a read would only show once
+    /// every byte before it was consumed.
+    pub fn wait(&self, readable: bool, timeout: Option<Duration>) -> io::Result<Readiness> {
+        let events = if readable { libc::POLLIN } else { 0 } | libc::POLLRDHUP;
+        let revents = self.poll(events, timeout)?;
+        let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+        Ok(Readiness {
+            readable: revents & (libc::POLLIN | gone) != 0,
+            peer_closed: revents & gone != 0,
+        })
+    }
+
+    /// Waits until the socket can take more bytes (or has failed), or `timeout` passes.
+    fn wait_writable(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.poll(libc::POLLOUT, timeout).map(|_| ())
+    }
+
+    /// poll(2) on this socket alone; returns the events that happened (none on timeout).
+    fn poll(&self, events: libc::c_short, timeout: Option<Duration>) -> io::Result<libc::c_short> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let ms: libc::c_int = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    // Round up, so a wait never ends before its deadline.
+                    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+                }
+            };
+            let mut fd = libc::pollfd {
+                fd: self.as_raw_fd(),
+                events,
+                revents: 0,
+            };
+            // SAFETY: `fd` is a live local pollfd and the count is 1; the descriptor is owned
+            // by `self`, which outlives the call.
+            let r = unsafe { libc::poll(&mut fd, 1, ms) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            return Ok(fd.revents);
+        }
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
@@ -60,9 +162,15 @@ impl Socket {
     }
 
     /// Writes every byte of `parts`, with as few system calls as the kernel allows (one
-    /// writev when the socket buffer has room).
-    pub fn write_all_vectored(&self, parts: &[&[u8]]) -> io::Result<()> {
+    /// sendmsg when the socket buffer has room). With a `timeout`, the whole reply must be
+    /// written within it. The socket's send timeout cannot give that: TCP restarts it with
+    /// every call and Unix sockets with every buffer they queue, so a client reading a few
+    /// bytes at a time would keep a reply, and its memory, alive for ever. So the writes do
+    /// not block, and the waits between them are polls bounded by the deadline.
+    pub fn write_all_vectored(&self, parts: &[&[u8]], timeout: Option<Duration>) -> io::Result<()> {
+        use nix::sys::socket::{sendmsg, MsgFlags, UnixAddr};
         const MAX_PARTS: usize = 4;
+        let deadline = timeout.map(|t| Instant::now() + t);
         let mut index = 0; // first part not fully written
         let mut skip = 0; // bytes of parts[index] already written
         while index < parts.len() {
@@ -77,27 +185,30 @@ impl Socket {
                 slices[i] = IoSlice::new(if i == 0 { &p[skip..] } else { p });
                 n = i + 1;
             }
-            let result = match self {
-                Socket::Tcp(s) => {
-                    let mut w: &TcpStream = s;
-                    w.write_vectored(&slices[..n])
-                }
-                Socket::Unix(s) => {
-                    let mut w: &UnixStream = s;
-                    w.write_vectored(&slices[..n])
-                }
-            };
-            let mut written = match result {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "socket accepted no bytes",
-                    ))
-                }
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            let mut written =
+                match sendmsg::<UnixAddr>(self.as_raw_fd(), &slices[..n], &[], flags, None) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "socket accepted no bytes",
+                        ))
+                    }
+                    Ok(w) => w,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                        if left.is_some_and(|l| l.is_zero()) {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the client did not read the reply in time",
+                            ));
+                        }
+                        self.wait_writable(left)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
             while written > 0 {
                 let left = parts[index].len() - skip;
                 if written >= left {
@@ -111,6 +222,15 @@ impl Socket {
             }
         }
         Ok(())
+    }
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Unix(s) => s.as_raw_fd(),
+        }
     }
 }
 

@@ -318,14 +318,76 @@ pub struct Reply {
     pub data: Vec<u8>,
 }
 
+/// A client's connection: a Unix socket or TCP.
+pub enum Stream {
+    Unix(UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Stream {
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects to `addr` over TCP from the local address `source` (any address of the
+/// 127.0.0.0/8 loopback range works as a distinct client on Linux).
+pub fn tcp_from(source: std::net::Ipv4Addr, addr: &str) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let target: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 host:port");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+    )?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(target),
+    )?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
 pub struct RawClient {
-    pub s: UnixStream,
+    pub s: Stream,
     pub structured: bool,
 }
 
 impl RawClient {
     pub fn connect(path: &Path) -> RawClient {
         let s = UnixStream::connect(path).expect("connect");
+        Self::over(Stream::Unix(s))
+    }
+
+    pub fn over(s: Stream) -> RawClient {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         RawClient {
             s,
