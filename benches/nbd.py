@@ -18,7 +18,8 @@ issues a flush for every free queue slot while a flush is in flight (see that fi
 Servers alternate within each repetition (round robin), every figure is the median over
 REPS repetitions. Knobs (environment): REPS, RUNTIME, RAMP (seconds), SIZE_MIB, WA_MIB, SKIP_WA,
 SERVERS (comma-separated subset; cowimg-4k, cowimg with 4 KiB clusters, runs only when named
-there), WORKLOADS (subset), QUICK=1.
+there, and so does cowimg-prev, the cowimg binary COWIMG_PREV names: a before/after pair in
+one run), WORKLOADS (subset), QUICK=1.
 """
 
 import json
@@ -101,6 +102,16 @@ def servers():
                                           cow4k])),
               [COWIMG, "serve", "--socket", SOCK, cow4k], cow4k),
     ]
+    # Before/after in one run: COWIMG_PREV names another build of cowimg (e.g. of the
+    # commit before a change), served the same way as "cowimg".
+    prev = os.environ.get("COWIMG_PREV")
+    if prev:
+        cow_prev = WORK_DIR / "overlay-prev.cow"
+        optional.append(
+            Setup("cowimg-prev", f"cowimg serve, {os.path.basename(os.path.dirname(prev)) or prev} build",
+                  lambda: (remove(cow_prev), sh([prev, "create", "-b", BASE, "-F", "raw",
+                                                 cow_prev])),
+                  [prev, "serve", "--socket", SOCK, cow_prev], cow_prev))
     wanted = os.environ.get("SERVERS")
     if wanted:
         names = wanted.split(",")

@@ -18,7 +18,7 @@ from benchlib import BENCHES, GIB, MIB, REPO, RESULTS_DIR, log, machine, save_js
 
 COW_PEERS = ["qcow2", "qcow2-el2", "nbdkit-cow"]
 LIMIT = "raw"
-COLORS = {"cowimg": "#d9480f", "cowimg-4k": "#f08c00", "qcow2": "#1c7ed6", "qcow2-el2": "#4dabf7",
+COLORS = {"cowimg": "#d9480f", "cowimg-4k": "#f08c00", "cowimg-prev": "#fab005", "qcow2": "#1c7ed6", "qcow2-el2": "#4dabf7",
           "nbdkit-cow": "#37b24d", "raw": "#868e96", "qemu-img": "#1c7ed6"}
 
 

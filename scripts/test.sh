@@ -59,12 +59,16 @@ command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo not found; install a 
 
 install_missing_tools
 
-echo "== cargo build --all-targets"
-cargo build --all-targets
+# One build, in the test profile, of every target (benches included, so they keep
+# compiling); `cargo test` below runs from the same artifacts instead of building again.
+echo "== cargo test --no-run --all-targets"
+cargo test --no-run --all-targets
 
 echo "== cargo test"
 log=$(mktemp "${TMPDIR:-/tmp}/cowimg-test.XXXXXX")
-trap 'rm -f "$log"' EXIT
+skips=$(mktemp "${TMPDIR:-/tmp}/cowimg-skips.XXXXXX")
+trap 'rm -f "$log" "$skips"' EXIT
+export COWIMG_SKIP_LOG="$skips"
 status=0
 cargo test --no-fail-fast "$@" 2>&1 </dev/null | tee "$log" || status=$?
 
@@ -73,8 +77,22 @@ echo "== summary"
 # `Running`/`Doc-tests` name each suite; `test result:` is its outcome.
 grep -E '^\s*(Running|Doc-tests) |^test result:' "$log" | sed -E 's/^\s+//' || true
 failed=$(grep -c '^test result: FAILED' "$log" || true)
+# Tests run in all suites: a filter that matches nothing is a mistake, not a pass.
+read -r passed failed_tests < <(sed -nE 's/^test result: [A-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$log" |
+    awk '{ p += $1; f += $2 } END { print p + 0, f + 0 }')
+ran=$((passed + failed_tests))
+skipped=$(sort -u "$skips" | grep -c . || true)
+if [ -s "$skips" ]; then
+    echo "skipped (passed without doing their work; under CI=true these fail instead):"
+    sort -u "$skips" | sed 's/^/  /'
+fi
+echo "summary: $((passed - skipped)) passed, $failed_tests failed, $skipped skipped"
 if [ "$status" -ne 0 ]; then
     echo "FAILED: cargo test exited with status $status ($failed suite(s) reported failures)"
     exit "$status"
+fi
+if [ "$ran" -eq 0 ]; then
+    echo "FAILED: no test matched${*:+ the arguments: $*}"
+    exit 1
 fi
 echo "OK: all suites passed"
