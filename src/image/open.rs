@@ -1,7 +1,7 @@
 //! Creating and opening images: choosing the header slot, loading the checkpoint, replaying
 //! the journal, and checking that no two things claim the same host cluster.
 use super::cluster_runs::ClusterRuns;
-use super::layer::Layer;
+use super::layer::{check_chain, ChainAbove, Layer};
 use super::{open_locked, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -81,7 +81,7 @@ impl Image {
                     force_share: true,
                     ..Default::default()
                 };
-                Layer::open(&resolve_backing_path(path, p), *fmt, &ro, 1)?.size()
+                Layer::open(&resolve_backing_path(path, p), *fmt, &ro)?.size()
             }
             (None, None) => {
                 return Err(Error::Invalid {
@@ -116,11 +116,19 @@ impl Image {
 
     /// Opens an image file and its backing chain.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        Self::open_at_depth(path, opts, 0)
+        Self::open_in_chain(path, opts, &[])
     }
 
-    pub(crate) fn open_at_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
-        let file = open_locked(path, !opts.read_only, opts.force_share)?;
+    /// Opens an image below the files `above` (top first): a file that is already in the
+    /// chain is refused by its identity before it is opened, so a loop is never loaded.
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        above: &ChainAbove,
+    ) -> Result<Image> {
+        check_chain(path, super::stat_openable(path)?, above)?;
+        let (file, id) = open_locked(path, !opts.read_only, opts.force_share)?;
+        check_chain(path, id, above)?;
         let lock_holder = file.try_clone().map_err(|source| Error::File {
             path: path.into(),
             op: "opening",
@@ -129,13 +137,16 @@ impl Image {
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let mut image = Self::open_storage(storage, path, opts.read_only)?;
         image._lock_file = Some(lock_holder);
+        image.identity = Some(id);
         if let Some((recorded, fmt)) = image.header().backing.filter(|_| !opts.without_backing) {
             let backing_opts = OpenOptions {
                 read_only: !opts.writable_backing,
                 ..opts.clone()
             };
             let resolved = resolve_backing_path(path, &recorded);
-            image.backing = Some(Layer::open(&resolved, fmt, &backing_opts, depth + 1)?);
+            let mut chain = above.to_vec();
+            chain.push((path.to_path_buf(), id));
+            image.backing = Some(Layer::open_below(&resolved, fmt, &backing_opts, &chain)?);
         }
         Ok(image)
     }
@@ -155,6 +166,7 @@ impl Image {
             virtual_size: loaded.header.virtual_size,
             backing: None,
             _lock_file: None,
+            identity: None,
             gate: RwLock::new(()),
             state: Mutex::new(State {
                 active_slot: loaded.active_slot,
