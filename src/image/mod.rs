@@ -1121,6 +1121,8 @@ impl Image {
                 self.append_record(&record, at)?;
             }
             Some(c) => {
+                // Refused before anything is written: the image stays as it was.
+                self.check_generation(&c.header)?;
                 // The checkpoint replaces the journal, so it must be durable, data included,
                 // before the header that points at it. The new journal's clusters were free
                 // and may hold anything, guest data included: they are punched under the same
@@ -1202,7 +1204,23 @@ impl Image {
             .map_err(|e| self.io_err("syncing journal", at, e))
     }
 
+    /// A header update may not write a generation that a reader refuses (FORMAT.md, "Header
+    /// slots", check 15): the image would not open again.
+    fn check_generation(&self, header: &Header) -> Result<()> {
+        if header.generation > crate::format::header::MAX_GENERATION {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!(
+                    "header generation {} would exceed 2^62: the header cannot be updated",
+                    header.generation
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn write_header_slot(&self, header: &Header, slot: usize) -> Result<()> {
+        self.check_generation(header)?;
         let at = (slot * HEADER_SLOT_SIZE) as u64;
         // Crash point 3: a torn slot fails its checksum; the other slot is still current.
         self.storage
