@@ -441,11 +441,14 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
         let start = header.checkpoint_offset;
         check_inside_file(path, "checkpoint", start, len, file_length)?;
-        // A writer writes every byte of a checkpoint, and no block of one is all zeros (no
-        // item is), so a hole in it is damage. Checked before the checksum pass, so that a
-        // sparse file claiming a huge checkpoint costs a seek, not a read of the claim.
+        // A writer writes every byte of a checkpoint, and no item is all zeros, so no block
+        // of a file system (4 KiB or more, aligned) that holds a whole item is a hole, not
+        // even in a copy made sparse: a hole before the last two items' bytes is damage.
+        // Checked before the checksum pass, so that a sparse file claiming a huge
+        // checkpoint costs a seek, not a read of the claim.
+        let dense = len.saturating_sub(2 * MAP_ENTRY_SIZE as u64);
         if let Some(hole) = storage
-            .first_hole_in(start, len)
+            .first_hole_in(start, dense)
             .map_err(|e| io("seeking a hole", start, e))?
         {
             return Err(inconsistent(
