@@ -3,7 +3,7 @@
 use nix::fcntl::PosixFadviseAdvice;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::Mutex;
 
@@ -22,6 +22,11 @@ pub trait Storage: Send + Sync {
     /// that cannot tell reports everything as data.
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         Ok((offset < self.len()?).then_some(offset))
+    }
+    /// The first offset in `[offset, offset + len)` that lies in a hole (SEEK_HOLE), if any.
+    /// Storage that cannot tell has no holes. The range must lie inside the storage.
+    fn first_hole_in(&self, _offset: u64, _len: u64) -> io::Result<Option<u64>> {
+        Ok(None)
     }
     /// Bytes allocated on the device, for `info`'s actual size.
     fn allocated_bytes(&self) -> io::Result<u64> {
@@ -59,7 +64,7 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        file_size(&self.file)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
@@ -75,9 +80,20 @@ impl Storage for FileStorage {
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         next_data_in(&self.file, offset)
     }
+    fn first_hole_in(&self, offset: u64, len: u64) -> io::Result<Option<u64>> {
+        if len == 0 || is_block_device(&self.file)? {
+            return Ok(None);
+        }
+        let hole = next_hole_in(&self.file, offset)?;
+        Ok((hole < offset.saturating_add(len)).then_some(hole))
+    }
     fn allocated_bytes(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata()?.blocks() * 512)
+        let metadata = self.file.metadata()?;
+        if metadata.file_type().is_block_device() {
+            return file_size(&self.file);
+        }
+        Ok(metadata.blocks() * 512)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
@@ -97,9 +113,28 @@ impl FileStorage {
     }
 }
 
-/// SEEK_DATA on a file: `None` when only a hole remains.
+/// Whether `file` is a block device (whose metadata says nothing of its size or holes).
+pub fn is_block_device(file: &File) -> io::Result<bool> {
+    Ok(file.metadata()?.file_type().is_block_device())
+}
+
+/// The size of a regular file or a block device. A block device's metadata gives 0; its
+/// size is where SEEK_END puts the offset (reads use pread, so moving it is harmless).
+pub fn file_size(file: &File) -> io::Result<u64> {
+    let metadata = file.metadata()?;
+    if !metadata.file_type().is_block_device() {
+        return Ok(metadata.len());
+    }
+    let end = nix::unistd::lseek(file.as_raw_fd(), 0, nix::unistd::Whence::SeekEnd)?;
+    Ok(end as u64)
+}
+
+/// SEEK_DATA on a file: `None` when only a hole remains. A block device is all data.
 pub fn next_data_in(file: &File, offset: u64) -> io::Result<Option<u64>> {
     use nix::unistd::{lseek, Whence};
+    if is_block_device(file)? {
+        return Ok((offset < file_size(file)?).then_some(offset));
+    }
     match lseek(file.as_raw_fd(), offset as i64, Whence::SeekData) {
         Ok(pos) => Ok(Some(pos as u64)),
         Err(nix::errno::Errno::ENXIO) => Ok(None),
@@ -108,11 +143,17 @@ pub fn next_data_in(file: &File, offset: u64) -> io::Result<Option<u64>> {
     }
 }
 
-/// SEEK_HOLE on a file: the end of the data run that starts at `offset`.
+/// SEEK_HOLE on a file: the end of the data run that starts at `offset`. A block device
+/// has no holes.
 pub fn next_hole_in(file: &File, offset: u64) -> io::Result<u64> {
     use nix::unistd::{lseek, Whence};
+    if is_block_device(file)? {
+        return Ok(file_size(file)?.max(offset));
+    }
     match lseek(file.as_raw_fd(), offset as i64, Whence::SeekHole) {
         Ok(pos) => Ok(pos as u64),
+        // Past the end (ENXIO) the rest is the implicit hole at the end.
+        Err(nix::errno::Errno::ENXIO) => Ok(offset),
         Err(nix::errno::Errno::EINVAL) => Ok(file.metadata()?.len()),
         Err(e) => Err(e.into()),
     }

@@ -107,11 +107,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
 /// `qemu-img info` probes the file it is given, and so does this: a file without the
 /// cowimg magic is shown as raw. (Backing files are never probed: their format is recorded.)
 fn starts_with_cowimg_magic(path: &Path) -> anyhow::Result<bool> {
-    let file = std::fs::File::open(path).map_err(|source| crate::Error::File {
-        path: path.into(),
-        op: "opening",
-        source,
-    })?;
+    let (file, _) = crate::image::open_checked(path, false)?;
     let mut magic = [0u8; MAGIC.len()];
     Ok(file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC)
 }

@@ -36,7 +36,8 @@ pub const SUPPORTED_INCOMPATIBLE: u64 = 0;
 pub const MAX_BACKING_PATH: usize = 2048;
 /// Generations grow by one per checkpoint or header change, so real images never come near
 /// this; refusing larger ones keeps `generation + 1` from overflowing (a wrapped generation
-/// would make the stale slot win at the next open).
+/// would make the stale slot win at the next open). Writers refuse a header update that
+/// would go past it (FORMAT.md, "Header slots"), so the image stays openable.
 pub const MAX_GENERATION: u64 = 1 << 62;
 
 const OFF_MAGIC: usize = 0x000;

@@ -1,16 +1,46 @@
 //! A layer of a backing chain: a raw file or another cowimg image. Backing files are opened
 //! only here, with the format recorded in the overlay's header; their content is never
 //! probed.
+use super::FileId;
 use super::{Extent, ExtentKind, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::BackingFormat;
-use crate::storage::{next_data_in, next_hole_in};
+use crate::storage::{file_size, is_block_device, next_data_in, next_hole_in};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Backing chains deeper than this are refused: it bounds recursion and stops loops.
+/// Backing chains deeper than this are refused: it bounds recursion. (Loops are found by
+/// file identity before this bound is reached; see [`check_chain`].)
 pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// The files of a chain above the one being opened, top first, with their identities.
+pub(crate) type ChainAbove = [(PathBuf, FileId)];
+
+/// Refuses to open `path` (whose identity is `id`) below `above` when it is one of them (a
+/// loop), or when the chain would be deeper than [`MAX_CHAIN_DEPTH`]. Called before the
+/// file is opened, and again with the identity of the opened file.
+pub(crate) fn check_chain(path: &Path, id: FileId, above: &ChainAbove) -> Result<()> {
+    let top = above.first().map_or(path, |(p, _)| p.as_path());
+    if let Some(i) = above.iter().position(|(_, a)| *a == id) {
+        let names: Vec<String> = above[i..]
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .chain(std::iter::once(path.display().to_string()))
+            .collect();
+        return Err(Error::Invalid {
+            path: top.into(),
+            reason: format!("backing chain loops: {}", names.join(" -> ")),
+        });
+    }
+    if above.len() >= MAX_CHAIN_DEPTH {
+        return Err(Error::Invalid {
+            path: path.into(),
+            reason: format!("backing chain is deeper than {MAX_CHAIN_DEPTH}"),
+        });
+    }
+    Ok(())
+}
 
 pub enum Layer {
     Raw(RawFile),
@@ -22,25 +52,35 @@ pub struct RawFile {
     file: File,
     size: u64,
     writable: bool,
+    /// A block device has no holes: it is all data.
+    block_device: bool,
+    id: FileId,
 }
 
 impl RawFile {
+    /// Opens a regular file or a block device. A block device's size is the device's, not
+    /// its metadata's (which says 0).
     pub fn open(path: &Path, writable: bool, force_share: bool) -> Result<RawFile> {
-        let file = super::open_locked(path, writable, force_share)?;
-        let size = file
-            .metadata()
-            .map_err(|source| Error::File {
-                path: path.into(),
-                op: "reading metadata",
-                source,
-            })?
-            .len();
+        let (file, id) = super::open_locked(path, writable, force_share)?;
+        let metadata_error = |source| Error::File {
+            path: path.into(),
+            op: "reading the size",
+            source,
+        };
+        let size = file_size(&file).map_err(metadata_error)?;
+        let block_device = is_block_device(&file).map_err(metadata_error)?;
         Ok(RawFile {
             path: path.into(),
             file,
             size,
             writable,
+            block_device,
+            id,
         })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
@@ -80,27 +120,28 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 impl Layer {
-    /// Opens a backing file. `depth` counts the layers above it.
-    pub fn open(
+    /// Opens a file as the top of a chain (and, for a cowimg image, its backing chain).
+    pub fn open(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Layer> {
+        Self::open_below(path, format, opts, &[])
+    }
+
+    /// Opens a backing file below the files `above` (top first). A file that is already in
+    /// the chain is refused by its identity before it is opened or loaded.
+    pub(crate) fn open_below(
         path: &Path,
         format: BackingFormat,
         opts: &OpenOptions,
-        depth: usize,
+        above: &ChainAbove,
     ) -> Result<Layer> {
-        if depth >= MAX_CHAIN_DEPTH {
-            return Err(Error::Invalid {
-                path: path.into(),
-                reason: format!("backing chain is deeper than {MAX_CHAIN_DEPTH} (a loop?)"),
-            });
-        }
         match format {
-            BackingFormat::Raw => Ok(Layer::Raw(RawFile::open(
-                path,
-                !opts.read_only,
-                opts.force_share,
-            )?)),
-            BackingFormat::Cowimg => Ok(Layer::Cowimg(Box::new(Image::open_at_depth(
-                path, opts, depth,
+            BackingFormat::Raw => {
+                check_chain(path, super::stat_openable(path)?, above)?;
+                let raw = RawFile::open(path, !opts.read_only, opts.force_share)?;
+                check_chain(path, raw.id, above)?;
+                Ok(Layer::Raw(raw))
+            }
+            BackingFormat::Cowimg => Ok(Layer::Cowimg(Box::new(Image::open_in_chain(
+                path, opts, above,
             )?))),
         }
     }
@@ -170,6 +211,21 @@ impl Layer {
                     });
                 }
                 let end = offset.saturating_add(len).min(r.size.max(offset + len));
+                // A block device is not punched (it may not zero what it discards, and cannot
+                // be extended): the zeros are written.
+                if r.block_device {
+                    const CHUNK: u64 = 1 << 20;
+                    let zeros = vec![0u8; CHUNK.min(end - offset) as usize];
+                    let mut at = offset;
+                    while at < end {
+                        let n = CHUNK.min(end - at) as usize;
+                        r.file
+                            .write_all_at(&zeros[..n], at)
+                            .map_err(|e| r.io_err("writing zeros", at, e))?;
+                        at += n as u64;
+                    }
+                    return Ok(());
+                }
                 let storage = crate::storage::FileStorage::new(
                     r.file
                         .try_clone()
@@ -218,6 +274,18 @@ impl Layer {
                 if inside_end > offset {
                     i.status_at_depth(offset, inside_end - offset, depth, out)?;
                 }
+            }
+            Layer::Raw(r) if r.block_device => {
+                super::push_extent(
+                    out,
+                    Extent {
+                        offset,
+                        length: inside_end - offset,
+                        depth,
+                        kind: ExtentKind::Data,
+                        host_offset: Some(offset),
+                    },
+                );
             }
             Layer::Raw(r) => {
                 let mut pos = offset;

@@ -166,6 +166,9 @@ pub struct Image {
     backing: Option<Layer>,
     /// Keeps the lock on the file for as long as the image is open.
     _lock_file: Option<std::fs::File>,
+    /// The identity of the image's file (None for other storage), to refuse chains that
+    /// loop back to it.
+    identity: Option<FileId>,
     gate: RwLock<()>,
     state: Mutex<State>,
     committed: Condvar,
@@ -183,20 +186,102 @@ fn exclusive(g: &RwLock<()>) -> RwLockWriteGuard<'_, ()> {
     g.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Opens a file with the advisory lock qemu users expect: exclusive for writers, shared for
-/// readers, none for force-share readers.
-pub(crate) fn open_locked(path: &Path, writable: bool, force_share: bool) -> Result<std::fs::File> {
+/// A file's identity: device and inode, the same under any name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    fn of(metadata: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        }
+    }
+}
+
+/// Checks, without opening it, that `path` is a regular file or a block device (a FIFO, a
+/// socket, a directory or a character device is refused: opening or reading one may block
+/// forever or mean nothing), and returns its identity (FORMAT.md, "Opening").
+pub fn stat_openable(path: &Path) -> Result<FileId> {
+    use std::os::unix::fs::FileTypeExt;
+    let metadata = std::fs::metadata(path).map_err(|source| Error::File {
+        path: path.into(),
+        op: "opening",
+        source,
+    })?;
+    let t = metadata.file_type();
+    if !t.is_file() && !t.is_block_device() {
+        return Err(Error::Invalid {
+            path: path.into(),
+            reason: "not a regular file or block device".into(),
+        });
+    }
+    Ok(FileId::of(&metadata))
+}
+
+/// Opens a regular file or block device for I/O, refusing any other type of file before
+/// it is opened (see [`stat_openable`]). The open itself does not block (`O_NONBLOCK`,
+/// cleared afterwards), and the opened file must be the one that was checked.
+pub fn open_checked(path: &Path, writable: bool) -> Result<(std::fs::File, FileId)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let checked = stat_openable(path)?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(writable)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|source| Error::File {
             path: path.into(),
             op: "opening",
             source,
         })?;
+    let file_error = |op, source| Error::File {
+        path: path.into(),
+        op,
+        source,
+    };
+    let metadata = file
+        .metadata()
+        .map_err(|e| file_error("reading metadata", e))?;
+    let opened = FileId::of(&metadata);
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = metadata.file_type();
+        if opened != checked || !(t.is_file() || t.is_block_device()) {
+            return Err(Error::Invalid {
+                path: path.into(),
+                reason: "changed while it was being opened".into(),
+            });
+        }
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0
+        // SAFETY: as above.
+        || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+    {
+        return Err(file_error("opening", std::io::Error::last_os_error()));
+    }
+    Ok((file, opened))
+}
+
+/// Opens a file with the advisory lock qemu users expect: exclusive for writers, shared for
+/// readers, none for force-share readers. Only regular files and block devices are opened
+/// (see [`open_checked`]).
+pub(crate) fn open_locked(
+    path: &Path,
+    writable: bool,
+    force_share: bool,
+) -> Result<(std::fs::File, FileId)> {
+    let (file, id) = open_checked(path, writable)?;
     lock_file(&file, path, writable, force_share)?;
-    Ok(file)
+    Ok((file, id))
 }
 
 fn lock_file(file: &std::fs::File, path: &Path, writable: bool, force_share: bool) -> Result<()> {
@@ -318,6 +403,11 @@ impl Image {
     pub fn header(&self) -> Header {
         lock(&self.state).header.clone()
     }
+    /// The identity (device and inode) of the image's file, when it is a file.
+    pub fn identity(&self) -> Option<FileId> {
+        self.identity
+    }
+
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }
@@ -1031,6 +1121,8 @@ impl Image {
                 self.append_record(&record, at)?;
             }
             Some(c) => {
+                // Refused before anything is written: the image stays as it was.
+                self.check_generation(&c.header)?;
                 // The checkpoint replaces the journal, so it must be durable, data included,
                 // before the header that points at it. The new journal's clusters were free
                 // and may hold anything, guest data included: they are punched under the same
@@ -1112,7 +1204,23 @@ impl Image {
             .map_err(|e| self.io_err("syncing journal", at, e))
     }
 
+    /// A header update may not write a generation that a reader refuses (FORMAT.md, "Header
+    /// slots", check 15): the image would not open again.
+    fn check_generation(&self, header: &Header) -> Result<()> {
+        if header.generation > crate::format::header::MAX_GENERATION {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!(
+                    "header generation {} would exceed 2^62: the header cannot be updated",
+                    header.generation
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn write_header_slot(&self, header: &Header, slot: usize) -> Result<()> {
+        self.check_generation(header)?;
         let at = (slot * HEADER_SLOT_SIZE) as u64;
         // Crash point 3: a torn slot fails its checksum; the other slot is still current.
         self.storage

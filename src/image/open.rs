@@ -1,7 +1,7 @@
 //! Creating and opening images: choosing the header slot, loading the checkpoint, replaying
 //! the journal, and checking that no two things claim the same host cluster.
 use super::cluster_runs::ClusterRuns;
-use super::layer::Layer;
+use super::layer::{check_chain, ChainAbove, Layer};
 use super::{open_locked, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -81,7 +81,7 @@ impl Image {
                     force_share: true,
                     ..Default::default()
                 };
-                Layer::open(&resolve_backing_path(path, p), *fmt, &ro, 1)?.size()
+                Layer::open(&resolve_backing_path(path, p), *fmt, &ro)?.size()
             }
             (None, None) => {
                 return Err(Error::Invalid {
@@ -116,11 +116,19 @@ impl Image {
 
     /// Opens an image file and its backing chain.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        Self::open_at_depth(path, opts, 0)
+        Self::open_in_chain(path, opts, &[])
     }
 
-    pub(crate) fn open_at_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
-        let file = open_locked(path, !opts.read_only, opts.force_share)?;
+    /// Opens an image below the files `above` (top first): a file that is already in the
+    /// chain is refused by its identity before it is opened, so a loop is never loaded.
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        above: &ChainAbove,
+    ) -> Result<Image> {
+        check_chain(path, super::stat_openable(path)?, above)?;
+        let (file, id) = open_locked(path, !opts.read_only, opts.force_share)?;
+        check_chain(path, id, above)?;
         let lock_holder = file.try_clone().map_err(|source| Error::File {
             path: path.into(),
             op: "opening",
@@ -129,13 +137,16 @@ impl Image {
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let mut image = Self::open_storage(storage, path, opts.read_only)?;
         image._lock_file = Some(lock_holder);
+        image.identity = Some(id);
         if let Some((recorded, fmt)) = image.header().backing.filter(|_| !opts.without_backing) {
             let backing_opts = OpenOptions {
                 read_only: !opts.writable_backing,
                 ..opts.clone()
             };
             let resolved = resolve_backing_path(path, &recorded);
-            image.backing = Some(Layer::open(&resolved, fmt, &backing_opts, depth + 1)?);
+            let mut chain = above.to_vec();
+            chain.push((path.to_path_buf(), id));
+            image.backing = Some(Layer::open_below(&resolved, fmt, &backing_opts, &chain)?);
         }
         Ok(image)
     }
@@ -155,6 +166,7 @@ impl Image {
             virtual_size: loaded.header.virtual_size,
             backing: None,
             _lock_file: None,
+            identity: None,
             gate: RwLock::new(()),
             state: Mutex::new(State {
                 active_slot: loaded.active_slot,
@@ -404,6 +416,24 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         ));
     }
 
+    // The cheap checks come before anything is read in bulk (FORMAT.md, "Opening").
+    let journal_end = header
+        .journal_offset
+        .checked_add(header.journal_capacity)
+        .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
+    // Writers keep the file at least as long as the journal region. A shorter file was cut:
+    // replaying what is left would silently go back to an older state (and one whose data
+    // clusters may have been reused since).
+    if file_length < journal_end {
+        return Err(inconsistent(
+            path,
+            format!(
+                "the file ends at {file_length:#x}, inside its journal region {:#x}..{journal_end:#x} (truncated?)",
+                header.journal_offset
+            ),
+        ));
+    }
+
     let mut zero_runs = ClusterRuns::default();
     // The map is built from the sorted checkpoint in one go, which packs its nodes full.
     let mut entries: Vec<(u64, Entry)> = Vec::new();
@@ -411,6 +441,21 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         let len = header.checkpoint_entries * MAP_ENTRY_SIZE as u64;
         let start = header.checkpoint_offset;
         check_inside_file(path, "checkpoint", start, len, file_length)?;
+        // A writer writes every byte of a checkpoint, and no item is all zeros, so no block
+        // of a file system (4 KiB or more, aligned) that holds a whole item is a hole, not
+        // even in a copy made sparse: a hole before the last two items' bytes is damage.
+        // Checked before the checksum pass, so that a sparse file claiming a huge
+        // checkpoint costs a seek, not a read of the claim.
+        let dense = len.saturating_sub(2 * MAP_ENTRY_SIZE as u64);
+        if let Some(hole) = storage
+            .first_hole_in(start, dense)
+            .map_err(|e| io("seeking a hole", start, e))?
+        {
+            return Err(inconsistent(
+                path,
+                format!("checkpoint at offset {start:#x} ({len} bytes) has a hole at {hole:#x}: it was never written whole"),
+            ));
+        }
         // Read in pieces, twice: once for the checksum, which must hold before any item is
         // trusted, and once to decode. A large map is never held twice in memory.
         let read_failed = |at, e| io("reading checkpoint", at, e);
@@ -480,22 +525,6 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     // first one that is absent or fails its checksum (the flush that did not complete).
     let mut tail = 0u64;
     let mut seq = 1u64;
-    let journal_end = header
-        .journal_offset
-        .checked_add(header.journal_capacity)
-        .ok_or_else(|| inconsistent(path, "journal region overflows".into()))?;
-    // Writers keep the file at least as long as the journal region. A shorter file was cut:
-    // replaying what is left would silently go back to an older state (and one whose data
-    // clusters may have been reused since).
-    if file_length < journal_end {
-        return Err(inconsistent(
-            path,
-            format!(
-                "the file ends at {file_length:#x}, inside its journal region {:#x}..{journal_end:#x} (truncated?)",
-                header.journal_offset
-            ),
-        ));
-    }
     let mut records: Vec<ReplayRecord> = Vec::new();
     loop {
         let at = header.journal_offset + tail;
@@ -548,6 +577,7 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
             }
             items.push(item);
         }
+        names_each_cluster_once(path, at, g, &items)?;
         records.push(ReplayRecord {
             items,
             written,
@@ -560,7 +590,9 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     // Every record but the last had a barrier after it. The last one was written together
     // with its data under one barrier: it counts only if its data is all there.
     if let Some(last) = records.last() {
-        if !last_record_data_is_intact(storage, g, file_length, last) {
+        if !last_record_data_is_intact(storage, g, file_length, last)
+            .map_err(|(at, e)| io("reading back the last record's data", at, e))?
+        {
             tail -= last.len;
             seq -= 1;
             records.pop();
@@ -575,10 +607,14 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     // been freed and cut off the end of the file since.
     for (&vc, e) in &map {
         for slot in 0..2 {
-            if e.units[slot] != 0 && e.host[slot] >= max_host {
+            // A reserved cluster (a slot without units) too: the next write to the slot
+            // goes there, and a writer only reserves clusters it has written.
+            if e.host[slot] != 0 && e.host[slot] >= max_host {
                 return Err(inconsistent(path, format!(
-                    "slot {} of virtual cluster {vc} is host cluster {} (offset {:#x}), past the end of the file ({file_length:#x})",
-                    ["A", "B"][slot], e.host[slot], e.host[slot] << g.cluster_bits
+                    "slot {} of virtual cluster {vc} is {}host cluster {} (offset {:#x}), past the end of the file ({file_length:#x})",
+                    ["A", "B"][slot],
+                    if e.units[slot] == 0 { "reserved " } else { "" },
+                    e.host[slot], e.host[slot] << g.cluster_bits
                 )));
             }
         }
@@ -604,6 +640,20 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
             return Err(inconsistent(path, format!("journal record {seq} at offset {:#x} is damaged but record {later} follows at {at:#x}", header.journal_offset + tail)));
         }
         probe += crate::format::BLOCK_SIZE;
+        // Holes hold no record: skip them with a seek instead of reading block by block.
+        if hb.iter().all(|&b| b == 0) {
+            let next = header.journal_offset + probe;
+            match storage
+                .next_data(next)
+                .map_err(|e| io("seeking data", next, e))?
+            {
+                Some(d) if d > next => {
+                    probe = (d - header.journal_offset).next_multiple_of(crate::format::BLOCK_SIZE)
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
     }
 
     // Ownership of host clusters: no cluster may have two owners.
@@ -701,14 +751,74 @@ struct ReplayRecord {
     len: u64,
 }
 
-/// Recomputes the data digest of a record from the units it marks written.
+/// Refuses a record that names one virtual cluster twice, or one host cluster twice (in
+/// two entries, or in both slots of one): a writer never does, and recovery reads the last
+/// record's units back once each, which this makes a read of distinct bytes.
+fn names_each_cluster_once(path: &Path, at: u64, g: Geometry, items: &[MapItem]) -> Result<()> {
+    let mut hosts: Vec<(u64, Owner)> = Vec::with_capacity(2 * items.len());
+    let mut clusters: Vec<u64> = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            MapItem::Cluster(e) => {
+                for slot in 0..2 {
+                    if e.host[slot] != 0 {
+                        let virtual_cluster = e.virtual_cluster;
+                        hosts.push((
+                            e.host[slot],
+                            Owner::Data {
+                                virtual_cluster,
+                                slot,
+                            },
+                        ));
+                    }
+                }
+                clusters.push(e.virtual_cluster);
+            }
+            MapItem::Removal(vc) => clusters.push(*vc),
+            MapItem::ZeroRun { .. } | MapItem::FallThroughRun { .. } => {}
+        }
+    }
+    hosts.sort_by_key(|&(h, _)| h);
+    if let Some(w) = hosts.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(inconsistent(
+            path,
+            format!(
+                "journal record at offset {at:#x}: host cluster {} (offset {:#x}) is claimed by both {} and {}",
+                w[0].0,
+                w[0].0 << g.cluster_bits,
+                w[0].1,
+                w[1].1
+            ),
+        ));
+    }
+    clusters.sort_unstable();
+    if let Some(w) = clusters.windows(2).find(|w| w[0] == w[1]) {
+        return Err(inconsistent(
+            path,
+            format!(
+                "journal record at offset {at:#x} names virtual cluster {} twice",
+                w[0]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Recomputes the data digest of a record from the units it marks written. The units are
+/// distinct (see [`names_each_cluster_once`]) and must lie inside the file; parts of them
+/// that are holes are hashed as the zeros they read as, without reading them, and at most
+/// as many bytes of holes as the file has allocated are hashed: past that, the record's data
+/// did not land. So the digest reads at most the file's allocated bytes once, and hashes
+/// at most twice that.
 fn last_record_data_is_intact(
     storage: &dyn Storage,
     g: Geometry,
     file_length: u64,
     rec: &ReplayRecord,
-) -> bool {
-    let mut units = Vec::new();
+) -> std::result::Result<bool, (u64, std::io::Error)> {
+    let us = g.unit_size();
+    // Runs of contiguous units, in digest order.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     for (item, &written) in rec.items.iter().zip(&rec.written) {
         let MapItem::Cluster(e) = item else { continue };
         let mut w = written;
@@ -717,11 +827,66 @@ fn last_record_data_is_intact(
             w &= w - 1;
             let slot = usize::from(e.units[0] & (1 << u) == 0);
             let at = (e.host[slot] << g.cluster_bits) + ((u as u64) << g.unit_bits);
-            if at + g.unit_size() > file_length {
-                return false;
+            if at + us > file_length {
+                return Ok(false);
             }
-            units.push(at);
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == at => *len += us,
+                _ => runs.push((at, us)),
+            }
         }
     }
-    super::digest_units(storage, g.unit_size(), &units).is_ok_and(|d| d == rec.digest)
+    let mut hole_budget = storage.allocated_bytes().unwrap_or(u64::MAX);
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    const PIECE: u64 = 1 << 20;
+    let mut buf = vec![0u8; PIECE.min(runs.iter().map(|r| r.1).max().unwrap_or(0)) as usize];
+    let zeros = vec![0u8; buf.len()];
+    let mut read = |hasher: &mut xxhash_rust::xxh3::Xxh3, from: u64, to: u64| {
+        let mut at = from;
+        while at < to {
+            let n = PIECE.min(to - at) as usize;
+            storage.read_at(&mut buf[..n], at).map_err(|e| (at, e))?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
+    };
+    for (start, len) in runs {
+        let end = start + len;
+        let mut pos = start;
+        while pos < end {
+            let data_end = storage
+                .first_hole_in(pos, end - pos)
+                .map_err(|e| (pos, e))?
+                .unwrap_or(end)
+                .clamp(pos, end);
+            read(&mut hasher, pos, data_end)?;
+            pos = data_end;
+            if pos == end {
+                break;
+            }
+            let hole_end = match storage.next_data(pos).map_err(|e| (pos, e))? {
+                // The seeks disagree (the file changed?): read the rest.
+                Some(d) if d <= pos => {
+                    read(&mut hasher, pos, end)?;
+                    break;
+                }
+                Some(d) => d.min(end),
+                None => end,
+            };
+            let hole = hole_end - pos;
+            if hole > hole_budget {
+                return Ok(false);
+            }
+            hole_budget -= hole;
+            let mut left = hole;
+            while left > 0 {
+                let n = PIECE.min(left) as usize;
+                hasher.update(&zeros[..n]);
+                left -= n as u64;
+            }
+            pos = hole_end;
+        }
+    }
+    Ok(hasher.digest() == rec.digest)
 }

@@ -4,7 +4,7 @@ use super::{ExtentKind, Image, Layer, OpenOptions, Source};
 use crate::error::{Error, Result};
 use crate::format::{header::MAGIC, BackingFormat};
 use crate::storage::{FileStorage, Storage};
-use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -234,11 +234,16 @@ pub fn rebase(
         ..Default::default()
     };
     let new_layer = match &new_backing {
-        Some((recorded, fmt)) => Some(Layer::open(
+        // The new chain must not lead back to the image itself.
+        Some((recorded, fmt)) => Some(Layer::open_below(
             &resolve_backing_path(image.path(), recorded),
             *fmt,
             &ro,
-            1,
+            &image
+                .identity()
+                .map(|id| (image.path().to_path_buf(), id))
+                .into_iter()
+                .collect::<Vec<_>>(),
         )?),
         None => None,
     };
@@ -333,11 +338,7 @@ pub fn open_source(path: &Path, format: Option<BackingFormat>) -> Result<Layer> 
     let format = match format {
         Some(f) => f,
         None => {
-            let file = File::open(path).map_err(|source| Error::File {
-                path: path.into(),
-                op: "opening",
-                source,
-            })?;
+            let (file, _) = super::open_checked(path, false)?;
             let mut magic = [0u8; 8];
             let is_cowimg = file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC;
             if is_cowimg {
@@ -354,7 +355,6 @@ pub fn open_source(path: &Path, format: Option<BackingFormat>) -> Result<Layer> 
             read_only: true,
             ..Default::default()
         },
-        0,
     )
 }
 
@@ -541,7 +541,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
 
 /// [`check`], optionally without taking the file lock (`qemu-img check -U`).
 pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckReport> {
-    let file = super::open_locked(path, repair, force_share && !repair)?;
+    let (file, _) = super::open_locked(path, repair, force_share && !repair)?;
     let storage = FileStorage::new(file);
     let mut report = CheckReport {
         filename: path.display().to_string(),
