@@ -78,7 +78,7 @@ echo "== summary"
 grep -E '^\s*(Running|Doc-tests) |^test result:' "$log" | sed -E 's/^\s+//' || true
 failed=$(grep -c '^test result: FAILED' "$log" || true)
 # Tests run in all suites: a filter that matches nothing is a mistake, not a pass.
-read -r passed failed_tests < <(sed -nE 's/^test result: [A-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$log" |
+read -r passed failed_tests < <(sed -nE 's/^test result: [A-Za-z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$log" |
     awk '{ p += $1; f += $2 } END { print p + 0, f + 0 }')
 ran=$((passed + failed_tests))
 skipped=$(sort -u "$skips" | grep -c . || true)
