@@ -371,7 +371,7 @@ impl<'a> Transmission<'a> {
         let dropped = self.stats.dropped.load(Ordering::Relaxed);
         if dropped > 0 {
             end.push_str(&format!(
-                "; {dropped} queued requests dropped, the client had gone"
+                "; the client had gone: {dropped} of its requests not run, the rest of its queue dropped"
             ));
         }
         end
@@ -425,9 +425,11 @@ impl<'a> Transmission<'a> {
         }
     }
 
-    /// True when the client has closed its side without NBD_CMD_DISC.
+    /// True when the client has closed its side without NBD_CMD_DISC. (While the server
+    /// shuts down it has closed the reading side itself, and answers what it has taken.)
     fn client_has_gone(&self) -> bool {
         !self.disconnected.load(Ordering::Relaxed)
+            && !self.shutting_down.load(Ordering::Relaxed)
             && self
                 .control
                 .wait(false, Some(Duration::ZERO))
@@ -503,9 +505,13 @@ impl<'a> Transmission<'a> {
                 self.release_buffers();
             }
             if let Some(t) = self.idle_timeout {
-                // A client waiting for replies is not idle, however long they take.
-                if quiet_since.elapsed() >= t && self.in_flight.load(Ordering::SeqCst) == 0 {
-                    return Err(InputError::TimedOut);
+                if quiet_since.elapsed() >= t {
+                    if self.in_flight.load(Ordering::SeqCst) == 0 {
+                        return Err(InputError::TimedOut);
+                    }
+                    // A client waiting for replies is not idle, however long they take:
+                    // look again in a while rather than spin on a timeout that has passed.
+                    socket.wait(true, Some(RECHECK)).map_err(InputError::Io)?;
                 }
             }
         }
