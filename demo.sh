@@ -6,7 +6,8 @@
 # 1. builds cowimg (cargo build --release) and installs missing tools (Debian packages);
 # 2. makes base.raw, an ext4 file system holding an overlayfs upperdir and workdir;
 # 3. creates overlay.cow on top of it and serves it over NBD with `cowimg serve`;
-# 4. attaches the export as a block device (nbd-client when /dev/nbdX works, else
+# 4. attaches the export as a block device with `cowimg attach` (nbd-client when the kernel
+#    has the nbd module, else
 #    nbdfuse + a loop device), mounts the ext4 and an overlayfs that uses it as upper layer;
 # 5. creates, modifies, renames and deletes files through the overlayfs: the copy-ups and
 #    whiteouts land in overlay.cow, while base.raw stays byte-for-byte unchanged;
@@ -39,9 +40,7 @@ die() { printf '%sdemo.sh: %s%s\n' "$RED" "$*" "$RESET" >&2; exit 1; }
 # --- run at any point, more than once.
 WORK=""
 SERVER_PID=""
-NBDFUSE_PID=""
-NBD_DEV=""
-LOOP_DEV=""
+DEV=""
 CLEANING=""
 
 is_mounted() { [ -n "$1" ] && mountpoint -q "$1" 2>/dev/null; }
@@ -55,23 +54,6 @@ unmount() {
     done
     # Still busy (a shell inside it?): detach it from the tree so the rest can go.
     umount -l "$dir" 2>/dev/null || true
-}
-
-unmount_fuse() {
-    local dir=$1 i
-    for i in 1 2 3 4 5 6 7 8 9 10; do
-        is_mounted "$dir" || break
-        if command -v fusermount3 >/dev/null 2>&1; then
-            fusermount3 -u "$dir" 2>/dev/null && break
-        fi
-        umount "$dir" 2>/dev/null && break
-        sleep 0.5
-    done
-    if [ -n "$NBDFUSE_PID" ]; then
-        # Unmounting makes nbdfuse exit (it must not be killed while mounted).
-        wait_for_exit "$NBDFUSE_PID" 10 || kill -TERM "$NBDFUSE_PID" 2>/dev/null || true
-        NBDFUSE_PID=""
-    fi
 }
 
 # wait_for_exit PID SECONDS: true once PID is gone.
@@ -101,13 +83,9 @@ stop_server() {
 }
 
 detach_device() {
-    if [ -n "$LOOP_DEV" ]; then
-        losetup "$LOOP_DEV" >/dev/null 2>&1 && losetup -d "$LOOP_DEV" 2>/dev/null
-        LOOP_DEV=""
-    fi
-    if [ -n "$NBD_DEV" ]; then
-        nbd-client -d "$NBD_DEV" >/dev/null 2>&1 || true
-        NBD_DEV=""
+    if [ -n "$DEV" ]; then
+        COWIMG_RUN_DIR="$WORK/run" "$COWIMG" detach "$DEV" 2>/dev/null || true
+        DEV=""
     fi
 }
 
@@ -124,13 +102,12 @@ cleanup() {
         unmount "$WORK/merged"
         unmount "$WORK/ext4"
         detach_device
-        unmount_fuse "$WORK/fuse"
     fi
     stop_server
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
         if [ -n "${KEEP:-}" ]; then
             echo "demo.sh: kept $WORK"
-        elif is_mounted "$WORK/fuse" || is_mounted "$WORK/ext4"; then
+        elif is_mounted "$WORK/ext4"; then
             echo "demo.sh: $WORK is still in use; not removing it" >&2
         else
             rm -rf "$WORK"
@@ -185,7 +162,7 @@ fi
 cowimg() { run "$COWIMG" "$@"; }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cowimg-demo.XXXXXX")
-mkdir -p "$WORK"/{seed,lower,fuse,ext4,merged,base-ro,verify}
+mkdir -p "$WORK"/{seed,lower,run,ext4,merged,base-ro,verify}
 cd "$WORK"
 SOCK="$WORK/nbd.sock"
 echo "working in $WORK"
@@ -224,45 +201,12 @@ URI="nbd+unix:///$EXPORT?socket=$SOCK"
 run nbdinfo "$URI"
 
 step "Attach the export as a block device"
-attach_nbd_client() {
-    command -v nbd-client >/dev/null 2>&1 || return 1
-    command -v modprobe >/dev/null 2>&1 && modprobe nbd 2>/dev/null
-    local dev
-    for dev in /dev/nbd{0..15}; do
-        [ -b "$dev" ] || return 1
-        nbd-client -c "$dev" >/dev/null 2>&1 && continue # in use
-        if run nbd-client -unix "$SOCK" "$dev" -name "$EXPORT" -block-size 4096 -timeout 60; then
-            NBD_DEV=$dev
-            DEV=$dev
-            return 0
-        fi
-        return 1
-    done
-    return 1
-}
-attach_nbdfuse() {
-    # nbdfuse presents the export as the file fuse/nbd; a loop device makes it a block device.
-    show nbdfuse -P nbdfuse.pid fuse "$URI" "&"
-    setsid nbdfuse -P nbdfuse.pid fuse "$URI" > nbdfuse.log 2>&1 &
-    NBDFUSE_PID=$!
-    for _ in $(seq 100); do
-        [ -s nbdfuse.pid ] && [ -e fuse/nbd ] && break
-        kill -0 "$NBDFUSE_PID" 2>/dev/null || { cat nbdfuse.log >&2; die "nbdfuse exited"; }
-        sleep 0.1
-    done
-    [ -e fuse/nbd ] || { cat nbdfuse.log >&2; die "nbdfuse did not come up within 10 s"; }
-    show losetup -f --show "$WORK/fuse/nbd"
-    LOOP_DEV=$(losetup -f --show "$WORK/fuse/nbd")
-    DEV=$LOOP_DEV
-}
-DEV=""
-if attach_nbd_client; then
-    ok "attached with the kernel NBD client: $DEV"
-else
-    echo "(the kernel NBD client is not usable here: no /dev/nbdX; using nbdfuse and a loop device)"
-    attach_nbdfuse
-    ok "attached through nbdfuse: $DEV -> $WORK/fuse/nbd"
-fi
+# cowimg attach uses the kernel's NBD client when the kernel has the nbd module, and
+# nbdfuse plus a loop device otherwise (it says which); it prints the device.
+export COWIMG_RUN_DIR="$WORK/run"
+show "$COWIMG" attach "'$URI'"
+DEV=$("$COWIMG" attach "$URI") || die "cowimg attach failed"
+ok "attached: $DEV"
 run blkid "$DEV" || true
 
 step "Mount the ext4 from the overlay, and an overlayfs that uses it as upper layer"
@@ -301,18 +245,11 @@ head -n 12 layers.txt
 step "Detach: unmount, detach the device, stop the server (it flushes on SIGTERM)"
 run umount merged
 run umount ext4
-if [ -n "$LOOP_DEV" ]; then
-    run losetup -d "$LOOP_DEV"
-    LOOP_DEV=""
-    device_sum=$(sha256sum < fuse/nbd)
-    run umount fuse
-    wait_for_exit "$NBDFUSE_PID" 10 || die "nbdfuse did not exit after unmounting"
-    NBDFUSE_PID=""
-else
-    device_sum=$(sha256sum < "$NBD_DEV")
-    run nbd-client -d "$NBD_DEV"
-    NBD_DEV=""
-fi
+device_sum=$(sha256sum < "$DEV")
+# detach flushes the device, detaches it and stops what attach started (nbdfuse here; the
+# server is this script's own and stays up until the next step).
+run "$COWIMG" detach "$DEV"
+DEV=""
 echo "the exported disk, as the client saw it: sha256 ${device_sum%% *}"
 show kill -TERM "$SERVER_PID" "&&" wait "$SERVER_PID"
 stop_server || die "the server exited with an error: $(cat serve.log)"

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::Path;
 use std::process::ExitCode;
 
+pub mod attach;
 pub mod check;
 pub mod commit;
 pub mod convert;
@@ -51,6 +52,11 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Serve an image over NBD.
     Serve(serve::ServeArgs),
+    /// Serve an image (or use an NBD export) and attach it as a block device; prints the
+    /// device (like qemu-nbd -c).
+    Attach(attach::AttachArgs),
+    /// Flush and detach a device made by attach, and stop what attach started.
+    Detach(attach::DetachArgs),
 }
 
 /// Runs the command line; errors print as one line on stderr.
@@ -90,6 +96,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rebase(args) => rebase::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Attach(args) => attach::attach(args),
+        Command::Detach(args) => attach::detach(args),
     }
 }
 
