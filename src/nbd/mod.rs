@@ -44,6 +44,7 @@ mod handshake;
 pub mod protocol;
 mod server;
 mod socket;
+pub mod tls;
 
 use crate::image::Image;
 use std::path::PathBuf;
