@@ -16,12 +16,12 @@
 //! once it has been idle for [`RELEASE_IDLE_BUFFERS`].
 use super::handshake::{MetaContexts, CONTEXT_ID_ALLOCATION, CONTEXT_ID_LAYER};
 use super::protocol::*;
-use super::socket::Socket;
+use super::socket::Transport;
 use crate::image::{Extent, ExtentKind, Image};
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bytes of READ data or WRITE payload one connection may hold at once.
@@ -172,7 +172,7 @@ fn fail<T>(error: u32, message: impl Into<String>) -> Result<T, Failure> {
 /// The receiving side: a buffer over the socket, read without blocking and waited on with
 /// `poll`, so that every wait has a deadline and idleness can be noticed.
 struct Input {
-    socket: Socket,
+    transport: Arc<dyn Transport>,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -195,7 +195,7 @@ impl Input {
     /// Reads whatever has arrived into the buffer, waiting with `wait` when nothing has.
     fn fill(
         &mut self,
-        mut wait: impl FnMut(&Socket) -> Result<(), InputError>,
+        mut wait: impl FnMut(&dyn Transport) -> Result<(), InputError>,
     ) -> Result<(), InputError> {
         if self.start == self.end {
             self.start = 0;
@@ -206,13 +206,13 @@ impl Input {
             self.start = 0;
         }
         loop {
-            match self.socket.read_available(&mut self.buf[self.end..]) {
+            match self.transport.read_available(&mut self.buf[self.end..]) {
                 Ok(0) => return Err(InputError::Eof),
                 Ok(n) => {
                     self.end += n;
                     return Ok(());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&self.socket)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(self.transport.as_ref())?,
                 Err(e) => return Err(InputError::Io(e)),
             }
         }
@@ -230,7 +230,7 @@ impl Input {
         self.start += from_buffer;
         let mut done = from_buffer;
         while done < out.len() {
-            match self.socket.read_available(&mut out[done..]) {
+            match self.transport.read_available(&mut out[done..]) {
                 Ok(0) => return Err(InputError::Eof),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -238,7 +238,7 @@ impl Input {
                     if left.is_some_and(|l| l.is_zero()) {
                         return Err(InputError::TimedOut);
                     }
-                    self.socket.wait(true, left).map_err(InputError::Io)?;
+                    self.transport.wait(true, left).map_err(InputError::Io)?;
                 }
                 Err(e) => return Err(InputError::Io(e)),
             }
@@ -248,7 +248,7 @@ impl Input {
 }
 
 struct Output {
-    socket: Socket,
+    transport: Arc<dyn Transport>,
     /// Set when a reply could not be written; nothing more is sent.
     broken: Option<String>,
 }
@@ -273,8 +273,8 @@ pub(crate) struct Transmission<'a> {
     contexts: MetaContexts,
     input: Mutex<Input>,
     output: Mutex<Output>,
-    /// A handle on the socket to hang up with, whoever holds the locks.
-    control: Socket,
+    /// A handle on the connection to hang up with, whoever holds the locks.
+    control: Arc<dyn Transport>,
     memory: &'a Memory,
     share: Share,
     pool: Mutex<Pool>,
@@ -313,27 +313,25 @@ fn only_replies(command: u16) -> bool {
 }
 
 impl<'a> Transmission<'a> {
-    pub fn new(socket: Socket, p: Params<'a>) -> io::Result<Transmission<'a>> {
-        let control = socket.try_clone()?;
-        let writer = socket.try_clone()?;
-        Ok(Transmission {
+    pub fn new(transport: Arc<dyn Transport>, p: Params<'a>) -> Transmission<'a> {
+        Transmission {
             image: p.image,
             size: p.image.virtual_size(),
             read_only: p.read_only,
             structured: p.structured,
             contexts: p.contexts,
             input: Mutex::new(Input {
-                socket,
+                transport: Arc::clone(&transport),
                 buf: vec![0u8; INPUT_BUFFER].into_boxed_slice(),
                 start: 0,
                 end: 0,
                 end_reason: None,
             }),
             output: Mutex::new(Output {
-                socket: writer,
+                transport: Arc::clone(&transport),
                 broken: None,
             }),
-            control,
+            control: transport,
             memory: p.memory,
             share: Share::default(),
             pool: Mutex::new(Pool::default()),
@@ -345,7 +343,7 @@ impl<'a> Transmission<'a> {
             shutting_down: p.shutting_down,
             stats: Stats::default(),
             logged_image_error: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Serves requests with `workers` threads until the client disconnects, breaks the
@@ -486,7 +484,11 @@ impl<'a> Transmission<'a> {
 
     /// Waits for the next request's bytes: frees the kept buffers once the client has been
     /// quiet for a while, and ends an idle connection after the idle timeout.
-    fn wait_for_request(&self, socket: &Socket, quiet_since: Instant) -> Result<(), InputError> {
+    fn wait_for_request(
+        &self,
+        socket: &dyn Transport,
+        quiet_since: Instant,
+    ) -> Result<(), InputError> {
         loop {
             let quiet = quiet_since.elapsed();
             let release_due = !lock(&self.pool).idle;
@@ -859,7 +861,7 @@ impl<'a> Transmission<'a> {
         if out.broken.is_some() {
             return;
         }
-        if let Err(e) = out.socket.write_all_vectored(parts, self.io_timeout) {
+        if let Err(e) = out.transport.write_all_vectored(parts, self.io_timeout) {
             out.broken = Some(if self.shutting_down.load(Ordering::Relaxed) {
                 "server shutting down".into()
             } else if e.kind() == io::ErrorKind::TimedOut {

@@ -410,3 +410,72 @@ impl Drop for Listener {
         }
     }
 }
+
+/// What the transmission phase needs of a connection: a plain socket, or TLS over one.
+/// Reads never block (`WouldBlock` when nothing has arrived); `wait` does, up to a timeout.
+pub(crate) trait Transport: Send + Sync {
+    fn read_available(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn wait(&self, readable: bool, timeout: Option<Duration>) -> io::Result<Readiness>;
+    fn write_all_vectored(&self, parts: &[&[u8]], timeout: Option<Duration>) -> io::Result<()>;
+    fn shutdown(&self, how: Shutdown);
+}
+
+impl Transport for Socket {
+    fn read_available(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Socket::read_available(self, buf)
+    }
+    fn wait(&self, readable: bool, timeout: Option<Duration>) -> io::Result<Readiness> {
+        Socket::wait(self, readable, timeout)
+    }
+    fn write_all_vectored(&self, parts: &[&[u8]], timeout: Option<Duration>) -> io::Result<()> {
+        Socket::write_all_vectored(self, parts, timeout)
+    }
+    fn shutdown(&self, how: Shutdown) {
+        Socket::shutdown(self, how)
+    }
+}
+
+/// Blocking reads and writes over a transport, each bounded by what is left of one
+/// deadline (the handshake's).
+pub(crate) struct DeadlineIo<'a> {
+    pub transport: &'a dyn Transport,
+    pub until: Instant,
+}
+
+impl DeadlineIo<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake timed out",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for DeadlineIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.transport.read_available(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = self.left()?;
+                    self.transport.wait(true, Some(left))?;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Write for DeadlineIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.transport.write_all_vectored(&[buf], Some(left))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -9,12 +9,16 @@
 //! TLS-PSK (`--tls-psk`, the psktool format GnuTLS clients read) is not offered: rustls has
 //! no external pre-shared keys (it implements resumption PSKs only), and a second TLS stack
 //! in C for one feature is not worth its weight here.
+use super::socket::{Readiness, Socket, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// `--tls`: whether clients may, or must, upgrade to TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +143,11 @@ fn warn_if_others_can_read(path: &Path) {
             eprintln!(
                 "cowimg: warning: {} is readable by {} (mode {:o}); it should be 0600",
                 path.display(),
-                if mode & 0o007 != 0 { "others" } else { "its group" },
+                if mode & 0o007 != 0 {
+                    "others"
+                } else {
+                    "its group"
+                },
                 mode & 0o777
             );
         }
@@ -241,7 +249,10 @@ mod tests {
 
     fn name(cn: &str) -> Vec<u8> {
         let country = tlv(0x30, &[tlv(0x06, &[0x55, 4, 6]), tlv(0x13, b"XX")].concat());
-        let common = tlv(0x30, &[tlv(0x06, &[0x55, 4, 3]), tlv(0x0c, cn.as_bytes())].concat());
+        let common = tlv(
+            0x30,
+            &[tlv(0x06, &[0x55, 4, 3]), tlv(0x0c, cn.as_bytes())].concat(),
+        );
         tlv(0x30, &[tlv(0x31, &country), tlv(0x31, &common)].concat())
     }
 
@@ -255,7 +266,10 @@ mod tests {
             name(subject_cn),
         ]
         .concat();
-        tlv(0x30, &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0])].concat())
+        tlv(
+            0x30,
+            &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0])].concat(),
+        )
     }
 
     #[test]
@@ -278,7 +292,10 @@ mod tests {
             let _ = subject_common_name(&flipped);
             flipped[i] ^= 0xff;
         }
-        assert_eq!(subject_common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(
+            subject_common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
     }
 
     #[test]
@@ -287,5 +304,174 @@ mod tests {
         assert_eq!(TlsMode::parse("on"), Some(TlsMode::On));
         assert_eq!(TlsMode::parse("off"), Some(TlsMode::Off));
         assert_eq!(TlsMode::parse("yes"), None);
+    }
+}
+
+/// A connection after STARTTLS: rustls over the socket, shared by the connection's reader
+/// and writers. Records are read and written without blocking; the writer encrypts under
+/// the lock and sends outside it (under the connection's output lock, which keeps records
+/// in order), so a slow reader of replies never blocks the reading of requests.
+pub(crate) struct TlsSocket {
+    socket: Socket,
+    conn: Mutex<rustls::ServerConnection>,
+    /// The client certificate's subject common name, if it sent one.
+    pub identity: Option<String>,
+}
+
+/// Plaintext is encrypted and sent in pieces of this size, so that a 32 MiB reply does not
+/// need a second 32 MiB of ciphertext.
+const SEND_PIECE: usize = 256 << 10;
+
+/// Reads what the socket has into rustls, without blocking.
+struct NonBlocking<'a>(&'a Socket);
+
+impl Read for NonBlocking<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_available(buf)
+    }
+}
+
+impl TlsSocket {
+    /// Runs the TLS handshake on `socket` (the client has been told to start it), all of it
+    /// before `deadline`.
+    pub fn accept(
+        socket: Socket,
+        config: Arc<ServerConfig>,
+        deadline: Instant,
+    ) -> io::Result<TlsSocket> {
+        let mut conn = rustls::ServerConnection::new(config)
+            .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+        let left = || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ))
+            } else {
+                Ok(left)
+            }
+        };
+        while conn.is_handshaking() {
+            if conn.wants_write() {
+                let mut out = Vec::new();
+                while conn.wants_write() {
+                    conn.write_tls(&mut out)?;
+                }
+                socket.write_all_vectored(&[&out], Some(left()?))?;
+                continue;
+            }
+            match conn.read_tls(&mut NonBlocking(&socket)) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed the connection during the TLS handshake",
+                    ))
+                }
+                Ok(_) => {
+                    if let Err(e) = conn.process_new_packets() {
+                        // Tell the client why (an alert), as far as it listens.
+                        let mut out = Vec::new();
+                        while conn.wants_write() && conn.write_tls(&mut out).is_ok() {}
+                        let _ = socket.write_all_vectored(&[&out], Some(Duration::from_secs(1)));
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("TLS handshake failed: {e}"),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    socket.wait(true, Some(left()?))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let identity = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| subject_common_name(cert));
+        Ok(TlsSocket {
+            socket,
+            conn: Mutex::new(conn),
+            identity,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, rustls::ServerConnection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Transport for TlsSocket {
+    fn read_available(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut conn = self.lock();
+        loop {
+            match conn.reader().read(buf) {
+                Ok(n) => return Ok(n), // 0: the client sent close_notify
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            match conn.read_tls(&mut NonBlocking(&self.socket)) {
+                Ok(0) => return Ok(0),
+                Ok(_) => {
+                    conn.process_new_packets().map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn wait(&self, readable: bool, timeout: Option<Duration>) -> io::Result<Readiness> {
+        self.socket.wait(readable, timeout)
+    }
+
+    fn write_all_vectored(&self, parts: &[&[u8]], timeout: Option<Duration>) -> io::Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut pending: &[u8] = &[];
+        let mut rest = parts.iter();
+        loop {
+            // Encrypt up to SEND_PIECE bytes of plaintext, under the lock.
+            let mut out = Vec::new();
+            {
+                let mut conn = self.lock();
+                let mut taken = 0;
+                while taken < SEND_PIECE {
+                    if pending.is_empty() {
+                        match rest.next() {
+                            Some(p) => pending = p,
+                            None => break,
+                        }
+                        continue;
+                    }
+                    let n = (SEND_PIECE - taken).min(pending.len());
+                    let written = conn.writer().write(&pending[..n])?;
+                    if written == 0 {
+                        break; // rustls' buffer is full: send what it holds first
+                    }
+                    pending = &pending[written..];
+                    taken += written;
+                }
+                while conn.wants_write() {
+                    conn.write_tls(&mut out)?;
+                }
+            }
+            if out.is_empty() && pending.is_empty() && rest.len() == 0 {
+                return Ok(());
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not read the reply in time",
+                ));
+            }
+            self.socket.write_all_vectored(&[&out], left)?;
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        self.socket.shutdown(how)
     }
 }
