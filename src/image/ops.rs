@@ -731,3 +731,19 @@ mod tests {
         );
     }
 }
+
+/// Resizes a raw file: its length is the virtual size. Growing leaves a hole (reads as
+/// zeros). The new length is durable when this returns.
+pub fn resize_raw(path: &Path, new_size: u64) -> Result<()> {
+    let file = super::open_locked(path, true, false)?;
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    file.set_len(new_size)
+        .map_err(|e| io("changing the length", new_size, e))?;
+    // fdatasync covers the file's length (FORMAT.md, "What cowimg assumes of the disk").
+    file.sync_data().map_err(|e| io("syncing", 0, e))
+}
