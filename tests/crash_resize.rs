@@ -154,10 +154,7 @@ fn record(s: &Scenario) -> Recorded {
         std::fs::write(&path, backing_content(s.seed, len)).expect("writing the backing file");
         path
     });
-    let storage = Arc::new(CrashStorage::new(fresh_image_bytes(
-        s.size,
-        s.cluster_size,
-    )));
+    let storage = Arc::new(CrashStorage::new(fresh_image_bytes(s.size, s.cluster_size)));
     let dynamic: Arc<dyn Storage> = storage.clone();
     let mut image =
         Image::open_storage(dynamic, Path::new("resize.cow"), false).expect("opening the image");
@@ -173,7 +170,10 @@ fn record(s: &Scenario) -> Recorded {
     // Data right at the old end, so that a shrink has something to drop.
     let tail = s.size.min(6000);
     image
-        .write_at(&lib_support::pattern(s.seed + 1, tail as usize), s.size - tail)
+        .write_at(
+            &lib_support::pattern(s.seed + 1, tail as usize),
+            s.size - tail,
+        )
         .expect("writing the tail");
     image.flush().expect("flushing the changes");
     let old = read_all(&image);

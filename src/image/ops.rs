@@ -747,3 +747,53 @@ pub fn resize_raw(path: &Path, new_size: u64) -> Result<()> {
     // fdatasync covers the file's length (FORMAT.md, "What cowimg assumes of the disk").
     file.sync_data().map_err(|e| io("syncing", 0, e))
 }
+
+/// What `qemu-img measure` reports, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    /// The file needed for an image holding `allocated_clusters` clusters of data.
+    pub required: u64,
+    /// The file needed when every cluster holds data.
+    pub fully_allocated: u64,
+}
+
+/// The file size a cowimg image of `virtual_size` bytes needs. The figures are upper bounds
+/// for an image written once, as `convert` writes it: the header slots, the first journal,
+/// one host cluster per cluster with data, and, when the first flush's record does not fit
+/// in that journal, the checkpoint and the journal that replace it.
+pub fn measure_cowimg(
+    virtual_size: u64,
+    cluster_size: u64,
+    allocated_clusters: u64,
+) -> Result<Measure> {
+    let geometry = crate::format::Geometry::checked(cluster_size.trailing_zeros())
+        .filter(|_| cluster_size.is_power_of_two())
+        .ok_or_else(|| Error::Invalid {
+            path: std::path::PathBuf::from("measure"),
+            reason: format!(
+                "cluster size {cluster_size} is not a power of two from 4 KiB to 2 MiB"
+            ),
+        })?;
+    if virtual_size > crate::format::MAX_VIRTUAL_SIZE {
+        return Err(Error::Invalid {
+            path: std::path::PathBuf::from("measure"),
+            reason: format!("size {virtual_size} is larger than 2^60 bytes"),
+        });
+    }
+    let cs = geometry.cluster_size();
+    let fixed = geometry.first_data_cluster() * cs + super::journal_capacity_for(0, cs);
+    let for_clusters = |clusters: u64| {
+        let record = crate::format::JournalRecordHeader::padded_len(clusters);
+        let mut bytes = fixed + clusters * cs;
+        if record > super::journal_capacity_for(0, cs) {
+            let checkpoint = clusters * crate::format::MAP_ENTRY_SIZE as u64;
+            bytes += checkpoint.next_multiple_of(cs) + super::journal_capacity_for(checkpoint, cs);
+        }
+        bytes
+    };
+    let all = geometry.clusters_for(virtual_size);
+    Ok(Measure {
+        required: for_clusters(allocated_clusters.min(all)),
+        fully_allocated: for_clusters(all),
+    })
+}

@@ -1,0 +1,249 @@
+//! The format of an image named on the command line: `-f FMT`, or probed by magic as
+//! qemu-img does. Backing files are never probed (their format is recorded in the header);
+//! only the file the user names is.
+//!
+//! qemu-img's rule for a probed raw image is to warn and restrict writes to block 0, since a
+//! guest could have written a format header into it. cowimg refuses writes through a probed
+//! raw image outright and asks for `-f raw`.
+//!
+//! qcow2 images are recognised here; [`open_qcow2`] is the one place that opens them.
+use crate::format::header::MAGIC;
+use crate::format::BackingFormat;
+use crate::image::{Extent, Image, Layer, OpenOptions};
+use anyhow::bail;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// qcow2's magic, `QFI\xfb`.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// The format of an image given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Cowimg,
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Cowimg => "cowimg",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Parses `-f FMT`.
+pub fn parse_image_format(text: &str) -> Result<ImageFormat, String> {
+    match text {
+        "cowimg" => Ok(ImageFormat::Cowimg),
+        "raw" => Ok(ImageFormat::Raw),
+        "qcow2" => Ok(ImageFormat::Qcow2),
+        _ => Err(format!(
+            "unknown format '{text}': expected cowimg, raw or qcow2"
+        )),
+    }
+}
+
+/// A format and whether it was probed (no `-f`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detected {
+    pub format: ImageFormat,
+    pub probed: bool,
+}
+
+/// `given` if there is one, else the format the file's first bytes announce: cowimg,
+/// qcow2, or raw for anything else (an empty file included).
+pub fn detect(path: &Path, given: Option<ImageFormat>) -> anyhow::Result<Detected> {
+    if let Some(format) = given {
+        return Ok(Detected {
+            format,
+            probed: false,
+        });
+    }
+    let file = std::fs::File::open(path).map_err(|source| crate::Error::File {
+        path: path.into(),
+        op: "opening",
+        source,
+    })?;
+    let mut magic = [0u8; MAGIC.len()];
+    let mut read = 0;
+    // A short file is raw; only a read error is an error.
+    while read < magic.len() {
+        match file.read_at(&mut magic[read..], read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(crate::Error::Io {
+                    path: path.into(),
+                    op: "reading the magic",
+                    offset: 0,
+                    source,
+                }
+                .into())
+            }
+        }
+    }
+    let format = if read == MAGIC.len() && magic == MAGIC {
+        ImageFormat::Cowimg
+    } else if read >= QCOW2_MAGIC.len() && magic[..QCOW2_MAGIC.len()] == QCOW2_MAGIC {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    };
+    Ok(Detected {
+        format,
+        probed: true,
+    })
+}
+
+/// The one place a qcow2 image is opened. This build has no qcow2 reader.
+pub fn open_qcow2(path: &Path, _opts: &OpenOptions) -> anyhow::Result<Layer> {
+    bail!(
+        "{}: qcow2 images are not supported by this build",
+        path.display()
+    )
+}
+
+/// Opens the image named on the command line as a layer, read-only, with its backing
+/// chain: what the reading commands (info --backing-chain, map, convert, compare, measure)
+/// read.
+pub fn open_layer(path: &Path, detected: Detected, force_share: bool) -> anyhow::Result<Layer> {
+    let opts = OpenOptions {
+        read_only: true,
+        force_share,
+        ..Default::default()
+    };
+    let backing_format = match detected.format {
+        ImageFormat::Cowimg => BackingFormat::Cowimg,
+        ImageFormat::Raw => BackingFormat::Raw,
+        ImageFormat::Qcow2 => return open_qcow2(path, &opts),
+    };
+    Ok(Layer::open(path, backing_format, &opts, 0)?)
+}
+
+/// Refuses a write through an image whose raw format was guessed: a guest can write any
+/// header into a raw disk, and the next probe would then obey it.
+pub fn refuse_probed_raw_writes(
+    path: &Path,
+    detected: Detected,
+    command: &str,
+) -> anyhow::Result<()> {
+    if detected.format == ImageFormat::Raw && detected.probed {
+        bail!(
+            "{}: no format was given and the file has no cowimg or qcow2 header, so it was \
+             probed as raw; {command} does not write through a probed raw image (a guest \
+             could have written a format header into it): give -f raw if it is raw",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// For the commands that only work on cowimg images (commit, rebase, io, serve): a
+/// message that names the format found and what to do instead.
+pub fn require_cowimg(
+    path: &Path,
+    detected: Detected,
+    command: &str,
+    instead: &str,
+) -> anyhow::Result<()> {
+    match detected.format {
+        ImageFormat::Cowimg => Ok(()),
+        ImageFormat::Qcow2 => Err(open_qcow2(path, &OpenOptions::default())
+            .err()
+            .unwrap_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: {command} needs a cowimg image, not qcow2",
+                    path.display()
+                )
+            })),
+        ImageFormat::Raw => {
+            let how = if detected.probed {
+                "it has no cowimg header, so it was probed as raw"
+            } else {
+                "-f raw was given"
+            };
+            bail!(
+                "{}: {command} needs a cowimg image ({how}); {instead}",
+                path.display()
+            )
+        }
+    }
+}
+
+/// An image opened for reading by the commands that take any format.
+pub struct Source {
+    pub path: PathBuf,
+    pub detected: Detected,
+    layer: Layer,
+}
+
+impl Source {
+    pub fn open(
+        path: &Path,
+        format: Option<ImageFormat>,
+        force_share: bool,
+    ) -> anyhow::Result<Source> {
+        let detected = detect(path, format)?;
+        let layer = open_layer(path, detected, force_share)?;
+        Ok(Source {
+            path: path.into(),
+            detected,
+            layer,
+        })
+    }
+
+    pub fn layer(&self) -> &Layer {
+        &self.layer
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.layer.size()
+    }
+
+    /// Reads the merged image; past the end reads zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        self.layer.read_at(buf, offset)
+    }
+
+    /// Where each byte of `[offset, offset + len)` comes from, through the whole chain.
+    pub fn block_status(&self, offset: u64, len: u64) -> crate::Result<Vec<Extent>> {
+        let mut extents = Vec::new();
+        if len > 0 {
+            self.layer.status(offset, len, 0, &mut extents)?;
+        }
+        Ok(extents)
+    }
+
+    /// The layers from this image down, top first.
+    pub fn chain(&self) -> Vec<&Layer> {
+        chain_of(&self.layer)
+    }
+}
+
+/// The layers from `top` down.
+pub fn chain_of(top: &Layer) -> Vec<&Layer> {
+    let mut layers = vec![top];
+    let mut below = below(top);
+    while let Some(layer) = below {
+        layers.push(layer);
+        below = self::below(layer);
+    }
+    layers
+}
+
+fn below(layer: &Layer) -> Option<&Layer> {
+    match layer {
+        Layer::Cowimg(image) => image.backing(),
+        _ => None,
+    }
+}
+
+/// The layers of an open image, top first (the image itself is not a `Layer`).
+pub fn backing_chain(image: &Image) -> Vec<&Layer> {
+    image.backing().map(chain_of).unwrap_or_default()
+}
