@@ -1,4 +1,5 @@
 //! `cowimg serve`.
+use super::source::{self, ImageFormat};
 use crate::image::{Image, OpenOptions};
 use crate::nbd::{Listen, ServeConfig};
 use clap::Args;
@@ -9,6 +10,9 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// Format of IMAGE: only cowimg images can be served (probed when not given).
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
     /// Listen on a Unix socket at PATH.
     #[arg(long, value_name = "PATH", conflicts_with = "bind")]
     pub socket: Option<PathBuf>,
@@ -70,6 +74,14 @@ fn socket_activated() -> bool {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let detected = source::detect(&args.image, args.format)?;
+    source::require_cowimg(
+        &args.image,
+        detected,
+        "serve",
+        "serve a raw file with qemu-nbd -f raw or nbdkit file, or serve a cowimg overlay \
+         on it (create -b FILE -F raw)",
+    )?;
     let opts = OpenOptions {
         read_only: args.read_only,
         ..Default::default()
