@@ -182,9 +182,9 @@ fn every_subcommand_accepts_f() {
     let mut expected = bytes;
     expected[..4096].fill(9);
     assert_same_bytes(&contents(d, "disk.cow"), &expected, "after the commit");
-    // serve and io take only cowimg: a raw file gets a message, not a hang.
+    // Writable serve and io take only cowimg: a raw file gets a message, not a hang.
     let run = cowimg_in(d, &["serve", "-f", "raw", "--socket", "s.sock", "disk.raw"]);
-    assert_fails(&run, 1, &["disk.raw", "cowimg image", "qemu-nbd"]);
+    assert_fails(&run, 1, &["disk.raw", "cowimg image", "--read-only"]);
     let run = cowimg_in(d, &["io", "disk.raw", "-c", "read 0 1"]);
     assert_fails(&run, 1, &["disk.raw", "probed as raw", "qemu-io -f raw"]);
     let run = cowimg_in(d, &["info", "-f", "vmdk", "disk.raw"]);

@@ -67,18 +67,17 @@ pub fn run(args: IoArgs) -> anyhow::Result<ExitCode> {
         bail!("-U (force share) needs -r: a writer always takes the lock");
     }
     let detected = source::detect(&args.image, args.format)?;
-    source::require_cowimg(
-        &args.image,
-        detected,
-        "io",
-        "for a raw file use qemu-io -f raw",
-    )?;
-    let opts = OpenOptions {
-        read_only: args.read_only,
-        force_share: args.force_share,
-        ..Default::default()
+    let image = if args.read_only {
+        source::open_read_only_image(&args.image, detected, args.force_share)?
+    } else {
+        source::require_cowimg(
+            &args.image,
+            detected,
+            "io without -r",
+            "open it with -r to read it, or use qemu-io -f raw to write it",
+        )?;
+        Image::open(&args.image, &OpenOptions::default())?
     };
-    let image = Image::open(&args.image, &opts)?;
     // Commands from stdin run as they arrive, as in qemu-io: a script driving cowimg io
     // through a pipe sees each answer before it sends the next command.
     let commands: Box<dyn Iterator<Item = std::io::Result<String>>> = if args.commands.is_empty() {

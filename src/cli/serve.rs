@@ -75,18 +75,20 @@ fn socket_activated() -> bool {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let detected = source::detect(&args.image, args.format)?;
-    source::require_cowimg(
-        &args.image,
-        detected,
-        "serve",
-        "serve a raw file with qemu-nbd -f raw or nbdkit file, or serve a cowimg overlay \
-         on it (create -b FILE -F raw)",
-    )?;
-    let opts = OpenOptions {
-        read_only: args.read_only,
-        ..Default::default()
+    let image = if args.read_only {
+        // Any format can be read: a raw or qcow2 file is served through an empty overlay.
+        source::open_read_only_image(&args.image, detected, false)?
+    } else {
+        source::refuse_probed_raw_writes(&args.image, detected, "serve without --read-only")?;
+        source::require_cowimg(
+            &args.image,
+            detected,
+            "serve without --read-only",
+            "serve it with --read-only, or serve a cowimg overlay on it (create -b FILE -F raw)",
+        )?;
+        Image::open(&args.image, &OpenOptions::default())?
     };
-    let image = Arc::new(Image::open(&args.image, &opts)?);
+    let image = Arc::new(image);
     let listen = if socket_activated() {
         Listen::Systemd
     } else if let Some(p) = args.socket {

@@ -9,10 +9,12 @@
 //! qcow2 images are recognised here; [`open_qcow2`] is the one place that opens them.
 use crate::format::header::MAGIC;
 use crate::format::BackingFormat;
-use crate::image::{Extent, Image, Layer, OpenOptions};
+use crate::image::{CreateOptions, Extent, Image, Layer, OpenOptions};
+use crate::storage::MemStorage;
 use anyhow::bail;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// qcow2's magic, `QFI\xfb`.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -173,6 +175,35 @@ pub fn require_cowimg(
             )
         }
     }
+}
+
+/// Opens the image named on the command line as a read-only cowimg [`Image`], for the
+/// commands built on one (serve --read-only, io -r). A cowimg image is opened as itself;
+/// any other format becomes the backing layer of an empty, read-only overlay held in
+/// memory, so that every read and block-status query falls through to it unchanged.
+pub fn open_read_only_image(
+    path: &Path,
+    detected: Detected,
+    force_share: bool,
+) -> anyhow::Result<Image> {
+    if detected.format == ImageFormat::Cowimg {
+        let opts = OpenOptions {
+            read_only: true,
+            force_share,
+            ..Default::default()
+        };
+        return Ok(Image::open(path, &opts)?);
+    }
+    let layer = open_layer(path, detected, force_share)?;
+    let storage = Arc::new(MemStorage::new(Vec::new()));
+    let create = CreateOptions {
+        size: Some(layer.size()),
+        ..Default::default()
+    };
+    Image::create_on(storage.as_ref(), path, &create)?;
+    let mut overlay = Image::open_storage(storage, path, true)?;
+    overlay.attach_backing(layer);
+    Ok(overlay)
 }
 
 /// An image opened for reading by the commands that take any format.
