@@ -98,3 +98,82 @@ fn io_r_reads_a_raw_file_and_io_without_r_refuses_to_write_it() {
         "the file changed"
     );
 }
+
+fn cowimg(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .args(args)
+        .output()
+        .expect("running cowimg")
+}
+
+#[test]
+fn compare_map_and_measure_read_nbd_uris() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    let bytes = random_file(&raw, 3 << 20);
+    let raw_arg = raw.to_str().expect("utf-8 path");
+    let mut server = Server::start(dir.path(), &raw, &["--read-only"]);
+    let uri = server.uri();
+
+    let out = cowimg(&["compare", raw_arg, &uri]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        (out.status.code(), stdout.as_ref()),
+        (Some(0), "Images are identical.\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut changed = bytes.clone();
+    changed[(3 << 20) - 1] ^= 1;
+    let other = dir.path().join("other.raw");
+    std::fs::write(&other, &changed).expect("writing");
+    let out = cowimg(&["compare", &uri, other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("Content mismatch at offset {}!\n", (3 << 20) - 512)
+    );
+
+    let out = cowimg(&["measure", "--output=json", &uri]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let measure: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(measure["required"], 3 << 20);
+    let out = cowimg(&["map", "--output=json", &uri]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(map[0]["length"], 3 << 20);
+    server.stop();
+}
+
+#[test]
+fn a_server_that_is_not_nbd_is_an_error_not_a_hang() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("binding");
+    let fake = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            // An HTTP server, say: not the NBD magic.
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let started = std::time::Instant::now();
+    let out = cowimg(&["compare", &uri, &uri]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("fake.sock") && stderr.contains("not an NBD server"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let _ = fake.join();
+}

@@ -5,7 +5,7 @@ use super::OutputArg;
 use crate::image::{Extent, ExtentKind};
 use clap::Args;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
@@ -38,12 +38,12 @@ pub fn run(args: MapArgs) -> anyhow::Result<ExitCode> {
         .max_length
         .map_or(size - start, |max| max.min(size - start));
     let extents = image.block_status(start, length)?;
-    let paths: Vec<&Path> = image.chain().iter().map(|layer| layer.path()).collect();
+    let names = image.layer_names();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.output.is_json() {
         write_json(&mut out, &extents)?;
     } else {
-        write_human(&mut out, &extents, &paths)?;
+        write_human(&mut out, &extents, &names)?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
@@ -78,7 +78,7 @@ fn write_json(out: &mut impl Write, extents: &[Extent]) -> std::io::Result<()> {
 }
 
 /// qemu-img's human format: only ranges that hold data, with where they are stored.
-fn write_human(out: &mut impl Write, extents: &[Extent], paths: &[&Path]) -> std::io::Result<()> {
+fn write_human(out: &mut impl Write, extents: &[Extent], names: &[String]) -> std::io::Result<()> {
     writeln!(
         out,
         "{:<16}{:<16}{:<16}File",
@@ -88,9 +88,7 @@ fn write_human(out: &mut impl Write, extents: &[Extent], paths: &[&Path]) -> std
         let (ExtentKind::Data, Some(host)) = (e.kind, e.host_offset) else {
             continue;
         };
-        let file = paths
-            .get(e.depth as usize)
-            .map_or_else(String::new, |p| p.display().to_string());
+        let file = names.get(e.depth as usize).map_or("", String::as_str);
         writeln!(
             out,
             "{:<16}{:<16}{:<16}{file}",

@@ -13,7 +13,7 @@ use crate::image::{CreateOptions, Extent, Image, Layer, OpenOptions};
 use crate::storage::MemStorage;
 use anyhow::bail;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// qcow2's magic, `QFI\xfb`.
@@ -206,11 +206,16 @@ pub fn open_read_only_image(
     Ok(overlay)
 }
 
-/// An image opened for reading by the commands that take any format.
+/// An image opened for reading by the commands that take any format: a file (with its
+/// backing chain), or an NBD export named by a URI (`nbd://`, `nbd+unix://`), read as raw.
 pub struct Source {
-    pub path: PathBuf,
-    pub detected: Detected,
-    layer: Layer,
+    pub name: String,
+    inner: Inner,
+}
+
+enum Inner {
+    Layer(Layer),
+    Nbd(crate::nbd::client::Client),
 }
 
 impl Source {
@@ -219,40 +224,77 @@ impl Source {
         format: Option<ImageFormat>,
         force_share: bool,
     ) -> anyhow::Result<Source> {
+        let name = path.display().to_string();
+        if crate::nbd::client::is_uri(&name) {
+            if format.is_some_and(|f| f != ImageFormat::Raw) {
+                bail!(
+                    "{name}: an NBD export is read as raw; -f {} does not apply",
+                    format.map_or("", |f| f.name())
+                );
+            }
+            let client = crate::nbd::client::Client::connect(&name)?;
+            return Ok(Source {
+                name,
+                inner: Inner::Nbd(client),
+            });
+        }
         let detected = detect(path, format)?;
         let layer = open_layer(path, detected, force_share)?;
         Ok(Source {
-            path: path.into(),
-            detected,
-            layer,
+            name,
+            inner: Inner::Layer(layer),
         })
     }
 
-    pub fn layer(&self) -> &Layer {
-        &self.layer
-    }
-
     pub fn virtual_size(&self) -> u64 {
-        self.layer.size()
+        match &self.inner {
+            Inner::Layer(layer) => layer.size(),
+            Inner::Nbd(client) => client.size(),
+        }
     }
 
     /// Reads the merged image; past the end reads zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
-        self.layer.read_at(buf, offset)
+        match &self.inner {
+            Inner::Layer(layer) => layer.read_at(buf, offset),
+            Inner::Nbd(client) => client.read_at(buf, offset),
+        }
     }
 
-    /// Where each byte of `[offset, offset + len)` comes from, through the whole chain.
+    /// Where each byte of `[offset, offset + len)` comes from, through the whole chain. An
+    /// NBD export is all data: this client does not ask for block status.
     pub fn block_status(&self, offset: u64, len: u64) -> crate::Result<Vec<Extent>> {
         let mut extents = Vec::new();
-        if len > 0 {
-            self.layer.status(offset, len, 0, &mut extents)?;
+        if len == 0 {
+            return Ok(extents);
+        }
+        match &self.inner {
+            Inner::Layer(layer) => layer.status(offset, len, 0, &mut extents)?,
+            Inner::Nbd(client) => {
+                let end = offset.saturating_add(len).min(client.size()).max(offset);
+                if end > offset {
+                    extents.push(Extent {
+                        offset,
+                        length: end - offset,
+                        depth: 0,
+                        kind: crate::image::ExtentKind::Data,
+                        host_offset: Some(offset),
+                    });
+                }
+            }
         }
         Ok(extents)
     }
 
-    /// The layers from this image down, top first.
-    pub fn chain(&self) -> Vec<&Layer> {
-        chain_of(&self.layer)
+    /// The names of the layers from this image down, top first.
+    pub fn layer_names(&self) -> Vec<String> {
+        match &self.inner {
+            Inner::Layer(layer) => chain_of(layer)
+                .iter()
+                .map(|l| l.path().display().to_string())
+                .collect(),
+            Inner::Nbd(client) => vec![client.uri().to_string()],
+        }
     }
 }
 
@@ -272,9 +314,4 @@ fn below(layer: &Layer) -> Option<&Layer> {
         Layer::Cowimg(image) => image.backing(),
         _ => None,
     }
-}
-
-/// The layers of an open image, top first (the image itself is not a `Layer`).
-pub fn backing_chain(image: &Image) -> Vec<&Layer> {
-    image.backing().map(chain_of).unwrap_or_default()
 }
