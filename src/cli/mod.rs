@@ -79,6 +79,7 @@ pub fn main() -> ExitCode {
         }
     };
     let hint = cli.command.force_share_hint();
+    let io = matches!(cli.command, Command::Io(_));
     // compare's errors exit 2: 1 means "the images differ" to it, as to qemu-img.
     let error_code = match cli.command {
         Command::Compare(_) => compare::EXIT_ERROR,
@@ -90,7 +91,7 @@ pub fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let mut line = one_line(&e);
-            if let (Some(flag), true) = (hint, is_lock_conflict(&e)) {
+            if let (Some(flag), true) = (hint, is_lock_conflict(&e, io)) {
                 line += &format!("; use {flag} to read it anyway");
             }
             eprintln!("cowimg: {line}");
@@ -116,10 +117,13 @@ impl Command {
     }
 }
 
-fn is_lock_conflict(error: &anyhow::Error) -> bool {
-    error
-        .chain()
-        .any(|cause| matches!(cause.downcast_ref(), Some(crate::Error::Locked { .. })))
+/// A lock another process holds, where -U would help: a shared lock refused to a reader
+/// (a write lock refused to `convert -n`'s target, say, is not), or anything for io, whose
+/// hint says to open read-only as well.
+fn is_lock_conflict(error: &anyhow::Error, io: bool) -> bool {
+    error.chain().any(|cause| {
+        matches!(cause.downcast_ref(), Some(crate::Error::Locked { kind, .. }) if io || *kind == "shared")
+    })
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
