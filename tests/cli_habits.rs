@@ -594,6 +594,33 @@ fn compare_agrees_with_qemu_img_compare_on_raw_pairs() {
     let (code, _) =
         compare_like_qemu_img(d, &["-s", "-f", "raw", "-F", "raw", "a.raw", "longer.raw"]);
     assert_eq!(code, Some(1));
+    // -s also compares allocation: a hole and written zeros read the same but differ.
+    let mut holes = base.clone();
+    holes[MIB..2 * MIB].fill(0);
+    write_file(&d.join("zeros.raw"), &holes);
+    write_file(&d.join("holes.raw"), &holes[..MIB]);
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("holes.raw"))
+        .unwrap();
+    file.set_len(2 * MIB as u64).unwrap();
+    use std::io::Write;
+    (&file).write_all(&holes[2 * MIB..]).unwrap();
+    drop(file);
+    assert_eq!(read_file(&d.join("holes.raw")), holes);
+    let (code, _) = compare_like_qemu_img(d, &["-f", "raw", "-F", "raw", "zeros.raw", "holes.raw"]);
+    assert_eq!(code, Some(0));
+    let (code, out) = compare_like_qemu_img(
+        d,
+        &["-s", "-f", "raw", "-F", "raw", "zeros.raw", "holes.raw"],
+    );
+    assert_eq!(code, Some(1));
+    assert!(out.starts_with("Strict mode: Offset "), "{out}");
+    let (code, _) = compare_like_qemu_img(
+        d,
+        &["-s", "-f", "raw", "-F", "raw", "holes.raw", "holes.raw"],
+    );
+    assert_eq!(code, Some(0));
     *longer.last_mut().unwrap() = 1;
     write_file(&d.join("longer.raw"), &longer);
     let (code, _) = compare_like_qemu_img(d, &["-f", "raw", "-F", "raw", "longer.raw", "a.raw"]);

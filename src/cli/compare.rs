@@ -30,7 +30,8 @@ pub struct CompareArgs {
     /// Format of IMAGE2.
     #[arg(short = 'F', value_name = "FMT", value_parser = source::parse_image_format)]
     pub format_b: Option<ImageFormat>,
-    /// Strict: images of different sizes differ.
+    /// Strict: images of different sizes differ, and so do ranges allocated differently
+    /// (data in one, a hole, zero marker or nothing in the other), as with qemu-img -s.
     #[arg(short = 's', long)]
     pub strict: bool,
     /// Do not take the shared locks (compare images other processes are writing).
@@ -64,6 +65,13 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         say("Warning: Image size mismatch!".into())?;
     }
     let common = size_a.min(size_b);
+    // -s also compares allocation, as qemu-img does: the first range where one image
+    // holds data and the other a zero marker or nothing (or the like) is a difference.
+    let status_mismatch = if args.strict {
+        first_status_mismatch(&a, &b, common)?
+    } else {
+        None
+    };
     let mut ranges = data_ranges(&a, 0, common)?;
     ranges.extend(data_ranges(&b, 0, common)?);
     let ranges = merged(ranges);
@@ -105,6 +113,12 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         }
     }
     progress.finish();
+    if let Some(offset) = status_mismatch.filter(|&s| mismatch.is_none_or(|m| s <= m)) {
+        say(format!(
+            "Strict mode: Offset {offset} block status mismatch!"
+        ))?;
+        return Ok(ExitCode::from(EXIT_DIFFERENT));
+    }
     Ok(match mismatch {
         Some(offset) => {
             say(format!(
@@ -128,6 +142,36 @@ fn data_ranges(image: &Source, offset: u64, len: u64) -> anyhow::Result<Vec<(u64
         .filter(|e| e.kind == ExtentKind::Data)
         .map(|e| (e.offset, e.length))
         .collect())
+}
+
+/// The first offset below `len` (both images' size) where the two images' block status
+/// differs. As in qemu-img, the status at an offset is that of the extent holding it,
+/// including whether that extent reaches the end of the image: extents of the same kind
+/// that end in different places differ where one of them reaches the end.
+fn first_status_mismatch(a: &Source, b: &Source, len: u64) -> anyhow::Result<Option<u64>> {
+    let (ea, eb) = (a.block_status(0, len)?, b.block_status(0, len)?);
+    let status_at = |extents: &[crate::image::Extent], i: usize| {
+        extents.get(i).map(|e| (e.kind, e.offset + e.length >= len))
+    };
+    let (mut i, mut j) = (0, 0);
+    let mut pos = 0;
+    while pos < len {
+        if status_at(&ea, i) != status_at(&eb, j) {
+            return Ok(Some(pos));
+        }
+        let (Some(x), Some(y)) = (ea.get(i), eb.get(j)) else {
+            break;
+        };
+        let next = (x.offset + x.length).min(y.offset + y.length);
+        if x.offset + x.length == next {
+            i += 1;
+        }
+        if y.offset + y.length == next {
+            j += 1;
+        }
+        pos = next;
+    }
+    Ok(None)
 }
 
 /// Sorted, with overlapping and touching ranges joined.
