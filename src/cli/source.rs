@@ -315,3 +315,58 @@ fn below(layer: &Layer) -> Option<&Layer> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(bytes: &[u8]) -> Detected {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("probe");
+        std::fs::write(&path, bytes).expect("writing");
+        detect(&path, None).expect("probing")
+    }
+
+    #[test]
+    fn the_magic_decides_and_anything_else_is_probed_raw() {
+        let mut cowimg = MAGIC.to_vec();
+        cowimg.extend_from_slice(&[0; 100]);
+        assert_eq!(probe(&cowimg).format, ImageFormat::Cowimg);
+        assert_eq!(probe(b"QFI\xfb\0\0\0\x03").format, ImageFormat::Qcow2);
+        assert_eq!(probe(b"QFI\xfb").format, ImageFormat::Qcow2);
+        for raw in [&b""[..], b"QF", b"\x89COWIMG", b"hello, world"] {
+            assert_eq!(
+                probe(raw),
+                Detected {
+                    format: ImageFormat::Raw,
+                    probed: true
+                },
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_given_format_is_not_probed() {
+        let missing = Path::new("/nonexistent/cowimg-probe");
+        assert_eq!(
+            detect(missing, Some(ImageFormat::Raw)).expect("no probe"),
+            Detected {
+                format: ImageFormat::Raw,
+                probed: false
+            }
+        );
+        assert!(detect(missing, None).is_err());
+    }
+
+    #[test]
+    fn qcow2_is_refused_in_one_place_with_the_file_name() {
+        let error = open_qcow2(Path::new("disk.qcow2"), &OpenOptions::default())
+            .err()
+            .expect("no qcow2 reader in this build");
+        assert_eq!(
+            error.to_string(),
+            "disk.qcow2: qcow2 images are not supported by this build"
+        );
+    }
+}
