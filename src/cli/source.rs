@@ -12,7 +12,7 @@ use crate::format::BackingFormat;
 use crate::image::{CreateOptions, Extent, Image, Layer, OpenOptions};
 use crate::storage::MemStorage;
 use anyhow::bail;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -64,6 +64,17 @@ pub fn detect(path: &Path, given: Option<ImageFormat>) -> anyhow::Result<Detecte
             format,
             probed: false,
         });
+    }
+    // Opening a FIFO for reading waits for a writer: the type is checked first, so that a
+    // probe never hangs.
+    let metadata = std::fs::metadata(path).map_err(|source| crate::Error::File {
+        path: path.into(),
+        op: "opening",
+        source,
+    })?;
+    let kind = metadata.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        bail!("{}: not a regular file or block device", path.display());
     }
     let file = std::fs::File::open(path).map_err(|source| crate::Error::File {
         path: path.into(),
@@ -342,6 +353,22 @@ mod tests {
                     probed: true
                 },
                 "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn probing_a_fifo_or_a_directory_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        for path in [fifo.as_path(), dir.path()] {
+            let error = detect(path, None).expect_err("not a file");
+            assert!(
+                error
+                    .to_string()
+                    .contains("not a regular file or block device"),
+                "{error}"
             );
         }
     }
