@@ -107,7 +107,7 @@ fn cowimg(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn compare_map_and_measure_read_nbd_uris() {
+fn compare_info_map_and_measure_read_nbd_uris() {
     let dir = tempfile::tempdir().expect("tempdir");
     let raw = dir.path().join("disk.raw");
     let bytes = random_file(&raw, 3 << 20);
@@ -142,6 +142,17 @@ fn compare_map_and_measure_read_nbd_uris() {
     );
     let measure: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(measure["required"], 3 << 20);
+    let out = cowimg(&["info", "--output=json", &uri]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (info["format"].as_str(), info["virtual-size"].as_u64()),
+        (Some("raw"), Some(3 << 20))
+    );
     let out = cowimg(&["map", "--output=json", &uri]);
     assert!(
         out.status.success(),

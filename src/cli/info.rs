@@ -76,20 +76,24 @@ pub struct CowimgDetails {
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
-    let detected = source::detect(&args.image, args.format)?;
-    let layers = if detected.format != ImageFormat::Cowimg {
-        let layer = source::open_layer(&args.image, detected, args.force_share)?;
-        vec![raw_info(&layer)?]
-    } else if args.backing_chain {
-        chain_info(&open_read_only(&args.image, args.force_share)?)?
+    let name = args.image.display().to_string();
+    let layers = if crate::nbd::client::is_uri(&name) {
+        // An NBD export is raw to its clients; its size is all the handshake tells.
+        let export = source::Source::open(&args.image, args.format, args.force_share)?;
+        vec![LayerInfo {
+            filename: name,
+            format: "raw",
+            virtual_size: export.virtual_size(),
+            actual_size: 0,
+            cluster_size: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            dirty_flag: false,
+            format_specific: None,
+        }]
     } else {
-        // Like qemu-img info, the backing file is not opened: an overlay whose backing file
-        // is missing can still be inspected.
-        vec![cowimg_info(&open_without_backing(
-            &args.image,
-            false,
-            args.force_share,
-        )?)]
+        file_layers(&args)?
     };
     let mut out = std::io::stdout().lock();
     if args.output.is_json() {
@@ -221,4 +225,23 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
         writeln!(out, "    file length: {} bytes", d.file_length)?;
     }
     Ok(())
+}
+
+/// The layers `info` shows for a file: the image, or its whole chain.
+fn file_layers(args: &InfoArgs) -> anyhow::Result<Vec<LayerInfo>> {
+    let detected = source::detect(&args.image, args.format)?;
+    Ok(if detected.format != ImageFormat::Cowimg {
+        let layer = source::open_layer(&args.image, detected, args.force_share)?;
+        vec![raw_info(&layer)?]
+    } else if args.backing_chain {
+        chain_info(&open_read_only(&args.image, args.force_share)?)?
+    } else {
+        // Like qemu-img info, the backing file is not opened: an overlay whose backing file
+        // is missing can still be inspected.
+        vec![cowimg_info(&open_without_backing(
+            &args.image,
+            false,
+            args.force_share,
+        )?)]
+    })
 }
