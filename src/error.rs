@@ -33,7 +33,8 @@ pub enum Error {
     },
     #[error("{path}: corrupt image: {reason}")]
     Inconsistent { path: PathBuf, reason: String },
-    #[error("{path}: image is in use by another process (could not get a {kind} lock); use --force-share to read it anyway")]
+    /// The command line adds the flag that reads it anyway, where the command has one.
+    #[error("{path}: image is in use by another process (could not get a {kind} lock)")]
     Locked { path: PathBuf, kind: &'static str },
     #[error("{path}: request at offset {offset:#x} length {length:#x} is beyond the end of the image ({size:#x} bytes)")]
     OutOfRange {

@@ -41,7 +41,13 @@ fn attach(run_dir: &Path, args: &[&str]) -> PathBuf {
 }
 
 fn detach(run_dir: &Path, device: &Path) -> std::process::Output {
-    cowimg(run_dir, &["detach", &device.to_string_lossy()])
+    let out = cowimg(run_dir, &["detach", &device.to_string_lossy()]);
+    eprintln!(
+        "detach {}: {}",
+        device.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// The attachment record attach left for `device`.

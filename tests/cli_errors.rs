@@ -22,12 +22,19 @@ fn a_missing_file_fails_with_its_name_for_every_command() {
         &["rebase", "-b", "", "nope.cow"],
         &["rebase", "-u", "-b", "", "nope.cow"],
         &["convert", "nope.cow", "out.raw"],
+        &["resize", "nope.cow", "2M"],
+        &["measure", "nope.cow"],
+        &["serve", "--socket", "s.sock", "nope.cow"],
     ] {
         let run = cowimg_in(d, args);
         assert_fails(&run, 1, &["nope.cow", "No such file or directory"]);
         assert_one_line(&run);
         assert!(run.stderr.starts_with("cowimg: "), "{}", run.stderr);
     }
+    // compare's 1 means "different", so its errors exit 2, as qemu-img compare's do.
+    let run = cowimg_in(d, &["compare", "nope.cow", "nope.cow"]);
+    assert_fails(&run, 2, &["nope.cow", "No such file or directory"]);
+    assert_one_line(&run);
 }
 
 #[test]
@@ -67,7 +74,8 @@ fn unknown_flags_and_formats_exit_1_not_clap_s_2() {
 fn every_command_has_help() {
     let dir = tempdir();
     for command in [
-        "create", "io", "info", "map", "check", "commit", "rebase", "convert", "serve",
+        "create", "io", "info", "map", "check", "commit", "rebase", "convert", "serve", "compare",
+        "measure", "resize",
     ] {
         let out = cowimg_in(dir.path(), &[command, "--help"]).ok();
         assert!(out.contains("Usage: cowimg"), "{command}: {out}");
@@ -162,6 +170,46 @@ fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
 
     writer.finish();
     cowimg_io(d, "img.cow", &["write 0 4k"]).ok();
+}
+
+#[test]
+fn the_image_in_use_error_names_the_flag_the_command_really_has() {
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "1M", "img.cow"]).ok();
+    let writer = Holder::start(d, &[]);
+    for command in [
+        vec!["info", "img.cow"],
+        vec!["map", "img.cow"],
+        vec!["check", "img.cow"],
+        vec!["measure", "img.cow"],
+        vec!["compare", "img.cow", "img.cow"],
+        vec!["convert", "-O", "raw", "img.cow", "out.raw"],
+    ] {
+        let run = cowimg_in(d, &command);
+        assert!(
+            run.stderr.contains("use -U (--force-share)"),
+            "{command:?}: {}",
+            run.stderr
+        );
+    }
+    for command in [
+        vec!["resize", "img.cow", "2M"],
+        vec!["commit", "img.cow"],
+        vec!["rebase", "-u", "-b", "", "img.cow"],
+        vec!["check", "-r", "img.cow"],
+    ] {
+        let run = cowimg_in(d, &command);
+        assert_fails(&run, 1, &["img.cow", "in use"]);
+        assert!(
+            !run.stderr.contains("force-share"),
+            "{command:?}: {}",
+            run.stderr
+        );
+    }
+    let run = refused_writer(d);
+    assert_fails(&run, 1, &["-r -U"]);
+    writer.finish();
 }
 
 #[test]

@@ -241,7 +241,15 @@ fn convert_to_cowimg_over_the_same_backing_stores_only_the_difference() {
 
     cowimg_in(
         d,
-        &["convert", "-O", "cowimg", "-c", "4K", "top.cow", "flat.cow"],
+        &[
+            "convert",
+            "-O",
+            "cowimg",
+            "-o",
+            "cluster_size=4K",
+            "top.cow",
+            "flat.cow",
+        ],
     )
     .ok();
     assert_same_bytes(&contents(d, "flat.cow"), &expected, "flattened copy");

@@ -53,15 +53,19 @@ fn cowimg_bounded(dir: &Path, args: &[&str]) -> Run {
 #[test]
 fn a_backing_chain_loop_made_through_the_cli_is_refused_quickly_naming_it() {
     let dir = tempdir();
-    // With -s, create does not open the backing file, so a loop can be made.
+    // With -u, create does not open the backing file, so a loop can be made.
     cowimg_in(
         dir.path(),
-        &["create", "-s", "1M", "-b", "b.cow", "-F", "cowimg", "a.cow"],
+        &[
+            "create", "-u", "-s", "1M", "-b", "b.cow", "-F", "cowimg", "a.cow",
+        ],
     )
     .ok();
     cowimg_in(
         dir.path(),
-        &["create", "-s", "1M", "-b", "a.cow", "-F", "cowimg", "b.cow"],
+        &[
+            "create", "-u", "-s", "1M", "-b", "a.cow", "-F", "cowimg", "b.cow",
+        ],
     )
     .ok();
     let run = cowimg_bounded(dir.path(), &["info", "--backing-chain", "a.cow"]);
@@ -110,10 +114,12 @@ fn a_fifo_given_to_the_cli_is_refused_without_blocking() {
         assert!(run.stderr.contains(needle), "{args:?}: {}", run.stderr);
         assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     }
-    // An overlay made with -s over the FIFO is refused when it is opened.
+    // An overlay made with -u over the FIFO is refused when it is opened.
     cowimg_in(
         dir.path(),
-        &["create", "-s", "1M", "-b", "fifo", "-F", "raw", "over.cow"],
+        &[
+            "create", "-u", "-s", "1M", "-b", "fifo", "-F", "raw", "over.cow",
+        ],
     )
     .ok();
     let run = cowimg_bounded(dir.path(), &["convert", "-O", "raw", "over.cow", "o.raw"]);

@@ -29,11 +29,25 @@ fn make_ca(dir: &Path, ca: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", &format!("{ca}-key.pem"), "-out", &format!("{ca}-cert.pem"), "-days", "2",
-            "-subj", &format!("/CN={ca}"),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}-key.pem"),
+            "-out",
+            &format!("{ca}-cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
 }
@@ -44,17 +58,38 @@ fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
     openssl(
         dir,
         &[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", &format!("{name}-key.pem"), "-out", &format!("{name}.csr"),
-            "-subj", &format!("/CN={cn}"),
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
         ],
     );
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}-cert.pem"),
-            "-CAkey", &format!("{ca}-key.pem"), "-CAcreateserial", "-out",
-            &format!("{name}-cert.pem"), "-days", "2", "-extfile", &ext_file.to_string_lossy(),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}-cert.pem"),
+            "-CAkey",
+            &format!("{ca}-key.pem"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}-cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &ext_file.to_string_lossy(),
         ],
     );
 }
@@ -181,7 +216,11 @@ fn nbdinfo_nbdcopy_and_qemu_img_over_tls_agree_with_plain_text() {
     let mut server = Server::start(
         &tls_dir,
         &img,
-        &["--tls=require", "--tls-certificates", &pki.server.to_string_lossy()],
+        &[
+            "--tls=require",
+            "--tls-certificates",
+            &pki.server.to_string_lossy(),
+        ],
     );
     let uri = tls_uri(&server, &pki.client_a);
     assert_eq!(nbdinfo_json(&uri), plain.0, "nbdinfo over TLS");
@@ -206,7 +245,10 @@ fn nbdinfo_nbdcopy_and_qemu_img_over_tls_agree_with_plain_text() {
             server.socket.display()
         ),
     ]));
-    assert!(ok && text.contains("32 MiB"), "qemu-img info over TLS:\n{text}");
+    assert!(
+        ok && text.contains("32 MiB"),
+        "qemu-img info over TLS:\n{text}"
+    );
     server.stop();
     let log = server.log();
     assert!(log.contains("TLS") && log.contains("client-a"), "{log}");
@@ -224,7 +266,11 @@ fn nbd_client_negotiates_over_tls_with_its_certificate_options() {
     let mut server = Server::start(
         dir.path(),
         &img,
-        &["--tls=require", "--tls-certificates", &pki.server.to_string_lossy()],
+        &[
+            "--tls=require",
+            "--tls-certificates",
+            &pki.server.to_string_lossy(),
+        ],
     );
     let c = &pki.client_a;
     let (_, text) = output(
@@ -258,7 +304,11 @@ fn greeted(server: &Server) -> RawClient {
 /// A raw client that has upgraded with STARTTLS and stands before the TLS handshake.
 fn good_client_still_works(server: &Server, pki: &Pki) {
     let (ok, text) = output(Command::new("nbdinfo").arg(tls_uri(server, &pki.client_a)));
-    assert!(ok, "a good client failed after the abuse:\n{text}\n{}", server.log());
+    assert!(
+        ok,
+        "a good client failed after the abuse:\n{text}\n{}",
+        server.log()
+    );
 }
 
 #[test]
@@ -283,7 +333,13 @@ fn a_server_that_requires_tls_refuses_plain_text_and_survives_bad_clients() {
     );
     // Every option but STARTTLS and ABORT: NBD_REP_ERR_TLS_REQD.
     let mut c = greeted(&server);
-    for option in [OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT] {
+    for option in [
+        OPT_LIST,
+        OPT_INFO,
+        OPT_GO,
+        OPT_STRUCTURED_REPLY,
+        OPT_LIST_META_CONTEXT,
+    ] {
         let payload = if option == OPT_INFO || option == OPT_GO {
             RawClient::info_payload(b"", &[])
         } else if option == OPT_LIST_META_CONTEXT {
@@ -293,7 +349,11 @@ fn a_server_that_requires_tls_refuses_plain_text_and_survives_bad_clients() {
         };
         c.send_option(option, &payload);
         let replies = c.option_replies();
-        assert_eq!(replies.last().unwrap().reply_type, REP_ERR_TLS_REQD, "option {option}");
+        assert_eq!(
+            replies.last().unwrap().reply_type,
+            REP_ERR_TLS_REQD,
+            "option {option}"
+        );
     }
     // EXPORT_NAME in plain text ends the connection.
     c.send_option(OPT_EXPORT_NAME, b"");
@@ -320,9 +380,16 @@ fn a_server_that_requires_tls_refuses_plain_text_and_survives_bad_clients() {
     assert!(!ok, "a certificate from another CA was accepted:\n{text}");
     let no_cert = dir.path().join("no-cert");
     std::fs::create_dir(&no_cert).unwrap();
-    std::fs::copy(pki.client_a.join("ca-cert.pem"), no_cert.join("ca-cert.pem")).unwrap();
+    std::fs::copy(
+        pki.client_a.join("ca-cert.pem"),
+        no_cert.join("ca-cert.pem"),
+    )
+    .unwrap();
     let (ok, _) = output(Command::new("nbdinfo").arg(tls_uri(&server, &no_cert)));
-    assert!(!ok, "a client without a certificate was accepted under --tls-verify-peer");
+    assert!(
+        !ok,
+        "a client without a certificate was accepted under --tls-verify-peer"
+    );
     good_client_still_works(&server, &pki);
     server.stop();
 }
@@ -338,7 +405,11 @@ fn starttls_after_structured_replies_resets_them_and_is_refused_twice() {
     let mut server = Server::start(
         dir.path(),
         &img,
-        &["--tls=on", "--tls-certificates", &pki.server.to_string_lossy()],
+        &[
+            "--tls=on",
+            "--tls-certificates",
+            &pki.server.to_string_lossy(),
+        ],
     );
     // --tls=on: plain-text clients still work.
     let mut c = RawClient::connect(&server.socket);
@@ -372,11 +443,21 @@ fn an_identity_not_allowed_for_an_export_gets_policy_and_does_not_see_it() {
     good_client_still_works(&server, &pki);
     let (ok, text) = output(Command::new("nbdinfo").arg(tls_uri(&server, &pki.client_b)));
     assert!(!ok, "client-b was let in:\n{text}");
-    let (ok, list) = output(Command::new("nbdinfo").arg("--list").arg(tls_uri(&server, &pki.client_b)));
-    assert!(!list.contains("export=\"\"") || !ok, "client-b sees the export:\n{list}");
+    let (ok, list) = output(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(tls_uri(&server, &pki.client_b)),
+    );
+    assert!(
+        !list.contains("export=\"\"") || !ok,
+        "client-b sees the export:\n{list}"
+    );
     server.stop();
     let log = server.log();
-    assert!(log.contains("client-b") && log.contains("not allowed"), "{log}");
+    assert!(
+        log.contains("client-b") && log.contains("not allowed"),
+        "{log}"
+    );
 }
 
 /// Reads the first bytes a server sends to a raw socket that sent nothing.
@@ -403,14 +484,22 @@ fn a_key_readable_by_others_gets_a_warning_and_sighup_reloads_the_certificates()
     let mut server = Server::start(
         dir.path(),
         &img,
-        &["--tls=require", "--tls-certificates", &pki.server.to_string_lossy()],
+        &[
+            "--tls=require",
+            "--tls-certificates",
+            &pki.server.to_string_lossy(),
+        ],
     );
     assert!(server.wait_for_log("readable by others", Duration::from_secs(5)));
     // A connection stays up across a reload.
     let mut held = greeted(&server);
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     unsafe { libc::kill(server.pid() as i32, libc::SIGHUP) };
-    assert!(server.wait_for_log("reloaded", Duration::from_secs(5)), "{}", server.log());
+    assert!(
+        server.wait_for_log("reloaded", Duration::from_secs(5)),
+        "{}",
+        server.log()
+    );
     assert_eq!(greeting_bytes(&server.socket).len(), 18);
     held.send_option(OPT_STARTTLS, &[]);
     assert_eq!(held.option_replies().last().unwrap().reply_type, REP_ACK);

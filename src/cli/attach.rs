@@ -402,6 +402,7 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<ExitCode> {
                 Command::new("losetup").arg("-d").arg(&a.device),
                 "losetup -d",
             )?;
+            wait_for_loop_release(&a.device);
             if let Some(pid) = a.nbdfuse_pid {
                 unmount_fuse(&a.work_dir.join("fuse"), pid)?;
             }
@@ -435,21 +436,44 @@ fn flush_device(device: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("flushing {}", device.display()))
 }
 
-/// Unmounts nbdfuse's mount point, which makes it exit, and waits for it.
+/// `losetup -d` only marks a device that something still has open (udev probing it, say)
+/// for release on its last close; the loop keeps nbdfuse's file open until then.
+fn wait_for_loop_release(device: &Path) {
+    let Some(name) = device.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+    let deadline = Instant::now() + START_TIMEOUT;
+    while backing.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts nbdfuse's mount point, which makes it exit, and waits for it. The mount can be
+/// busy for a moment after the loop device let go of it, so this tries for a while.
 fn unmount_fuse(mount: &Path, pid: u32) -> anyhow::Result<()> {
-    let unmounted = ["fusermount3", "fusermount"].iter().any(|tool| {
-        Command::new(tool)
-            .arg("-u")
-            .arg(mount)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }) || Command::new("umount")
-        .arg(mount)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !unmounted {
-        bail!("{}: could not unmount nbdfuse", mount.display());
+    let try_unmount = || {
+        ["fusermount3", "fusermount", "umount"].iter().any(|tool| {
+            let mut cmd = Command::new(tool);
+            if *tool != "umount" {
+                cmd.arg("-u");
+            }
+            cmd.arg(mount)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !try_unmount() {
+        if Instant::now() > deadline {
+            bail!(
+                "{}: could not unmount nbdfuse (still busy after {START_TIMEOUT:?})",
+                mount.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     wait_for_exit(pid, START_TIMEOUT)
         .then_some(())

@@ -1,6 +1,7 @@
 //! `cowimg check`: qemu-img check's output and exit codes (0 clean, 2 corruption, 3 leaks
-//! only, 1 when the check itself could not run).
-use super::print_json;
+//! only, 1 when the check itself could not run, 63 when the format has no checks).
+use super::source::{self, ImageFormat};
+use super::{print_json, OutputArg};
 use crate::image::ops::{self, CheckReport};
 use clap::Args;
 use serde::Serialize;
@@ -10,19 +11,27 @@ use std::process::ExitCode;
 
 const EXIT_CORRUPT: u8 = 2;
 const EXIT_LEAKS: u8 = 3;
+/// qemu-img's exit status for "this image format does not support checks".
+const EXIT_NO_CHECKS: u8 = 63;
 
 #[derive(Args, Debug)]
 #[command(
     after_help = "Exit status: 0 no errors, 1 the check could not run, 2 corruption \
-    found, 3 leaked clusters only."
+    found, 3 leaked clusters only, 63 the image is not cowimg (raw has nothing to check)."
 )]
 pub struct CheckArgs {
+    /// Format of IMAGE: cowimg, raw or qcow2 (probed when not given). Only cowimg images
+    /// have checks.
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
+    /// Print nothing but errors; the exit status tells the result.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// Free leaked clusters (corruption is reported, never \"repaired\" by guessing).
     #[arg(short = 'r', long)]
     pub repair: bool,
-    /// Print JSON with qemu-img check's field names.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Do not take the shared lock (check an image another process has open; the result
     /// may then be inconsistent). Not with --repair.
     #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
@@ -50,10 +59,19 @@ struct CheckJson<'a> {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let detected = source::detect(&args.image, args.format)?;
+    if detected.format != ImageFormat::Cowimg {
+        eprintln!(
+            "cowimg: {}: this image format ({}) does not support checks",
+            args.image.display(),
+            detected.format.name()
+        );
+        return Ok(ExitCode::from(EXIT_NO_CHECKS));
+    }
     let report = ops::check_with(&args.image, args.repair, args.force_share)?;
     let remaining_leaks = report.leaks.saturating_sub(report.leaks_fixed);
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if args.output.is_json() {
         let json = CheckJson {
             filename: &report.filename,
             format: "cowimg",
@@ -68,7 +86,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             stale_header_slots: &report.stale_header_slots,
         };
         print_json(&mut out, &json)?;
-    } else {
+    } else if !args.quiet {
         print_human(&mut out, &report, remaining_leaks)?;
     }
     Ok(if !report.corruptions.is_empty() {

@@ -1,5 +1,6 @@
 //! `cowimg commit`: write an overlay's changes into its backing file.
 use super::progress::Progress;
+use super::source::{self, ImageFormat};
 use crate::image::{ops, Image, OpenOptions};
 use clap::Args;
 use std::io::Write;
@@ -8,6 +9,12 @@ use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct CommitArgs {
+    /// Format of IMAGE: only cowimg images can be committed (probed when not given).
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
+    /// Print nothing but errors (overrides -p).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// Show a progress bar.
     #[arg(short = 'p', long)]
     pub progress: bool,
@@ -19,16 +26,25 @@ pub struct CommitArgs {
 }
 
 pub fn run(args: CommitArgs) -> anyhow::Result<ExitCode> {
+    let detected = source::detect(&args.image, args.format)?;
+    source::require_cowimg(
+        &args.image,
+        detected,
+        "commit",
+        "a raw image has no backing file to commit into",
+    )?;
     let opts = OpenOptions {
         writable_backing: true,
         ..Default::default()
     };
     let image = Image::open(&args.image, &opts)?;
-    let mut progress = Progress::new(args.progress);
+    let mut progress = Progress::new(args.progress && !args.quiet);
     ops::commit(&image, args.keep_overlay, &mut |done, total| {
         progress.update(done, total)
     })?;
     progress.finish();
-    writeln!(std::io::stdout().lock(), "Image committed.")?;
+    if !args.quiet {
+        writeln!(std::io::stdout().lock(), "Image committed.")?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,27 +1,31 @@
 //! `cowimg info`: what `qemu-img info` shows, with qemu-img's JSON field names.
 use super::size::human_size;
-use super::{open_read_only, open_without_backing, print_json};
-use crate::format::header::MAGIC;
-use crate::image::{resolve_backing_path, Image, Layer, RawFile};
+use super::source::{self, ImageFormat};
+use super::{open_read_only, open_without_backing, print_json, OutputArg};
+use crate::image::{resolve_backing_path, Image, Layer};
 use clap::Args;
 use serde::Serialize;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// Print JSON (qemu-img's field names); with --backing-chain, an array.
-    #[arg(long)]
-    pub json: bool,
+    /// Format of IMAGE: cowimg, raw or qcow2 (probed when not given).
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
+    /// With json, qemu-img's field names; with --backing-chain, an array.
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Show every layer of the backing chain, top first.
     #[arg(long)]
     pub backing_chain: bool,
     /// Do not take the shared lock (inspect an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// The image; a file without the cowimg magic is shown as raw.
+    /// The image; without -f, a file with neither the cowimg nor the qcow2 magic is shown
+    /// as raw.
     pub image: PathBuf,
 }
 
@@ -72,22 +76,27 @@ pub struct CowimgDetails {
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
-    let layers = if !starts_with_cowimg_magic(&args.image)? {
-        let raw = RawFile::open(&args.image, false, args.force_share)?;
-        vec![raw_info(&Layer::Raw(raw))?]
-    } else if args.backing_chain {
-        chain_info(&open_read_only(&args.image, args.force_share)?)?
+    let name = args.image.display().to_string();
+    let layers = if crate::nbd::client::is_uri(&name) {
+        // An NBD export is raw to its clients; its size is all the handshake tells.
+        let export = source::Source::open(&args.image, args.format, args.force_share)?;
+        vec![LayerInfo {
+            filename: name,
+            format: "raw",
+            virtual_size: export.virtual_size(),
+            actual_size: 0,
+            cluster_size: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            dirty_flag: false,
+            format_specific: None,
+        }]
     } else {
-        // Like qemu-img info, the backing file is not opened: an overlay whose backing file
-        // is missing can still be inspected.
-        vec![cowimg_info(&open_without_backing(
-            &args.image,
-            false,
-            args.force_share,
-        )?)]
+        file_layers(&args)?
     };
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if args.output.is_json() {
         if args.backing_chain {
             print_json(&mut out, &layers)?;
         } else {
@@ -102,14 +111,6 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `qemu-img info` probes the file it is given, and so does this: a file without the
-/// cowimg magic is shown as raw. (Backing files are never probed: their format is recorded.)
-fn starts_with_cowimg_magic(path: &Path) -> anyhow::Result<bool> {
-    let (file, _) = crate::image::open_checked(path, false)?;
-    let mut magic = [0u8; MAGIC.len()];
-    Ok(file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC)
 }
 
 /// Every layer from `image` down.
@@ -170,7 +171,7 @@ fn raw_info(layer: &Layer) -> anyhow::Result<LayerInfo> {
     })?;
     Ok(LayerInfo {
         filename: display(path),
-        format: "raw",
+        format: layer.format().name(),
         virtual_size: layer.size(),
         actual_size: metadata.blocks() * 512,
         cluster_size: None,
@@ -224,4 +225,23 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
         writeln!(out, "    file length: {} bytes", d.file_length)?;
     }
     Ok(())
+}
+
+/// The layers `info` shows for a file: the image, or its whole chain.
+fn file_layers(args: &InfoArgs) -> anyhow::Result<Vec<LayerInfo>> {
+    let detected = source::detect(&args.image, args.format)?;
+    Ok(if detected.format != ImageFormat::Cowimg {
+        let layer = source::open_layer(&args.image, detected, args.force_share)?;
+        vec![raw_info(&layer)?]
+    } else if args.backing_chain {
+        chain_info(&open_read_only(&args.image, args.force_share)?)?
+    } else {
+        // Like qemu-img info, the backing file is not opened: an overlay whose backing file
+        // is missing can still be inspected.
+        vec![cowimg_info(&open_without_backing(
+            &args.image,
+            false,
+            args.force_share,
+        )?)]
+    })
 }

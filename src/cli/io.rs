@@ -1,5 +1,6 @@
 //! `cowimg io`: scripted I/O with qemu-io's command syntax and output.
 use super::size::{io_size, parse_size};
+use super::source::{self, ImageFormat};
 use crate::image::{Image, OpenOptions};
 use anyhow::bail;
 use clap::Args;
@@ -26,6 +27,9 @@ const DEFAULT_PATTERN: u8 = 0xcd;
     Without -c, commands are read from stdin, one per line, and each runs as it arrives."
 )]
 pub struct IoArgs {
+    /// Format of IMAGE: only cowimg images can be opened (probed when not given).
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
     /// Open the image read-only.
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
@@ -62,12 +66,18 @@ pub fn run(args: IoArgs) -> anyhow::Result<ExitCode> {
     if args.force_share && !args.read_only {
         bail!("-U (force share) needs -r: a writer always takes the lock");
     }
-    let opts = OpenOptions {
-        read_only: args.read_only,
-        force_share: args.force_share,
-        ..Default::default()
+    let detected = source::detect(&args.image, args.format)?;
+    let image = if args.read_only {
+        source::open_read_only_image(&args.image, detected, args.force_share)?
+    } else {
+        source::require_cowimg(
+            &args.image,
+            detected,
+            "io without -r",
+            "open it with -r to read it, or use qemu-io -f raw to write it",
+        )?;
+        Image::open(&args.image, &OpenOptions::default())?
     };
-    let image = Image::open(&args.image, &opts)?;
     // Commands from stdin run as they arrive, as in qemu-io: a script driving cowimg io
     // through a pipe sees each answer before it sends the next command.
     let commands: Box<dyn Iterator<Item = std::io::Result<String>>> = if args.commands.is_empty() {

@@ -1,48 +1,52 @@
 //! `cowimg map`: where each range of the merged image comes from, as `qemu-img map`.
-use super::open_read_only;
-use crate::image::{Extent, ExtentKind, Image, Layer};
+use super::size::parse_size;
+use super::source::{self, ImageFormat, Source};
+use super::OutputArg;
+use crate::image::{Extent, ExtentKind};
 use clap::Args;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct MapArgs {
-    /// Print JSON like `qemu-img map --output=json`, covering the whole virtual size.
-    #[arg(long)]
-    pub json: bool,
+    /// Format of IMAGE: cowimg, raw or qcow2 (probed when not given).
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
+    /// With json, one object per extent like `qemu-img map --output=json`, covering the
+    /// whole range asked for.
+    #[command(flatten)]
+    pub output: OutputArg,
+    /// First byte to show (suffixes K, M, G, ...); past the end shows nothing.
+    #[arg(long, value_name = "OFFSET", value_parser = parse_size, default_value = "0")]
+    pub start_offset: u64,
+    /// Show at most this many bytes from --start-offset (default: to the end).
+    #[arg(long, value_name = "LENGTH", value_parser = parse_size)]
+    pub max_length: Option<u64>,
     /// Do not take the shared lock (inspect an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// The cowimg image (with its backing chain).
+    /// The image (with its backing chain).
     pub image: PathBuf,
 }
 
 pub fn run(args: MapArgs) -> anyhow::Result<ExitCode> {
-    let image = open_read_only(&args.image, args.force_share)?;
-    let extents = image.map()?;
+    let image = Source::open(&args.image, args.format, args.force_share)?;
+    let size = image.virtual_size();
+    let start = args.start_offset.min(size);
+    let length = args
+        .max_length
+        .map_or(size - start, |max| max.min(size - start));
+    let extents = image.block_status(start, length)?;
+    let names = image.layer_names();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if args.json {
+    if args.output.is_json() {
         write_json(&mut out, &extents)?;
     } else {
-        write_human(&mut out, &extents, &layer_paths(&image))?;
+        write_human(&mut out, &extents, &names)?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The file of each layer, indexed by depth (0 is the image itself).
-fn layer_paths(image: &Image) -> Vec<&Path> {
-    let mut paths = vec![image.path()];
-    let mut below = image.backing();
-    while let Some(layer) = below {
-        paths.push(layer.path());
-        below = match layer {
-            Layer::Cowimg(image) => image.backing(),
-            Layer::Raw(_) => None,
-        };
-    }
-    paths
 }
 
 /// One object per line, fields in qemu-img's order. `present` says whether some layer
@@ -74,7 +78,7 @@ fn write_json(out: &mut impl Write, extents: &[Extent]) -> std::io::Result<()> {
 }
 
 /// qemu-img's human format: only ranges that hold data, with where they are stored.
-fn write_human(out: &mut impl Write, extents: &[Extent], paths: &[&Path]) -> std::io::Result<()> {
+fn write_human(out: &mut impl Write, extents: &[Extent], names: &[String]) -> std::io::Result<()> {
     writeln!(
         out,
         "{:<16}{:<16}{:<16}File",
@@ -84,9 +88,7 @@ fn write_human(out: &mut impl Write, extents: &[Extent], paths: &[&Path]) -> std
         let (ExtentKind::Data, Some(host)) = (e.kind, e.host_offset) else {
             continue;
         };
-        let file = paths
-            .get(e.depth as usize)
-            .map_or_else(String::new, |p| p.display().to_string());
+        let file = names.get(e.depth as usize).map_or("", String::as_str);
         writeln!(
             out,
             "{:<16}{:<16}{:<16}{file}",

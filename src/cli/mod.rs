@@ -10,15 +10,19 @@ use std::process::ExitCode;
 pub mod attach;
 pub mod check;
 pub mod commit;
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
 pub mod map;
+pub mod measure;
 pub mod progress;
 pub mod rebase;
+pub mod resize;
 pub mod serve;
 pub mod size;
+pub mod source;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +54,12 @@ pub enum Command {
     Rebase(rebase::RebaseArgs),
     /// Copy an image (with its backing chain merged) to a new raw or cowimg file.
     Convert(convert::ConvertArgs),
+    /// Compare the contents of two images (exit 0 identical, 1 different, 2 error).
+    Compare(compare::CompareArgs),
+    /// How large a file an image needs in a given output format (like qemu-img measure).
+    Measure(measure::MeasureArgs),
+    /// Grow or shrink an image's virtual size (like qemu-img resize).
+    Resize(resize::ResizeArgs),
     /// Serve an image over NBD.
     Serve(serve::ServeArgs),
     /// Serve an image (or use an NBD export) and attach it as a block device; prints the
@@ -74,15 +84,52 @@ pub fn main() -> ExitCode {
             };
         }
     };
+    let hint = cli.command.force_share_hint();
+    let io = matches!(cli.command, Command::Io(_));
+    // compare's errors exit 2: 1 means "the images differ" to it, as to qemu-img.
+    let error_code = match cli.command {
+        Command::Compare(_) => compare::EXIT_ERROR,
+        _ => 1,
+    };
     match run(cli.command) {
         Ok(code) => code,
         // `cowimg map | head` is not an error.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cowimg: {}", one_line(&e));
-            ExitCode::from(1)
+            let mut line = one_line(&e);
+            if let (Some(flag), true) = (hint, is_lock_conflict(&e, io)) {
+                line += &format!("; use {flag} to read it anyway");
+            }
+            eprintln!("cowimg: {line}");
+            ExitCode::from(error_code)
         }
     }
+}
+
+impl Command {
+    /// The flag that reads an image another process holds, for the commands that have
+    /// one: the "image is in use" error names it, and only where it exists.
+    fn force_share_hint(&self) -> Option<&'static str> {
+        match self {
+            Command::Info(_)
+            | Command::Map(_)
+            | Command::Convert(_)
+            | Command::Compare(_)
+            | Command::Measure(_) => Some("-U (--force-share)"),
+            Command::Check(args) if !args.repair => Some("-U (--force-share)"),
+            Command::Io(_) => Some("-r -U (read-only, --force-share)"),
+            _ => None,
+        }
+    }
+}
+
+/// A lock another process holds, where -U would help: a shared lock refused to a reader
+/// (a write lock refused to `convert -n`'s target, say, is not), or anything for io, whose
+/// hint says to open read-only as well.
+fn is_lock_conflict(error: &anyhow::Error, io: bool) -> bool {
+    error.chain().any(|cause| {
+        matches!(cause.downcast_ref(), Some(crate::Error::Locked { kind, .. }) if io || *kind == "shared")
+    })
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -95,6 +142,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Commit(args) => commit::run(args),
         Command::Rebase(args) => rebase::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Compare(args) => compare::run(args),
+        Command::Measure(args) => measure::run(args),
+        Command::Resize(args) => resize::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Attach(args) => attach::attach(args),
         Command::Detach(args) => attach::detach(args),
@@ -174,6 +224,23 @@ pub fn open_without_backing(
         ..Default::default()
     };
     Ok(Image::open(path, &opts)?)
+}
+
+/// `--output=human|json` as qemu-img takes it, with the older `--json` kept as an alias.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutputArg {
+    /// Output format: human or json (qemu-img's field names).
+    #[arg(long = "output", value_name = "FMT", value_parser = ["human", "json"], default_value = "human")]
+    output: String,
+    /// The same as --output=json.
+    #[arg(long)]
+    json: bool,
+}
+
+impl OutputArg {
+    pub fn is_json(&self) -> bool {
+        self.json || self.output == "json"
+    }
 }
 
 /// Writes JSON indented by four spaces, as qemu-img prints it, and a final newline.

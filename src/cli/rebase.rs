@@ -1,5 +1,6 @@
 //! `cowimg rebase`: change an image's backing file.
 use super::progress::Progress;
+use super::source::{self, ImageFormat};
 use super::{backing_option, open_without_backing, parse_format};
 use crate::format::BackingFormat;
 use crate::image::{ops, Image, OpenOptions};
@@ -15,6 +16,12 @@ use std::process::ExitCode;
     rewrites the pointer, e.g. after the backing file was moved."
 )]
 pub struct RebaseArgs {
+    /// Format of IMAGE: only cowimg images can be rebased (probed when not given).
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
+    /// Print nothing but errors (overrides -p).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// The new backing file, recorded as given (relative to IMAGE's directory); "" removes it.
     #[arg(short = 'b', long = "backing", value_name = "BACKING", required = true)]
     pub backing: String,
@@ -32,6 +39,13 @@ pub struct RebaseArgs {
 }
 
 pub fn run(args: RebaseArgs) -> anyhow::Result<ExitCode> {
+    let detected = source::detect(&args.image, args.format)?;
+    source::require_cowimg(
+        &args.image,
+        detected,
+        "rebase",
+        "a raw image has no backing file (make a cowimg overlay with create -b)",
+    )?;
     let new_backing = if args.backing.is_empty() {
         if args.backing_format.is_some() {
             bail!("-F makes no sense with -b \"\" (removing the backing file)");
@@ -45,7 +59,7 @@ pub fn run(args: RebaseArgs) -> anyhow::Result<ExitCode> {
     } else {
         Image::open(&args.image, &OpenOptions::default())?
     };
-    let mut progress = Progress::new(args.progress);
+    let mut progress = Progress::new(args.progress && !args.quiet);
     ops::rebase(
         &mut image,
         new_backing,

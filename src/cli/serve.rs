@@ -1,4 +1,5 @@
 //! `cowimg serve`.
+use super::source::{self, ImageFormat};
 use crate::image::{Image, OpenOptions};
 use crate::nbd::{Listen, ServeConfig};
 use clap::Args;
@@ -9,6 +10,9 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// Format of IMAGE: only cowimg images can be served (probed when not given).
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
     /// Listen on a Unix socket at PATH.
     #[arg(long, value_name = "PATH", conflicts_with = "bind")]
     pub socket: Option<PathBuf>,
@@ -70,11 +74,21 @@ fn socket_activated() -> bool {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let opts = OpenOptions {
-        read_only: args.read_only,
-        ..Default::default()
+    let detected = source::detect(&args.image, args.format)?;
+    let image = if args.read_only {
+        // Any format can be read: a raw or qcow2 file is served through an empty overlay.
+        source::open_read_only_image(&args.image, detected, false)?
+    } else {
+        source::refuse_probed_raw_writes(&args.image, detected, "serve without --read-only")?;
+        source::require_cowimg(
+            &args.image,
+            detected,
+            "serve without --read-only",
+            "serve it with --read-only, or serve a cowimg overlay on it (create -b FILE -F raw)",
+        )?;
+        Image::open(&args.image, &OpenOptions::default())?
     };
-    let image = Arc::new(Image::open(&args.image, &opts)?);
+    let image = Arc::new(image);
     let listen = if socket_activated() {
         Listen::Systemd
     } else if let Some(p) = args.socket {

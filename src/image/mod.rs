@@ -149,6 +149,9 @@ struct State {
     snapshots_published: u64,
     /// Threads waiting on `committed`.
     waiters: u32,
+    /// A resize waiting for its flush: the next snapshot takes the checkpoint path, and
+    /// the new header carries this virtual size (see [`Image::resize`]).
+    pending_resize: Option<u64>,
 }
 
 impl State {
@@ -987,7 +990,7 @@ impl Image {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         st.snapshots_taken += 1;
-        if st.dirty.is_empty() && st.dirty_runs.is_empty() {
+        if st.dirty.is_empty() && st.dirty_runs.is_empty() && st.pending_resize.is_none() {
             // Every completed write is in a published snapshot already.
             st.snapshots_published = st.snapshots_taken;
             return None;
@@ -998,8 +1001,11 @@ impl Image {
         let count = runs.len() + clusters.len();
         // A record that does not fit in the journal is never written: the checkpoint that
         // replaces the journal carries the whole map, so the record is not even encoded.
-        let into_checkpoint = st.journal_tail + JournalRecordHeader::padded_len(count as u64)
-            > st.header.journal_capacity;
+        // A resize changes the header, so it always publishes through a checkpoint: the
+        // header that carries the new size also carries the map that matches it.
+        let into_checkpoint = st.pending_resize.is_some()
+            || st.journal_tail + JournalRecordHeader::padded_len(count as u64)
+                > st.header.journal_capacity;
         let record_items = if into_checkpoint { 0 } else { count };
         // Runs first: an entry recorded after a run overrides it for its cluster.
         let mut items = vec![0u8; record_items * MAP_ENTRY_SIZE];
@@ -1085,8 +1091,10 @@ impl Image {
             ));
         }
         let generation = old.generation + 1;
+        let virtual_size = st.pending_resize.take().unwrap_or(old.virtual_size);
         let header = Header {
             generation,
+            virtual_size,
             checkpoint_offset: ckpt_start * cs,
             checkpoint_entries: items,
             checkpoint_crc: crate::format::crc32(&[&blob]),
@@ -1464,6 +1472,94 @@ impl Image {
             }
         }
         self.flush()
+    }
+
+    /// Changes the virtual size. Growing makes the new range read as zeros, even where the
+    /// backing file is longer than the old size (as qemu-img resize does); shrinking drops
+    /// everything past the new end, so that growing again later reads zeros there too.
+    ///
+    /// Crash safety (FORMAT.md, "Resize"): the map changes stay in memory until one
+    /// checkpoint publishes them together with the new size in one header-slot write. A
+    /// crash before that write is durable leaves the old size with all its data; after it,
+    /// the new size.
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        if new_size > crate::format::MAX_VIRTUAL_SIZE {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!(
+                    "new size {new_size} is larger than the largest virtual size (2^60 bytes)"
+                ),
+            });
+        }
+        let old_size = self.virtual_size;
+        // Every earlier write goes out in a flush of its own, so that a failure below
+        // cannot take it down with the resize.
+        self.flush()?;
+        let changed = if new_size < old_size {
+            self.drop_past(new_size, old_size)
+        } else {
+            self.zero_grown_range(old_size, new_size)
+        };
+        let result = changed.and_then(|()| {
+            lock(&self.state).pending_resize = Some(new_size);
+            self.flush()
+        });
+        match result {
+            Ok(()) => {
+                self.virtual_size = new_size;
+                Ok(())
+            }
+            Err(e) => {
+                // The in-memory map may already hold the resize's changes: only a reopen,
+                // which reads the durable state, can tell which size won.
+                self.virtual_size = old_size;
+                lock(&self.state).pending_resize = None;
+                self.fail(e)
+            }
+        }
+    }
+
+    /// Shrinking: the tail of the last cluster that stays is zeroed, and every cluster
+    /// wholly past `new_size` loses its entry and its zero runs. Bytes past the end are
+    /// never visible, but they would be again after a later grow.
+    fn drop_past(&self, new_size: u64, old_size: u64) -> Result<()> {
+        let g = self.geometry;
+        let cluster_end = new_size.next_multiple_of(g.cluster_size()).min(old_size);
+        if cluster_end > new_size {
+            self.write_zeroes(new_size, cluster_end - new_size)?;
+        }
+        let first_gone = g.clusters_for(new_size);
+        let clusters = g.clusters_for(old_size);
+        let _io = shared(&self.gate);
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        if clusters > first_gone {
+            st.zero_runs.remove(first_gone, clusters);
+            st.dirty_runs.push(MapItem::FallThroughRun {
+                start: first_gone,
+                count: clusters - first_gone,
+            });
+        }
+        for (&vc, e) in st.map.range_mut(first_gone..) {
+            if e.mark_dirty() {
+                st.dirty.push(vc);
+            }
+            e.units = [0, 0];
+            e.zero = 0;
+        }
+        Ok(())
+    }
+
+    /// Growing: what the backing file holds past the old end stays hidden, as the grown
+    /// range must read as zeros. The size is raised first so that the zeroing is in range.
+    fn zero_grown_range(&mut self, old_size: u64, new_size: u64) -> Result<()> {
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
+        if backing_end <= old_size {
+            return Ok(());
+        }
+        self.virtual_size = new_size;
+        self.write_zeroes(old_size, backing_end - old_size)
     }
 
     /// Rewrites the header with a new backing file (no data is copied; see

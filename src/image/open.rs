@@ -182,6 +182,7 @@ impl Image {
                 snapshots_taken: 0,
                 snapshots_published: 0,
                 waiters: 0,
+                pending_resize: None,
                 header: loaded.header,
             }),
             committed: Condvar::new(),

@@ -4,7 +4,7 @@ use super::{ExtentKind, Image, Layer, OpenOptions, Source};
 use crate::error::{Error, Result};
 use crate::format::{header::MAGIC, BackingFormat};
 use crate::storage::{FileStorage, Storage};
-use std::fs::OpenOptions as FsOpenOptions;
+use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -317,7 +317,17 @@ pub struct ConvertOptions {
     pub cluster_size: u64,
     /// Whether the output reaches the disk before convert returns.
     pub cache: CacheMode,
+    /// Blocks of this many bytes that read as zeros are left as holes (qemu-img convert
+    /// -S); 0 writes every byte, zeros included, so that the output is fully allocated.
+    pub sparse_size: u64,
+    /// Write into the existing `dst` instead of creating it (qemu-img convert -n): it must
+    /// be at least as large as the source, and every range the source reads as zeros is
+    /// zeroed in it.
+    pub existing_target: bool,
 }
+
+/// qemu-img convert's default `-S`.
+pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
 
 /// What convert does to make its output durable (qemu-img's `-t`, for the modes that
 /// differ here).
@@ -365,11 +375,77 @@ pub fn convert(src: &Layer, dst: &Path, opts: &ConvertOptions, progress: Progres
     if size > 0 {
         src.status(0, size, 0, &mut extents)?;
     }
+    if opts.sparse_size == 0 {
+        // Fully allocated: every byte is copied, what reads as zeros included.
+        extents = vec![super::Extent {
+            offset: 0,
+            length: size,
+            depth: 0,
+            kind: ExtentKind::Data,
+            host_offset: Some(0),
+        }];
+        extents.retain(|e| e.length > 0);
+    }
     let total = size;
     progress(0, total);
     match opts.output {
-        OutputFormat::Raw => convert_to_raw(src, dst, size, &extents, opts.cache, progress),
+        OutputFormat::Raw => convert_to_raw(src, dst, size, &extents, opts, progress),
         OutputFormat::Cowimg => convert_to_cowimg(src, dst, size, &extents, opts, progress),
+    }
+}
+
+/// Opens the existing target of `convert -n` and checks that the source fits.
+fn open_existing_target(dst: &Path, size: u64) -> Result<File> {
+    let out = FsOpenOptions::new()
+        .write(true)
+        .open(dst)
+        .map_err(|source| Error::File {
+            path: dst.into(),
+            op: "opening the existing target",
+            source,
+        })?;
+    super::lock_file(&out, dst, true, false)?;
+    let length = out
+        .metadata()
+        .map_err(|source| Error::File {
+            path: dst.into(),
+            op: "reading metadata",
+            source,
+        })?
+        .len();
+    if length < size {
+        return Err(too_small(dst, length, size));
+    }
+    Ok(out)
+}
+
+/// Makes a range of a file read as zeros: a punched hole, or written zeros where the file
+/// system cannot punch (a hole punch that is not supported must not leave old bytes).
+fn zero_file_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::unix::io::AsRawFd;
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file.as_raw_fd(), flags, offset as i64, len as i64) {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let zeros = vec![0u8; COPY_CHUNK];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(COPY_CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+fn too_small(dst: &Path, length: u64, size: u64) -> Error {
+    Error::Invalid {
+        path: dst.into(),
+        reason: format!(
+            "the existing target is {length} bytes, smaller than the source ({size} bytes)"
+        ),
     }
 }
 
@@ -378,26 +454,46 @@ fn convert_to_raw(
     dst: &Path,
     size: u64,
     extents: &[super::Extent],
-    cache: CacheMode,
+    opts: &ConvertOptions,
     progress: Progress,
 ) -> Result<()> {
-    let out = FsOpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
-        .map_err(|source| Error::File {
-            path: dst.into(),
-            op: "creating",
-            source,
-        })?;
+    let cache = opts.cache;
+    let existing = opts.existing_target;
+    let out = if existing {
+        open_existing_target(dst, size)?
+    } else {
+        FsOpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dst)
+            .map_err(|source| Error::File {
+                path: dst.into(),
+                op: "creating",
+                source,
+            })?
+    };
     let io = |op, offset, source| Error::Io {
         path: dst.into(),
         op,
         offset,
         source,
     };
-    out.set_len(size).map_err(|e| io("sizing", size, e))?;
+    // What the target held before must not show through where the source reads zeros.
+    let punch = |offset: u64, len: u64| -> Result<()> {
+        if len > 0 {
+            zero_file_range(&out, offset, len).map_err(|e| io("zeroing", offset, e))?;
+        }
+        Ok(())
+    };
+    if existing {
+        for e in extents.iter().filter(|e| e.kind != ExtentKind::Data) {
+            punch(e.offset, e.length)?;
+        }
+    } else {
+        out.set_len(size).map_err(|e| io("sizing", size, e))?;
+    }
+    let sparse_size = opts.sparse_size;
     // Data is read in the order it lies in its file (extents of the same layer by host
     // offset), so that reads stream; the output takes writes in any order.
     let mut data: Vec<&super::Extent> = extents
@@ -415,11 +511,19 @@ fn convert_to_raw(
         chunks,
         |buf, pos| src.read_at(buf, pos),
         |buf, pos| {
-            // Blocks of zeros stay holes, as qemu-img convert -S 4k leaves them.
-            for (off, len) in nonzero_spans(buf) {
+            // Blocks of zeros stay holes, as qemu-img convert -S leaves them.
+            let mut written_to = 0;
+            for (off, len) in spans_to_write(buf, sparse_size) {
                 let at = pos + off as u64;
+                if existing {
+                    punch(pos + written_to as u64, (off - written_to) as u64)?;
+                }
                 out.write_all_at(&buf[off..off + len], at)
                     .map_err(|e| io("writing", at, e))?;
+                written_to = off + len;
+            }
+            if existing {
+                punch(pos + written_to as u64, (buf.len() - written_to) as u64)?;
             }
             if cache == CacheMode::Writeback {
                 super::layer::start_writeback(&out, pos, buf.len() as u64);
@@ -446,26 +550,40 @@ fn convert_to_cowimg(
     opts: &ConvertOptions,
     progress: Progress,
 ) -> Result<()> {
-    if dst.exists() {
-        std::fs::remove_file(dst).map_err(|source| Error::File {
-            path: dst.into(),
-            op: "replacing",
-            source,
-        })?;
+    if !opts.existing_target {
+        if dst.exists() {
+            std::fs::remove_file(dst).map_err(|source| Error::File {
+                path: dst.into(),
+                op: "replacing",
+                source,
+            })?;
+        }
+        let create = super::CreateOptions {
+            size: Some(size),
+            cluster_size: opts.cluster_size,
+            backing: opts.backing.clone(),
+        };
+        Image::create(dst, &create)?;
     }
-    let create = super::CreateOptions {
-        size: Some(size),
-        cluster_size: opts.cluster_size,
-        backing: opts.backing.clone(),
-    };
-    Image::create(dst, &create)?;
     let out = Image::open(dst, &OpenOptions::default())?;
+    if out.virtual_size() < size {
+        return Err(too_small(dst, out.virtual_size(), size));
+    }
+    // An existing target's own contents must not show through where the source reads
+    // zeros: it is zeroed like a backing file is masked.
+    let existing = opts.existing_target;
     let base = out.backing();
+    let masked = base.is_some() || existing;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut base_buf = vec![0u8; COPY_CHUNK];
     for e in extents {
         let data = e.kind == ExtentKind::Data;
-        if !data && base.is_none() {
+        if !data && existing {
+            out.write_zeroes(e.offset, e.length)?;
+            progress(e.offset + e.length, size);
+            continue;
+        }
+        if !data && !masked {
             continue; // reads as zeros already
         }
         let mut pos = e.offset;
@@ -478,16 +596,18 @@ fn convert_to_cowimg(
             }
             let spans = match base {
                 // Store only what differs from the backing file.
-                Some(b) => {
+                Some(b) if !existing => {
                     read_or_zero(Some(b), &mut base_buf[..n], pos)?;
                     differing_spans(&buf[..n], &base_buf[..n])
                 }
-                None => nonzero_spans(&buf[..n]),
+                // Everything, so that the target's old bytes are replaced.
+                _ if existing => vec![(0, n)],
+                _ => spans_to_write(&buf[..n], opts.sparse_size),
             };
             for (off, len) in spans {
                 let chunk = &buf[off..off + len];
                 let at = pos + off as u64;
-                if chunk.iter().all(|&b| b == 0) {
+                if chunk.iter().all(|&b| b == 0) && opts.sparse_size != 0 {
                     out.write_zeroes(at, len as u64)?;
                 } else {
                     out.write_at(chunk, at)?;
@@ -502,12 +622,17 @@ fn convert_to_cowimg(
     Ok(())
 }
 
-/// Spans of `SCAN_BLOCK` granularity that hold a non-zero byte, merged.
-fn nonzero_spans(buf: &[u8]) -> Vec<(usize, usize)> {
+/// The spans of `buf` to write: all of it when `sparse_size` is 0, else every block of
+/// `sparse_size` bytes that holds a non-zero byte, merged.
+fn spans_to_write(buf: &[u8], sparse_size: u64) -> Vec<(usize, usize)> {
+    if sparse_size == 0 {
+        return vec![(0, buf.len())];
+    }
+    let block_size = usize::try_from(sparse_size).unwrap_or(usize::MAX);
     let mut spans: Vec<(usize, usize)> = Vec::new();
-    for (i, block) in buf.chunks(SCAN_BLOCK).enumerate() {
+    for (i, block) in buf.chunks(block_size).enumerate() {
         if block.iter().any(|&b| b != 0) {
-            let off = i * SCAN_BLOCK;
+            let off = i * block_size;
             match spans.last_mut() {
                 Some((s, l)) if *s + *l == off => *l += block.len(),
                 _ => spans.push((off, block.len())),
@@ -730,4 +855,70 @@ mod tests {
             "{result:?}"
         );
     }
+}
+
+/// Resizes a raw file: its length is the virtual size. Growing leaves a hole (reads as
+/// zeros). The new length is durable when this returns.
+pub fn resize_raw(path: &Path, new_size: u64) -> Result<()> {
+    let (file, _) = super::open_locked(path, true, false)?;
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    file.set_len(new_size)
+        .map_err(|e| io("changing the length", new_size, e))?;
+    // fdatasync covers the file's length (FORMAT.md, "What cowimg assumes of the disk").
+    file.sync_data().map_err(|e| io("syncing", 0, e))
+}
+
+/// What `qemu-img measure` reports, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    /// The file needed for an image holding `allocated_clusters` clusters of data.
+    pub required: u64,
+    /// The file needed when every cluster holds data.
+    pub fully_allocated: u64,
+}
+
+/// The file size a cowimg image of `virtual_size` bytes needs. The figures are upper bounds
+/// for an image written once, as `convert` writes it: the header slots, the first journal,
+/// one host cluster per cluster with data, and, when the first flush's record does not fit
+/// in that journal, the checkpoint and the journal that replace it.
+pub fn measure_cowimg(
+    virtual_size: u64,
+    cluster_size: u64,
+    allocated_clusters: u64,
+) -> Result<Measure> {
+    let geometry = crate::format::Geometry::checked(cluster_size.trailing_zeros())
+        .filter(|_| cluster_size.is_power_of_two())
+        .ok_or_else(|| Error::Invalid {
+            path: std::path::PathBuf::from("measure"),
+            reason: format!(
+                "cluster size {cluster_size} is not a power of two from 4 KiB to 2 MiB"
+            ),
+        })?;
+    if virtual_size > crate::format::MAX_VIRTUAL_SIZE {
+        return Err(Error::Invalid {
+            path: std::path::PathBuf::from("measure"),
+            reason: format!("size {virtual_size} is larger than 2^60 bytes"),
+        });
+    }
+    let cs = geometry.cluster_size();
+    let fixed = geometry.first_data_cluster() * cs + super::journal_capacity_for(0, cs);
+    let for_clusters = |clusters: u64| {
+        let record = crate::format::JournalRecordHeader::padded_len(clusters);
+        let mut bytes = fixed + clusters * cs;
+        if record > super::journal_capacity_for(0, cs) {
+            let checkpoint = clusters * crate::format::MAP_ENTRY_SIZE as u64;
+            bytes += checkpoint.next_multiple_of(cs) + super::journal_capacity_for(checkpoint, cs);
+        }
+        bytes
+    };
+    let all = geometry.clusters_for(virtual_size);
+    Ok(Measure {
+        required: for_clusters(allocated_clusters.min(all)),
+        fully_allocated: for_clusters(all),
+    })
 }

@@ -39,6 +39,7 @@
 //! [`ServeConfig::max_connections_per_client`] per IP address over TCP; idle clients may
 //! stay unless [`ServeConfig::idle_timeout`] is set. Refusals are logged at most once a
 //! second, with a count.
+pub mod client;
 mod connection;
 mod handshake;
 pub mod protocol;
