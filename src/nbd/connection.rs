@@ -386,18 +386,28 @@ impl<'a> Transmission<'a> {
         self.hang_up();
     }
 
+    /// Why the connection stops reading, once `stopping` says it does.
+    fn stop_reason(&self) -> &'static str {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            "server shutting down"
+        } else {
+            "the client went away"
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.aborted.load(Ordering::Relaxed) || self.shutting_down.load(Ordering::Relaxed)
     }
 
     fn worker(&self) {
         loop {
-            if self.stopping() {
-                return;
-            }
             let (req, buf, reservation) = {
                 let mut input = lock(&self.input);
                 if input.end_reason.is_some() {
+                    return;
+                }
+                if self.stopping() {
+                    input.end_reason = Some(self.stop_reason().into());
                     return;
                 }
                 match self.next_request(&mut input) {
@@ -528,10 +538,8 @@ impl<'a> Transmission<'a> {
         let quiet_since = Instant::now();
         while input.buffered() < REQUEST_LEN {
             if let Err(e) = input.fill(|socket| self.wait_for_request(socket, quiet_since)) {
-                return Err(if self.shutting_down.load(Ordering::Relaxed) {
-                    "server shutting down".into()
-                } else if self.aborted.load(Ordering::Relaxed) {
-                    "the client went away".into()
+                return Err(if self.stopping() {
+                    self.stop_reason().into()
                 } else {
                     match e {
                         InputError::Eof if input.buffered() == 0 => {
@@ -550,11 +558,7 @@ impl<'a> Transmission<'a> {
             }
         }
         if self.stopping() {
-            return Err(if self.shutting_down.load(Ordering::Relaxed) {
-                "server shutting down".into()
-            } else {
-                "the client went away".into()
-            });
+            return Err(self.stop_reason().into());
         }
         let mut h = [0u8; REQUEST_LEN];
         h.copy_from_slice(&input.buf[input.start..input.start + REQUEST_LEN]);
