@@ -44,6 +44,9 @@ const MAX_DESCRIPTORS: usize = 8192;
 const INPUT_BUFFER: usize = 128 * 1024;
 /// How often a worker waiting for memory checks whether its connection is still wanted.
 const RECHECK: Duration = Duration::from_millis(50);
+/// A read-only request this large is not run for a client that has hung up (checking costs
+/// a system call; smaller ones cost less to run than that matters).
+const WORTH_CHECKING: u32 = 128 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -192,10 +195,11 @@ impl Input {
         self.end - self.start
     }
 
-    /// Reads whatever has arrived into the buffer, waiting with `wait` when nothing has.
+    /// Reads what arrives into the buffer. Each read waits at most one tick; `on_tick` runs
+    /// after a tick without data and decides whether to go on waiting.
     fn fill(
         &mut self,
-        mut wait: impl FnMut(&dyn Transport) -> Result<(), InputError>,
+        mut on_tick: impl FnMut() -> Result<(), InputError>,
     ) -> Result<(), InputError> {
         if self.start == self.end {
             self.start = 0;
@@ -206,13 +210,13 @@ impl Input {
             self.start = 0;
         }
         loop {
-            match self.transport.read_available(&mut self.buf[self.end..]) {
+            match self.transport.read_some(&mut self.buf[self.end..]) {
                 Ok(0) => return Err(InputError::Eof),
                 Ok(n) => {
                     self.end += n;
                     return Ok(());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(self.transport.as_ref())?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => on_tick()?,
                 Err(e) => return Err(InputError::Io(e)),
             }
         }
@@ -230,15 +234,13 @@ impl Input {
         self.start += from_buffer;
         let mut done = from_buffer;
         while done < out.len() {
-            match self.transport.read_available(&mut out[done..]) {
+            match self.transport.read_some(&mut out[done..]) {
                 Ok(0) => return Err(InputError::Eof),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                    if left.is_some_and(|l| l.is_zero()) {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(InputError::TimedOut);
                     }
-                    self.transport.wait(true, left).map_err(InputError::Io)?;
                 }
                 Err(e) => return Err(InputError::Io(e)),
             }
@@ -313,8 +315,9 @@ fn only_replies(command: u16) -> bool {
 }
 
 impl<'a> Transmission<'a> {
-    pub fn new(transport: Arc<dyn Transport>, p: Params<'a>) -> Transmission<'a> {
-        Transmission {
+    pub fn new(transport: Arc<dyn Transport>, p: Params<'a>) -> io::Result<Transmission<'a>> {
+        transport.set_read_tick()?;
+        Ok(Transmission {
             image: p.image,
             size: p.image.virtual_size(),
             read_only: p.read_only,
@@ -343,7 +346,7 @@ impl<'a> Transmission<'a> {
             shutting_down: p.shutting_down,
             stats: Stats::default(),
             logged_image_error: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Serves requests with `workers` threads until the client disconnects, breaks the
@@ -420,7 +423,7 @@ impl<'a> Transmission<'a> {
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let mut buf = buf;
-            if only_replies(req.command) && self.client_has_gone() {
+            if only_replies(req.command) && req.length >= WORTH_CHECKING && self.client_has_gone() {
                 // Nobody will read the reply; a write still runs, it is the client's data.
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 self.abort();
@@ -438,10 +441,7 @@ impl<'a> Transmission<'a> {
     fn client_has_gone(&self) -> bool {
         !self.disconnected.load(Ordering::Relaxed)
             && !self.shutting_down.load(Ordering::Relaxed)
-            && self
-                .control
-                .wait(false, Some(Duration::ZERO))
-                .is_ok_and(|r| r.peer_closed)
+            && self.control.peer_closed()
     }
 
     /// A buffer of at least `n` bytes, reused when the connection kept one.
@@ -492,40 +492,23 @@ impl<'a> Transmission<'a> {
         }
     }
 
-    /// Waits for the next request's bytes: frees the kept buffers once the client has been
-    /// quiet for a while, and ends an idle connection after the idle timeout.
-    fn wait_for_request(
-        &self,
-        socket: &dyn Transport,
-        quiet_since: Instant,
-    ) -> Result<(), InputError> {
-        loop {
-            let quiet = quiet_since.elapsed();
-            let release_due = !lock(&self.pool).idle;
-            let mut limit = self.idle_timeout.map(|t| t.saturating_sub(quiet));
-            if release_due {
-                let release_in = RELEASE_IDLE_BUFFERS.saturating_sub(quiet);
-                limit = Some(limit.map_or(release_in, |l| l.min(release_in)));
+    /// Runs after each tick the client sent nothing in while the next request was awaited:
+    /// frees the kept buffers once the client has been quiet for a while, and ends an idle
+    /// connection after the idle timeout. Ok: go on waiting.
+    fn quiet_tick(&self, quiet_since: Instant) -> Result<(), InputError> {
+        if self.stopping() {
+            return Err(InputError::Eof);
+        }
+        let quiet = quiet_since.elapsed();
+        if quiet >= RELEASE_IDLE_BUFFERS && !lock(&self.pool).idle {
+            self.release_buffers();
+        }
+        // A client waiting for replies is not idle, however long they take.
+        match self.idle_timeout {
+            Some(t) if quiet >= t && self.in_flight.load(Ordering::SeqCst) == 0 => {
+                Err(InputError::TimedOut)
             }
-            if socket.wait(true, limit).map_err(InputError::Io)?.readable {
-                return Ok(());
-            }
-            if self.stopping() {
-                return Err(InputError::Eof);
-            }
-            if release_due && quiet_since.elapsed() >= RELEASE_IDLE_BUFFERS {
-                self.release_buffers();
-            }
-            if let Some(t) = self.idle_timeout {
-                if quiet_since.elapsed() >= t {
-                    if self.in_flight.load(Ordering::SeqCst) == 0 {
-                        return Err(InputError::TimedOut);
-                    }
-                    // A client waiting for replies is not idle, however long they take:
-                    // look again in a while rather than spin on a timeout that has passed.
-                    socket.wait(true, Some(RECHECK)).map_err(InputError::Io)?;
-                }
-            }
+            _ => Ok(()),
         }
     }
 
@@ -537,7 +520,7 @@ impl<'a> Transmission<'a> {
     ) -> Result<(Request, Vec<u8>, Reservation<'_>), String> {
         let quiet_since = Instant::now();
         while input.buffered() < REQUEST_LEN {
-            if let Err(e) = input.fill(|socket| self.wait_for_request(socket, quiet_since)) {
+            if let Err(e) = input.fill(|| self.quiet_tick(quiet_since)) {
                 return Err(if self.stopping() {
                     self.stop_reason().into()
                 } else {

@@ -298,7 +298,10 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
         io_timeout: config.io_timeout,
         idle_timeout: config.idle_timeout,
     };
-    let transmission = Transmission::new(Arc::new(socket), params);
+    let transmission = match Transmission::new(Arc::new(socket), params) {
+        Ok(t) => t,
+        Err(e) => return format!("cannot set up the connection: {e}"),
+    };
     let end = transmission.run(config.workers_per_connection);
     let st = &transmission.stats;
     let mut flush_note = String::new();

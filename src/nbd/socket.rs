@@ -411,21 +411,47 @@ impl Drop for Listener {
     }
 }
 
+/// The longest one read waits before it returns `WouldBlock`, so that the reader can
+/// notice deadlines, idleness and shutdown. One blocking read per request costs one system
+/// call; polling first would cost three.
+pub(crate) const READ_TICK: Duration = Duration::from_millis(500);
+
 /// What the transmission phase needs of a connection: a plain socket, or TLS over one.
-/// Reads never block (`WouldBlock` when nothing has arrived); `wait` does, up to a timeout.
 pub(crate) trait Transport: Send + Sync {
-    fn read_available(&self, buf: &mut [u8]) -> io::Result<usize>;
-    fn wait(&self, readable: bool, timeout: Option<Duration>) -> io::Result<Readiness>;
+    /// Reads what arrives, waiting at most [`READ_TICK`] (`set_read_tick` must have been
+    /// called): `Ok(0)` at the end, `WouldBlock` when the tick passed without data.
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Makes `read_some` wait at most [`READ_TICK`].
+    fn set_read_tick(&self) -> io::Result<()>;
+    /// True when the peer has shut down its sending side, or the connection is gone.
+    fn peer_closed(&self) -> bool;
     fn write_all_vectored(&self, parts: &[&[u8]], timeout: Option<Duration>) -> io::Result<()>;
     fn shutdown(&self, how: Shutdown);
 }
 
 impl Transport for Socket {
-    fn read_available(&self, buf: &mut [u8]) -> io::Result<usize> {
-        Socket::read_available(self, buf)
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let r = match self {
+                Socket::Tcp(s) => (&*s as &TcpStream).read(buf),
+                Socket::Unix(s) => (&*s as &UnixStream).read(buf),
+            };
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // SO_RCVTIMEO's expiry shows as EAGAIN.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(io::ErrorKind::WouldBlock.into())
+                }
+                other => return other,
+            }
+        }
     }
-    fn wait(&self, readable: bool, timeout: Option<Duration>) -> io::Result<Readiness> {
-        Socket::wait(self, readable, timeout)
+    fn set_read_tick(&self) -> io::Result<()> {
+        self.set_read_timeout(Some(READ_TICK))
+    }
+    fn peer_closed(&self) -> bool {
+        self.wait(false, Some(Duration::ZERO))
+            .is_ok_and(|r| r.peer_closed)
     }
     fn write_all_vectored(&self, parts: &[&[u8]], timeout: Option<Duration>) -> io::Result<()> {
         Socket::write_all_vectored(self, parts, timeout)
@@ -438,11 +464,16 @@ impl Transport for Socket {
 /// Blocking reads and writes over a transport, each bounded by what is left of one
 /// deadline (the handshake's).
 pub(crate) struct DeadlineIo<'a> {
-    pub transport: &'a dyn Transport,
-    pub until: Instant,
+    transport: &'a dyn Transport,
+    until: Instant,
 }
 
-impl DeadlineIo<'_> {
+impl<'a> DeadlineIo<'a> {
+    pub fn new(transport: &'a dyn Transport, until: Instant) -> io::Result<DeadlineIo<'a>> {
+        transport.set_read_tick()?;
+        Ok(DeadlineIo { transport, until })
+    }
+
     fn left(&self) -> io::Result<Duration> {
         let left = self.until.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -458,10 +489,9 @@ impl DeadlineIo<'_> {
 impl Read for DeadlineIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.transport.read_available(buf) {
+            match self.transport.read_some(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = self.left()?;
-                    self.transport.wait(true, Some(left))?;
+                    self.left()?;
                 }
                 other => return other,
             }

@@ -9,7 +9,7 @@
 //! TLS-PSK (`--tls-psk`, the psktool format GnuTLS clients read) is not offered: rustls has
 //! no external pre-shared keys (it implements resumption PSKs only), and a second TLS stack
 //! in C for one feature is not worth its weight here.
-use super::socket::{Readiness, Socket, Transport};
+use super::socket::{Socket, Transport, READ_TICK};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -403,28 +403,40 @@ impl TlsSocket {
 }
 
 impl Transport for TlsSocket {
-    fn read_available(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut conn = self.lock();
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match conn.reader().read(buf) {
-                Ok(n) => return Ok(n), // 0: the client sent close_notify
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            match conn.read_tls(&mut NonBlocking(&self.socket)) {
-                Ok(0) => return Ok(0),
-                Ok(_) => {
-                    conn.process_new_packets().map_err(|e| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
-                    })?;
+            {
+                let mut conn = self.lock();
+                match conn.reader().read(buf) {
+                    Ok(n) => return Ok(n), // 0: the client sent close_notify
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
+                match conn.read_tls(&mut NonBlocking(&self.socket)) {
+                    Ok(0) => return Ok(0),
+                    Ok(_) => {
+                        conn.process_new_packets().map_err(|e| {
+                            io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+                        })?;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // Nothing yet: wait for the socket outside the lock, so writers can go on.
+            if !self.socket.wait(true, Some(READ_TICK))?.readable {
+                return Err(io::ErrorKind::WouldBlock.into());
             }
         }
     }
 
-    fn wait(&self, readable: bool, timeout: Option<Duration>) -> io::Result<Readiness> {
-        self.socket.wait(readable, timeout)
+    fn set_read_tick(&self) -> io::Result<()> {
+        Ok(()) // reads never block on the socket; `read_some` polls for one tick
+    }
+
+    fn peer_closed(&self) -> bool {
+        self.socket.peer_closed()
     }
 
     fn write_all_vectored(&self, parts: &[&[u8]], timeout: Option<Duration>) -> io::Result<()> {
