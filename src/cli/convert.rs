@@ -117,10 +117,7 @@ fn refuse_to_overwrite_an_input(
                 }
             );
         }
-        layer = match current {
-            Layer::Cowimg(image) => image.backing(),
-            Layer::Raw(_) => None,
-        };
+        layer = current.backing();
     }
     if let Some((recorded, _)) = backing {
         if file_identity(&resolve_backing_path(destination, recorded)) == Some(target) {

@@ -1,6 +1,6 @@
 //! `cowimg map`: where each range of the merged image comes from, as `qemu-img map`.
 use super::open_read_only;
-use crate::image::{Extent, ExtentKind, Image, Layer};
+use crate::image::{Extent, ExtentKind, Image};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,10 +37,7 @@ fn layer_paths(image: &Image) -> Vec<&Path> {
     let mut below = image.backing();
     while let Some(layer) = below {
         paths.push(layer.path());
-        below = match layer {
-            Layer::Cowimg(image) => image.backing(),
-            Layer::Raw(_) => None,
-        };
+        below = layer.backing();
     }
     paths
 }

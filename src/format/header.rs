@@ -9,7 +9,7 @@
 //! 0x018  8    compatible_features (none defined; unknown bits are ignored)
 //! 0x020  8    generation (<= 2^62): the valid slot with the larger generation is current
 //! 0x028  1    cluster_bits (12..=21)
-//! 0x029  1    backing_format (0 none, 1 raw, 2 cowimg)
+//! 0x029  1    backing_format (0 none, 1 raw, 2 cowimg, 3 qcow2)
 //! 0x02a  2    backing_path_len (0..=2048)
 //! 0x02c  4    reserved, zero
 //! 0x030  8    virtual_size in bytes (<= 2^60)
@@ -66,6 +66,9 @@ const OFF_CRC: usize = HEADER_SLOT_SIZE - 4;
 pub enum BackingFormat {
     Raw,
     Cowimg,
+    /// Read-only: cowimg reads qcow2 files (and their own backing chains) but never writes
+    /// into one.
+    Qcow2,
 }
 
 impl BackingFormat {
@@ -73,12 +76,14 @@ impl BackingFormat {
         match self {
             BackingFormat::Raw => "raw",
             BackingFormat::Cowimg => "cowimg",
+            BackingFormat::Qcow2 => "qcow2",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "raw" => Some(BackingFormat::Raw),
             "cowimg" => Some(BackingFormat::Cowimg),
+            "qcow2" => Some(BackingFormat::Qcow2),
             _ => None,
         }
     }
@@ -125,6 +130,7 @@ impl Header {
             None => (0, &[]),
             Some((p, BackingFormat::Raw)) => (1, p.as_bytes()),
             Some((p, BackingFormat::Cowimg)) => (2, p.as_bytes()),
+            Some((p, BackingFormat::Qcow2)) => (3, p.as_bytes()),
         };
         b[OFF_BACKING_FORMAT] = fmt;
         LE::write_u16(&mut b[OFF_BACKING_LEN..], path.len() as u16);
@@ -204,7 +210,7 @@ impl Header {
                     "none, but a backing path is set",
                 ))
             }
-            f @ (1 | 2) => {
+            f @ (1..=3) => {
                 if path_len == 0 {
                     return Err(invalid(
                         "backing_path_len",
@@ -217,10 +223,10 @@ impl Header {
                 if path.contains('\0') {
                     return Err(invalid("backing_path", OFF_BACKING_PATH, "contains NUL"));
                 }
-                let fmt = if f == 1 {
-                    BackingFormat::Raw
-                } else {
-                    BackingFormat::Cowimg
+                let fmt = match f {
+                    1 => BackingFormat::Raw,
+                    2 => BackingFormat::Cowimg,
+                    _ => BackingFormat::Qcow2,
                 };
                 Some((path.to_string(), fmt))
             }

@@ -19,6 +19,7 @@ mod free_clusters;
 mod layer;
 mod open;
 pub mod ops;
+pub mod qcow2;
 #[cfg(test)]
 mod tests;
 

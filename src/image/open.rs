@@ -73,6 +73,17 @@ pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
 impl Image {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+        // The format given is recorded, never probed; content that contradicts it is
+        // reported now rather than at the first open. (A backing file that does not exist
+        // yet is allowed when a size is given, as before.)
+        if let Some((recorded, fmt)) = &opts.backing {
+            let resolved = resolve_backing_path(path, recorded);
+            if super::stat_openable(&resolved).is_ok() {
+                if let Some(warning) = super::layer::check_recorded_format(&resolved, *fmt)? {
+                    super::layer::warn(&warning);
+                }
+            }
+        }
         let size = match (opts.size, &opts.backing) {
             (Some(s), _) => s,
             (None, Some((p, fmt))) => {

@@ -32,6 +32,13 @@ pub fn commit(image: &Image, keep_overlay: bool, progress: Progress) -> Result<C
         path: image.path().into(),
         reason: "has no backing file to commit into".into(),
     })?;
+    // Refused before anything is written: cowimg never writes into a qcow2 file.
+    if let Layer::Qcow2(q) = backing {
+        return Err(Error::Invalid {
+            path: q.path().into(),
+            reason: super::layer::QCOW2_WRITE_REFUSED.into(),
+        });
+    }
     if backing.size() < image.virtual_size() {
         return Err(Error::Invalid {
             path: backing.path().into(),
@@ -331,8 +338,8 @@ pub enum CacheMode {
     Unsafe,
 }
 
-/// Opens a file given on the command line as a source: `format` if given, else cowimg when
-/// the file starts with the cowimg magic, else raw (as qemu-img probes its inputs; backing
+/// Opens a file given on the command line as a source: `format` if given, else cowimg or
+/// qcow2 when the file starts with that format's magic, else raw (as qemu-img probes its inputs; backing
 /// files, by contrast, are never probed).
 pub fn open_source(path: &Path, format: Option<BackingFormat>) -> Result<Layer> {
     let format = match format {
@@ -340,9 +347,11 @@ pub fn open_source(path: &Path, format: Option<BackingFormat>) -> Result<Layer> 
         None => {
             let (file, _) = super::open_checked(path, false)?;
             let mut magic = [0u8; 8];
-            let is_cowimg = file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC;
-            if is_cowimg {
+            let read = file.read_exact_at(&mut magic, 0).is_ok();
+            if read && magic == MAGIC {
                 BackingFormat::Cowimg
+            } else if read && crate::format::qcow2::has_magic(&magic) {
+                BackingFormat::Qcow2
             } else {
                 BackingFormat::Raw
             }
