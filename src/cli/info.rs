@@ -2,6 +2,7 @@
 use super::size::human_size;
 use super::{open_read_only, open_without_backing, print_json};
 use crate::format::header::MAGIC;
+use crate::image::qcow2::Qcow2;
 use crate::image::{resolve_backing_path, Image, Layer, RawFile};
 use clap::Args;
 use serde::Serialize;
@@ -72,7 +73,17 @@ pub struct CowimgDetails {
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
-    let layers = if !starts_with_cowimg_magic(&args.image)? {
+    let layers = if starts_with_qcow2_magic(&args.image)? {
+        // As for cowimg, the backing chain is opened only for --backing-chain.
+        let opts = crate::image::OpenOptions {
+            read_only: true,
+            force_share: args.force_share,
+            without_backing: !args.backing_chain,
+            ..Default::default()
+        };
+        let top = Layer::open(&args.image, crate::format::BackingFormat::Qcow2, &opts)?;
+        layers_from(&top)?
+    } else if !starts_with_cowimg_magic(&args.image)? {
         let raw = RawFile::open(&args.image, false, args.force_share)?;
         vec![raw_info(&Layer::Raw(raw))?]
     } else if args.backing_chain {
@@ -112,23 +123,56 @@ fn starts_with_cowimg_magic(path: &Path) -> anyhow::Result<bool> {
     Ok(file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC)
 }
 
+fn starts_with_qcow2_magic(path: &Path) -> anyhow::Result<bool> {
+    let (file, _) = crate::image::open_checked(path, false)?;
+    let mut magic = [0u8; 4];
+    Ok(file.read_exact_at(&mut magic, 0).is_ok() && crate::format::qcow2::has_magic(&magic))
+}
+
 /// Every layer from `image` down.
 fn chain_info(image: &Image) -> anyhow::Result<Vec<LayerInfo>> {
     let mut layers = vec![cowimg_info(image)];
-    let mut below = image.backing();
-    while let Some(layer) = below {
-        match layer {
-            Layer::Cowimg(image) => {
-                layers.push(cowimg_info(image));
-                below = image.backing();
-            }
-            Layer::Raw(_) => {
-                layers.push(raw_info(layer)?);
-                below = None;
-            }
-        }
+    if let Some(below) = image.backing() {
+        layers.extend(layers_from(below)?);
     }
     Ok(layers)
+}
+
+/// `layer` and every layer below it.
+fn layers_from(layer: &Layer) -> anyhow::Result<Vec<LayerInfo>> {
+    let mut layers = Vec::new();
+    let mut below = Some(layer);
+    while let Some(layer) = below {
+        layers.push(match layer {
+            Layer::Cowimg(image) => cowimg_info(image),
+            Layer::Qcow2(q) => qcow2_info(q)?,
+            Layer::Raw(_) => raw_info(layer)?,
+        });
+        below = layer.backing();
+    }
+    Ok(layers)
+}
+
+fn qcow2_info(q: &Qcow2) -> anyhow::Result<LayerInfo> {
+    let metadata = std::fs::metadata(q.path()).map_err(|source| crate::Error::File {
+        path: q.path().into(),
+        op: "reading metadata",
+        source,
+    })?;
+    let backing = q.backing_recorded();
+    Ok(LayerInfo {
+        filename: display(q.path()),
+        format: "qcow2",
+        virtual_size: q.virtual_size(),
+        actual_size: metadata.blocks() * 512,
+        cluster_size: Some(q.header().cluster_size()),
+        backing_filename: backing.map(|(path, _)| path.clone()),
+        full_backing_filename: backing
+            .map(|(path, _)| display(&resolve_backing_path(q.path(), path))),
+        backing_filename_format: backing.map(|(_, format)| format.name()),
+        dirty_flag: q.header().incompatible & crate::format::qcow2::INCOMPAT_DIRTY != 0,
+        format_specific: None,
+    })
 }
 
 pub fn cowimg_info(image: &Image) -> LayerInfo {
