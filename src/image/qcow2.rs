@@ -193,8 +193,10 @@ impl Qcow2 {
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// The size qemu reads: whole 512-byte sectors of the header's size (qemu keeps a
+    /// qcow2's size in sectors and drops a partial last one).
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size / 512 * 512
     }
     pub fn header(&self) -> &Qcow2Header {
         &self.header
