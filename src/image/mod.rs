@@ -20,6 +20,7 @@ mod layer;
 mod open;
 pub mod ops;
 pub mod qcow2;
+mod qcow2_write;
 #[cfg(test)]
 mod tests;
 

@@ -313,13 +313,14 @@ fn differing_spans(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
 pub enum OutputFormat {
     Raw,
     Cowimg,
+    Qcow2,
 }
 
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
     pub output: OutputFormat,
-    /// For cowimg output: the new image's backing file (path as recorded, format); only
-    /// what differs from it is stored.
+    /// For cowimg and qcow2 output: the new image's backing file (path as recorded,
+    /// format); only what differs from it is stored.
     pub backing: Option<(String, BackingFormat)>,
     pub cluster_size: u64,
     /// Whether the output reaches the disk before convert returns.
@@ -379,7 +380,41 @@ pub fn convert(src: &Layer, dst: &Path, opts: &ConvertOptions, progress: Progres
     match opts.output {
         OutputFormat::Raw => convert_to_raw(src, dst, size, &extents, opts.cache, progress),
         OutputFormat::Cowimg => convert_to_cowimg(src, dst, size, &extents, opts, progress),
+        OutputFormat::Qcow2 => convert_to_qcow2(src, dst, size, &extents, opts, progress),
     }
+}
+
+fn convert_to_qcow2(
+    src: &Layer,
+    dst: &Path,
+    size: u64,
+    extents: &[super::Extent],
+    opts: &ConvertOptions,
+    progress: Progress,
+) -> Result<()> {
+    let data_ranges: Vec<(u64, u64)> = extents
+        .iter()
+        .filter(|e| e.kind == ExtentKind::Data)
+        .map(|e| (e.offset, e.length))
+        .collect();
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let base = match &opts.backing {
+        Some((name, format)) => Some(Layer::open(&resolve_backing_path(dst, name), *format, &ro)?),
+        None => None,
+    };
+    let out = super::qcow2_write::Qcow2Output {
+        size,
+        cluster_size: opts.cluster_size,
+        data_ranges: &data_ranges,
+        backing: match (&opts.backing, &base) {
+            (Some((name, format)), Some(layer)) => Some((name.as_str(), *format, layer)),
+            _ => None,
+        },
+    };
+    super::qcow2_write::write_qcow2(src, dst, &out, progress)
 }
 
 fn convert_to_raw(
