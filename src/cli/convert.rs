@@ -1,4 +1,5 @@
-//! `cowimg convert`: copy an image, its backing chain merged, to a new raw or cowimg file.
+//! `cowimg convert`: copy an image, its backing chain merged, to a new raw, cowimg or qcow2
+//! file.
 use super::progress::Progress;
 use super::size::parse_cluster_size;
 use super::{backing_option, parse_format};
@@ -13,20 +14,21 @@ use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// Format of SRC: raw or cowimg (probed when not given).
+    /// Format of SRC: raw, cowimg or qcow2 (probed when not given).
     #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
     pub source_format: Option<BackingFormat>,
     /// Format of DST.
     #[arg(short = 'O', value_name = "FMT", value_parser = parse_output_format, default_value = "raw")]
     pub output_format: OutputFormat,
-    /// For cowimg output: a backing file for DST (recorded as given, relative to DST's
+    /// For cowimg and qcow2 output: a backing file for DST (recorded as given, relative to DST's
     /// directory); only what differs from it is copied.
     #[arg(short = 'B', value_name = "BACKING")]
     pub backing: Option<String>,
-    /// Format of the -B backing file: raw or cowimg.
+    /// Format of the -B backing file: raw, cowimg or qcow2 (qcow2 output: raw or qcow2).
     #[arg(short = 'F', value_name = "FMT", value_parser = parse_format)]
     pub backing_format: Option<BackingFormat>,
-    /// For cowimg output: the cluster size, a power of two from 4K to 2M (default 64K).
+    /// For cowimg and qcow2 output: the cluster size, a power of two from 4K to 2M (default
+    /// 64K).
     #[arg(short = 'c', long = "cluster-size", value_name = "CLUSTER_SIZE", value_parser = parse_cluster_size)]
     pub cluster_size: Option<u64>,
     /// Cache mode of DST: writeback (the default: DST is on the disk when convert exits) or
@@ -47,8 +49,9 @@ fn parse_output_format(text: &str) -> Result<OutputFormat, String> {
     match text {
         "raw" => Ok(OutputFormat::Raw),
         "cowimg" => Ok(OutputFormat::Cowimg),
+        "qcow2" => Ok(OutputFormat::Qcow2),
         _ => Err(format!(
-            "unknown output format '{text}': expected raw or cowimg"
+            "unknown output format '{text}': expected raw, cowimg or qcow2"
         )),
     }
 }
@@ -67,13 +70,13 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let backing = backing_option(args.backing, args.backing_format)?;
     if args.output_format == OutputFormat::Raw {
         if backing.is_some() {
-            bail!("-B needs -O cowimg: a raw file has no backing file");
+            bail!("-B needs -O cowimg or -O qcow2: a raw file has no backing file");
         }
         if args.cluster_size.is_some() {
-            bail!("-c needs -O cowimg: a raw file has no clusters");
+            bail!("-c needs -O cowimg or -O qcow2: a raw file has no clusters");
         }
     } else if args.cache == CacheMode::Unsafe {
-        bail!("-t unsafe needs -O raw: a cowimg image orders its writes with flushes");
+        bail!("-t unsafe needs -O raw: a cowimg or qcow2 image orders its writes with flushes");
     }
     let source = ops::open_source(&args.source, args.source_format)?;
     refuse_to_overwrite_an_input(&source, &args.destination, backing.as_ref())?;
