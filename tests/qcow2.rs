@@ -2,11 +2,38 @@
 //! qemu-io: every qcow2 here is made by qemu in the test, and every result is compared
 //! with what qemu reads from the same file.
 mod cli_support;
-#[allow(unused_imports)]
-mod nbd_support;
 
 use cli_support::*;
 use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// `cowimg serve` on a Unix socket in `dir`; stopped with SIGTERM (so that it flushes) by
+/// [`stop_server`].
+fn start_server(dir: &Path, image: &str) -> (Child, String) {
+    let socket = dir.join("nbd.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .args(["serve", "--socket", socket.to_str().expect("utf-8"), image])
+        .current_dir(dir)
+        .spawn()
+        .expect("spawning cowimg serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not listen within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, format!("nbd+unix:///?socket={}", socket.display()))
+}
+
+fn stop_server(mut child: Child) {
+    // SAFETY: kill takes a pid and a signal number; the child is ours and not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("waiting for the server");
+    assert!(status.success(), "the server exited with {status}");
+}
 
 const MIB: usize = 1 << 20;
 const SIZE: &str = "8M";
@@ -293,8 +320,7 @@ fn an_overlay_on_a_qcow2_chain_served_over_nbd_agrees_with_qemu_io_on_a_qcow2_ov
         "write -P 0x7a 8188k 4k",
     ];
     qemu_io(d, "qemu-over.qcow2", &writes);
-    let mut server = nbd_support::Server::start(d, &d.join("over.cow"), &[]);
-    let uri = server.uri();
+    let (server, uri) = start_server(d, "over.cow");
     let mut args = vec!["-f", "raw", uri.as_str()];
     for w in &writes {
         args.extend(["-c", w]);
@@ -313,7 +339,7 @@ fn an_overlay_on_a_qcow2_chain_served_over_nbd_agrees_with_qemu_io_on_a_qcow2_ov
             served.to_str().expect("utf-8"),
         ],
     );
-    server.stop();
+    stop_server(server);
     let expected = qemu_contents(d, "qemu-over.qcow2");
     assert_same_bytes(&read_file(&served), &expected, "served overlay");
     // And after the server flushed on exit, the overlay file itself.
