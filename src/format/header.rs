@@ -31,8 +31,11 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 pub const MAGIC: [u8; 8] = *b"\x89COWIMG\n";
 pub const VERSION: u32 = 1;
 pub const HEADER_SLOT_SIZE: usize = 4096;
-/// No incompatible feature is defined in version 1.
-pub const SUPPORTED_INCOMPATIBLE: u64 = 0;
+/// Incompatible bit 0: the backing file is a qcow2 image (backing_format 3). It is set
+/// exactly when backing_format is 3, so that a build that predates qcow2 backing files
+/// refuses the image as using a feature it does not know (FORMAT.md, "Feature bits").
+pub const INCOMPAT_QCOW2_BACKING: u64 = 1 << 0;
+pub const SUPPORTED_INCOMPATIBLE: u64 = INCOMPAT_QCOW2_BACKING;
 pub const MAX_BACKING_PATH: usize = 2048;
 /// Generations grow by one per checkpoint or header change, so real images never come near
 /// this; refusing larger ones keeps `generation + 1` from overflowing (a wrapped generation
@@ -122,7 +125,11 @@ impl Header {
         b[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);
         LE::write_u32(&mut b[OFF_VERSION..], VERSION);
         LE::write_u32(&mut b[OFF_HEADER_SIZE..], HEADER_SLOT_SIZE as u32);
-        LE::write_u64(&mut b[OFF_INCOMPAT..], 0);
+        let incompatible = match &self.backing {
+            Some((_, BackingFormat::Qcow2)) => INCOMPAT_QCOW2_BACKING,
+            _ => 0,
+        };
+        LE::write_u64(&mut b[OFF_INCOMPAT..], incompatible);
         LE::write_u64(&mut b[OFF_COMPAT..], self.compatible_features);
         LE::write_u64(&mut b[OFF_GENERATION..], self.generation);
         b[OFF_CLUSTER_BITS] = self.cluster_bits as u8;
@@ -202,6 +209,13 @@ impl Header {
         }
         let path_bytes = &b[OFF_BACKING_PATH..OFF_BACKING_PATH + path_len];
         let backing = match b[OFF_BACKING_FORMAT] {
+            0 if path_len == 0 && incompatible & INCOMPAT_QCOW2_BACKING != 0 => {
+                return Err(invalid(
+                    "incompatible_features",
+                    OFF_INCOMPAT,
+                    "bit 0 (qcow2 backing file) is set without a backing file",
+                ))
+            }
             0 if path_len == 0 => None,
             0 => {
                 return Err(invalid(
@@ -228,6 +242,13 @@ impl Header {
                     2 => BackingFormat::Cowimg,
                     _ => BackingFormat::Qcow2,
                 };
+                if (fmt == BackingFormat::Qcow2) != (incompatible & INCOMPAT_QCOW2_BACKING != 0) {
+                    return Err(invalid(
+                        "incompatible_features",
+                        OFF_INCOMPAT,
+                        "bit 0 (qcow2 backing file) is set exactly when backing_format is 3",
+                    ));
+                }
                 Some((path.to_string(), fmt))
             }
             f => {
@@ -355,6 +376,23 @@ mod tests {
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(Header::from_bytes(&b).is_err(), "bit {bit} flip accepted");
         }
+    }
+
+    #[test]
+    fn a_qcow2_backing_file_sets_incompatible_bit_0_and_decodes_back() {
+        let mut h = sample();
+        h.backing = Some(("cloud.qcow2".into(), BackingFormat::Qcow2));
+        let b = h.to_bytes();
+        assert_eq!(b[OFF_BACKING_FORMAT], 3);
+        assert_eq!(LE::read_u64(&b[OFF_INCOMPAT..]), INCOMPAT_QCOW2_BACKING);
+        assert_eq!(Header::from_bytes(&b), Ok(h));
+        // Without the bit, backing_format 3 is refused (and the bit without format 3).
+        let mut b = b;
+        LE::write_u64(&mut b[OFF_INCOMPAT..], 0);
+        let crc = crc32(&[&b[..OFF_CRC]]);
+        LE::write_u32(&mut b[OFF_CRC..], crc);
+        let e = Header::from_bytes(&b).unwrap_err();
+        assert!(e.to_string().contains("incompatible_features"), "{e}");
     }
 
     #[test]
