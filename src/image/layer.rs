@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// Why a write into a qcow2 layer (a commit into a qcow2 backing file) is refused.
-pub const QCOW2_WRITE_REFUSED: &str = "commit into a qcow2 backing file is not supported \
-    (cowimg reads qcow2 but never writes into it); use `cowimg convert` to make a new image \
-    of the merged chain, or `qemu-img commit` on a qcow2 overlay";
+pub const QCOW2_WRITE_REFUSED: &str = "is a qcow2 image, which cowimg reads but never \
+    writes (commit into a qcow2 backing file is not supported); use `cowimg convert -O qcow2` \
+    or `-O cowimg` to make a new image of the merged chain";
 
 /// The files of a chain above the one being opened, top first, with their identities.
 pub(crate) type ChainAbove = [(PathBuf, FileId)];

@@ -301,7 +301,10 @@ impl Qcow2 {
         let mapping = decode_l2(entry, bitmap, &self.header).map_err(at)?;
         let host = match mapping {
             ClusterMapping::Data(h) => Some(h),
-            ClusterMapping::Subclusters { host, .. } => host,
+            // A host cluster whose sub-clusters are all zero or unallocated is never read.
+            ClusterMapping::Subclusters {
+                host, allocated, ..
+            } if allocated != 0 => host,
             ClusterMapping::Compressed { offset, .. } => {
                 if offset >= self.file_len {
                     return Err(at(format!(
