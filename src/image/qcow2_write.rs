@@ -101,7 +101,7 @@ pub fn write_qcow2(src: &Layer, dst: &Path, out: &Qcow2Output, progress: Progres
         cluster_bits,
         size,
         l1_size: l1_size as u32,
-        l1_table_offset: cluster_size,
+        l1_table_offset: if l1_size == 0 { 0 } else { cluster_size },
         refcount_table_offset: 0,
         refcount_table_clusters: 0,
         backing: backing_names,
@@ -119,7 +119,9 @@ pub fn write_qcow2(src: &Layer, dst: &Path, out: &Qcow2Output, progress: Progres
             op: "creating",
             source,
         })?;
-    let l1_clusters = (l1_size * 8).div_ceil(cluster_size).max(1);
+    // An empty image has no L1 table (qemu writes offset 0 for it, too): a cluster for it
+    // would be counted and never referenced, a leak to qemu-img check.
+    let l1_clusters = (l1_size * 8).div_ceil(cluster_size);
     let mut w = Writer {
         path: dst,
         file,
@@ -232,9 +234,11 @@ pub fn write_qcow2(src: &Layer, dst: &Path, out: &Qcow2Output, progress: Progres
         }
         w.write(&block, (first_block + i) * cluster_size)?;
     }
-    let mut l1_raw = table_bytes(&l1, cluster_size);
-    l1_raw.resize((l1_clusters * cluster_size) as usize, 0);
-    w.write(&l1_raw, cluster_size)?;
+    if l1_clusters > 0 {
+        let mut l1_raw = table_bytes(&l1, cluster_size);
+        l1_raw.resize((l1_clusters * cluster_size) as usize, 0);
+        w.write(&l1_raw, cluster_size)?;
+    }
     let header = encode_header(&NewHeader {
         refcount_table_offset: table_at,
         refcount_table_clusters: table_clusters as u32,
