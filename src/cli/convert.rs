@@ -120,6 +120,16 @@ fn refuse_to_overwrite_an_input(
                 }
             );
         }
+        // A qcow2's external data file holds its data: it is an input too.
+        if let Layer::Qcow2(q) = current {
+            if q.data_file_path().and_then(file_identity) == Some(target) {
+                bail!(
+                    "{}: is the external data file of {}; refusing to overwrite it",
+                    destination.display(),
+                    q.path().display()
+                );
+            }
+        }
         layer = current.backing();
     }
     if let Some((recorded, _)) = backing {
