@@ -456,8 +456,10 @@ fn convert_o_qcow2_from_raw_cowimg_and_qcow2_sources_with_and_without_a_backing_
     let mut odd = random_bytes(3 * MIB + 1000, 11);
     odd[MIB..2 * MIB].fill(0);
     write_file(&d.join("odd.raw"), &odd);
+    write_file(&d.join("empty.raw"), &[]);
     let cases: &[(&str, &[&str])] = &[
         ("base.raw", &[]),
+        ("empty.raw", &[]),
         ("odd.raw", &["-c", "4K"]),
         ("over.cow", &[]),
         ("over.cow", &["-B", "base.raw", "-F", "raw"]),
@@ -486,6 +488,7 @@ fn convert_o_qcow2_from_raw_cowimg_and_qcow2_sources_with_and_without_a_backing_
             args.extend([*source, full_name.as_str()]);
             cowimg_in(d, &args).ok();
             let full = json(&qemu_img(d, &["info", "--output=json", &full_name]));
+            assert_qemu_check_clean(d, &full_name);
             assert!(
                 info["actual-size"].as_u64() < full["actual-size"].as_u64(),
                 "{out} stores more than the difference"
@@ -557,4 +560,27 @@ fn a_backing_file_whose_content_contradicts_its_recorded_format_is_named_never_c
         &["swap.qcow2", "is recorded as qcow2 but has no qcow2 header"],
     );
     assert!(!run.stderr.contains("corrupt"), "{}", run.stderr);
+}
+
+#[test]
+fn convert_refuses_to_overwrite_the_external_data_file_of_its_qcow2_source() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    make_qcow2_images(d);
+    let before = read_file(&d.join("data-file.qcow2.data"));
+    let run = cowimg_in(
+        d,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "data-file.qcow2",
+            "data-file.qcow2.data",
+        ],
+    );
+    assert_fails(&run, 1, &["is the external data file of data-file.qcow2"]);
+    assert_eq!(read_file(&d.join("data-file.qcow2.data")), before);
 }
