@@ -242,6 +242,17 @@ fn an_overlay_on_each_qcow2_reads_and_maps_like_qemu_with_depth_counting_the_qco
             );
         }
     }
+    // Data in an external data file is shown where it is, as qemu-img map shows it.
+    let human = cowimg_in(d, &["map", "over-data-file.qcow2.cow"]).ok();
+    let qemu_human = qemu_img(d, &["map", "data-file.qcow2"]);
+    let rows = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(rows(&human), rows(&qemu_human));
+    assert!(human.contains("data-file.qcow2.data"), "{human}");
     // The chain overlay -> top.qcow2 -> mid.qcow2 -> base.raw has four layers.
     let map = json(&cowimg_in(d, &["map", "--json", "over-top.qcow2.cow"]).ok());
     let deepest = map

@@ -1,6 +1,6 @@
 //! `cowimg map`: where each range of the merged image comes from, as `qemu-img map`.
 use super::open_read_only;
-use crate::image::{Extent, ExtentKind, Image};
+use crate::image::{Extent, ExtentKind, Image, Layer};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,11 @@ fn layer_paths(image: &Image) -> Vec<&Path> {
     let mut paths = vec![image.path()];
     let mut below = image.backing();
     while let Some(layer) = below {
-        paths.push(layer.path());
+        // A qcow2 with an external data file keeps its data there, where the offsets point.
+        paths.push(match layer {
+            Layer::Qcow2(q) => q.data_file_path().unwrap_or(q.path()),
+            _ => layer.path(),
+        });
         below = layer.backing();
     }
     paths
