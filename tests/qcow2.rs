@@ -595,3 +595,49 @@ fn convert_refuses_to_overwrite_the_external_data_file_of_its_qcow2_source() {
     assert_fails(&run, 1, &["is the external data file of data-file.qcow2"]);
     assert_eq!(read_file(&d.join("data-file.qcow2.data")), before);
 }
+
+#[test]
+fn rebase_onto_a_qcow2_and_back_keeps_what_the_overlay_reads() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    make_qcow2_images(d);
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "over.cow"]).ok();
+    cowimg_io(d, "over.cow", &["write -P 0x99 0 64k", "flush"]).ok();
+    let before = contents(d, "over.cow");
+    cowimg_in(d, &["rebase", "-b", "top.qcow2", "-F", "qcow2", "over.cow"]).ok();
+    assert_same_bytes(&contents(d, "over.cow"), &before, "over.cow on top.qcow2");
+    let info = json(&cowimg_in(d, &["info", "--json", "over.cow"]).ok());
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    cowimg_in(d, &["rebase", "-b", "base.raw", "-F", "raw", "over.cow"]).ok();
+    assert_same_bytes(
+        &contents(d, "over.cow"),
+        &before,
+        "over.cow back on base.raw",
+    );
+    // -u only rewrites the pointer: a fresh overlay then reads through the qcow2.
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "fresh.cow"]).ok();
+    cowimg_io(d, "fresh.cow", &["write -P 0x99 0 64k", "flush"]).ok();
+    cowimg_in(
+        d,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "top.qcow2",
+            "-F",
+            "qcow2",
+            "fresh.cow",
+        ],
+    )
+    .ok();
+    let mut expected = qemu_contents(d, "top.qcow2");
+    expected[..64 << 10].fill(0x99);
+    assert_same_bytes(
+        &contents(d, "fresh.cow"),
+        &expected,
+        "fresh.cow after rebase -u",
+    );
+}
