@@ -641,3 +641,48 @@ fn rebase_onto_a_qcow2_and_back_keeps_what_the_overlay_reads() {
         "fresh.cow after rebase -u",
     );
 }
+
+/// Renames the backing format extension of `image` to an unknown type, which qemu and
+/// cowimg skip: the qcow2 then records no backing format.
+fn drop_backing_format_extension(dir: &Path, image: &str) {
+    let path = dir.join(image);
+    let mut bytes = read_file(&path);
+    let header_length = u32::from_be_bytes(bytes[0x64..0x68].try_into().expect("4 bytes"));
+    let mut at = header_length as usize;
+    loop {
+        let kind = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        assert_ne!(kind, 0, "{image} has no backing format extension");
+        if kind == 0xe279_2aca {
+            bytes[at..at + 4].copy_from_slice(&0x0bad_f00du32.to_be_bytes());
+            break;
+        }
+        at += 8 + (len as usize).div_ceil(8) * 8;
+    }
+    write_file(&path, &bytes);
+}
+
+#[test]
+fn a_qcow2_without_a_backing_format_probes_its_backing_file_as_qemu_does() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    make_qcow2_images(d);
+    // top.qcow2's backing file is a qcow2, mid.qcow2's a raw file: both are probed.
+    drop_backing_format_extension(d, "top.qcow2");
+    drop_backing_format_extension(d, "mid.qcow2");
+    let info = json(&qemu_img(d, &["info", "--output=json", "top.qcow2"]));
+    assert!(info.get("backing-filename-format").is_none(), "{info}");
+    let expected = qemu_contents(d, "top.qcow2");
+    assert_same_bytes(&contents(d, "top.qcow2"), &expected, "top.qcow2");
+    let chain = json(&cowimg_in(d, &["info", "--json", "--backing-chain", "top.qcow2"]).ok());
+    let formats: Vec<&str> = chain
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|l| l["format"].as_str().expect("format"))
+        .collect();
+    assert_eq!(formats, ["qcow2", "qcow2", "raw"]);
+}

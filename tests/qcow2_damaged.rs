@@ -333,3 +333,29 @@ fn random_damage_to_qcow2_metadata_is_refused_or_read_without_panic_or_hang() {
         }
     }
 }
+
+#[test]
+fn a_qcow2_chain_deeper_than_64_files_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_in(d, "qemu-img", &["create", "-f", "qcow2", "l0.qcow2", "1M"]).ok();
+    for i in 1..70 {
+        let (below, name) = (format!("l{}.qcow2", i - 1), format!("l{i}.qcow2"));
+        qemu_in(
+            d,
+            "qemu-img",
+            &[
+                "create", "-f", "qcow2", "-u", "-b", &below, "-F", "qcow2", &name, "1M",
+            ],
+        )
+        .ok();
+    }
+    // The error names the file that would be the 65th (l69 is the 1st, l5 the 65th).
+    let run = cowimg_in(d, &["convert", "-O", "raw", "l69.qcow2", "out.raw"]);
+    assert_fails(&run, 1, &["l5.qcow2: backing chain is deeper than 64"]);
+    // 64 files in all is the most that opens.
+    cowimg_in(d, &["convert", "-O", "raw", "l63.qcow2", "ok.raw"]).ok();
+}
