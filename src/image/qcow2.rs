@@ -72,8 +72,8 @@ enum Piece {
 
 impl Qcow2 {
     /// Opens a qcow2 file read-only, below the files `above` (top first), with its backing
-    /// chain unless `opts.without_backing`. `recorded` says that an overlay recorded the file
-    /// as qcow2, for the message when it is not one.
+    /// chain unless `opts.without_backing`. A file without the qcow2 magic is refused naming
+    /// what it is; below another file (`above` not empty), as recorded in that file.
     pub(crate) fn open_below(path: &Path, opts: &OpenOptions, above: &ChainAbove) -> Result<Self> {
         check_chain(path, super::stat_openable(path)?, above)?;
         // Always read-only (and so a shared lock): cowimg never writes into a qcow2 file.
@@ -259,9 +259,9 @@ impl Qcow2 {
         Ok(table)
     }
 
-    /// The L2 table that maps guest cluster `cluster`, or `None` when its L1 entry is
-    /// unallocated.
-    fn l2_for(&self, cluster: u64) -> Result<Option<Arc<[u64]>>> {
+    /// The L2 table that maps guest cluster `cluster` and its offset, or `None` when its L1
+    /// entry is unallocated.
+    fn l2_for(&self, cluster: u64) -> Result<Option<(Arc<[u64]>, u64)>> {
         let l1_index = cluster / self.header.l2_entries();
         let Some(&entry) = self.l1.get(l1_index as usize) else {
             return Ok(None);
@@ -282,20 +282,15 @@ impl Qcow2 {
                 self.file_len
             )));
         }
-        Ok(Some(self.l2_table(l2_offset)?))
+        Ok(Some((self.l2_table(l2_offset)?, l2_offset)))
     }
 
-    /// The mapping of guest cluster `cluster`.
-    fn mapping(&self, cluster: u64) -> Result<ClusterMapping> {
-        let Some(table) = self.l2_for(cluster)? else {
-            return Ok(ClusterMapping::Unallocated);
-        };
-        let l1_index = cluster / self.header.l2_entries();
+    /// The mapping of guest cluster `cluster`, whose L2 table is `table` at `l2_offset`.
+    fn mapping(&self, cluster: u64, table: &[u64], l2_offset: u64) -> Result<ClusterMapping> {
         let index = (cluster % self.header.l2_entries()) as usize;
         let words = (self.header.l2_entry_size() / 8) as usize;
         let entry = table[index * words];
         let bitmap = (words == 2).then(|| table[index * 2 + 1]);
-        let l2_offset = self.l1[l1_index as usize] & 0x00ff_ffff_ffff_fe00;
         let entry_at = l2_offset + index as u64 * self.header.l2_entry_size();
         let at = |e: String| self.corrupt(format!("L2 entry at offset {entry_at:#x}: {e}"));
         let mapping = decode_l2(entry, bitmap, &self.header).map_err(at)?;
@@ -345,14 +340,14 @@ impl Qcow2 {
             let cluster = pos / cluster_size;
             let cluster_start = cluster * cluster_size;
             // A whole unallocated L2 range is one piece, however large.
-            if self.l2_for(cluster)?.is_none() {
+            let Some((table, l2_offset)) = self.l2_for(cluster)? else {
                 let span_end = ((pos / l2_span) + 1).saturating_mul(l2_span).min(end);
                 f(pos, span_end - pos, Piece::Backing)?;
                 pos = span_end;
                 continue;
-            }
+            };
             let cluster_end = (cluster_start + cluster_size).min(end);
-            match self.mapping(cluster)? {
+            match self.mapping(cluster, &table, l2_offset)? {
                 ClusterMapping::Unallocated => f(pos, cluster_end - pos, Piece::Backing)?,
                 ClusterMapping::Zero => f(pos, cluster_end - pos, Piece::Zero)?,
                 ClusterMapping::Data(h) => f(
@@ -398,15 +393,30 @@ impl Qcow2 {
 
     /// Reads `buf.len()` bytes at `offset`, which lie inside the virtual size.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // Data pieces that follow each other in the data file are read with one pread:
+        // (guest start, length, host offset) of the run not read yet.
+        let mut run: Option<(u64, u64, u64)> = None;
         self.for_each_piece(offset, buf.len() as u64, |start, len, piece| {
+            if let Piece::Data(host) = piece {
+                match &mut run {
+                    Some((s, l, h)) if *s + *l == start && *h + *l == host => *l += len,
+                    _ => {
+                        if let Some((s, l, h)) = run.replace((start, len, host)) {
+                            let at = (s - offset) as usize;
+                            self.read_data(&mut buf[at..at + l as usize], h)?;
+                        }
+                    }
+                }
+                return Ok(());
+            }
             let out = &mut buf[(start - offset) as usize..(start - offset + len) as usize];
             match piece {
+                Piece::Data(_) => {}
                 Piece::Zero => out.fill(0),
                 Piece::Backing => match &self.backing {
                     Some(b) => b.read_at(out, start)?,
                     None => out.fill(0),
                 },
-                Piece::Data(host) => self.read_data(out, host)?,
                 Piece::Compressed {
                     offset: c_offset,
                     len: c_len,
@@ -418,7 +428,12 @@ impl Qcow2 {
                 }
             }
             Ok(())
-        })
+        })?;
+        if let Some((s, l, h)) = run {
+            let at = (s - offset) as usize;
+            self.read_data(&mut buf[at..at + l as usize], h)?;
+        }
+        Ok(())
     }
 
     /// Reads guest data from the data file; bytes past its end read as zeros.
