@@ -686,3 +686,30 @@ fn a_qcow2_without_a_backing_format_probes_its_backing_file_as_qemu_does() {
         .collect();
     assert_eq!(formats, ["qcow2", "qcow2", "raw"]);
 }
+
+#[test]
+fn reads_at_random_offsets_and_lengths_agree_with_qemu_for_each_kind_of_qcow2() {
+    use rand::{Rng, SeedableRng};
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    for image in make_qcow2_images(d) {
+        let expected = qemu_contents(d, image);
+        let layer = cowimg::image::ops::open_source(&d.join(image), None).expect("opens");
+        assert_eq!(layer.size(), expected.len() as u64, "{image}");
+        for _ in 0..200 {
+            let offset = rng.gen_range(0..expected.len());
+            let len = rng.gen_range(1..=(expected.len() - offset).min(300_000));
+            let mut buf = vec![0u8; len];
+            layer.read_at(&mut buf, offset as u64).expect("reads");
+            assert_same_bytes(
+                &buf,
+                &expected[offset..offset + len],
+                &format!("{image} at {offset:#x}+{len:#x}"),
+            );
+        }
+    }
+}
