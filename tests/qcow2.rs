@@ -299,6 +299,31 @@ fn info_backing_chain_lists_each_qcow2_layer_with_its_format() {
     assert_eq!(top["format"], "qcow2");
     assert_eq!(top["virtual-size"], 8 * MIB as u64);
     assert_eq!(top["backing-filename-format"], "qcow2");
+    // The format-specific fields agree with qemu-img info's.
+    for image in [
+        "top.qcow2",
+        "v2.qcow2",
+        "zstd.qcow2",
+        "ext-l2.qcow2",
+        "data-file.qcow2",
+    ] {
+        let ours = json(&cowimg_in(d, &["info", "--json", image]).ok());
+        let qemu = json(&qemu_img(d, &["info", "--output=json", image]));
+        for field in [
+            "compat",
+            "compression-type",
+            "lazy-refcounts",
+            "refcount-bits",
+            "corrupt",
+            "extended-l2",
+            "data-file",
+        ] {
+            assert_eq!(
+                ours["format-specific"]["data"][field], qemu["format-specific"]["data"][field],
+                "{image}: {field}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 use super::size::human_size;
 use super::{open_read_only, open_without_backing, print_json};
 use crate::format::header::MAGIC;
+use crate::format::qcow2;
 use crate::image::qcow2::Qcow2;
 use crate::image::{resolve_backing_path, Image, Layer, RawFile};
 use clap::Args;
@@ -54,7 +55,33 @@ pub struct LayerInfo {
 pub struct FormatSpecific {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub data: CowimgDetails,
+    pub data: FormatDetails,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum FormatDetails {
+    Cowimg(CowimgDetails),
+    Qcow2(Qcow2Details),
+}
+
+/// What `qemu-img info` shows of a qcow2, with its field names.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Details {
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: &'static str,
+    pub compression_type: &'static str,
+    /// These three exist in version 3 only; qemu-img leaves them out for version 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    pub refcount_bits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,6 +187,8 @@ fn qcow2_info(q: &Qcow2) -> anyhow::Result<LayerInfo> {
         source,
     })?;
     let backing = q.backing_recorded();
+    let h = q.header();
+    let v3 = h.version >= 3;
     Ok(LayerInfo {
         filename: display(q.path()),
         format: "qcow2",
@@ -170,8 +199,22 @@ fn qcow2_info(q: &Qcow2) -> anyhow::Result<LayerInfo> {
         full_backing_filename: backing
             .map(|(path, _)| display(&resolve_backing_path(q.path(), path))),
         backing_filename_format: backing.map(|(_, format)| format.name()),
-        dirty_flag: q.header().incompatible & crate::format::qcow2::INCOMPAT_DIRTY != 0,
-        format_specific: None,
+        dirty_flag: h.incompatible & qcow2::INCOMPAT_DIRTY != 0,
+        format_specific: Some(FormatSpecific {
+            kind: "qcow2",
+            data: FormatDetails::Qcow2(Qcow2Details {
+                compat: if h.version == 2 { "0.10" } else { "1.1" },
+                compression_type: match h.compression {
+                    qcow2::Compression::Zlib => "zlib",
+                    qcow2::Compression::Zstd => "zstd",
+                },
+                lazy_refcounts: v3.then_some(h.compatible & qcow2::COMPAT_LAZY_REFCOUNTS != 0),
+                refcount_bits: 1 << h.refcount_order,
+                corrupt: v3.then_some(h.incompatible & qcow2::INCOMPAT_CORRUPT != 0),
+                extended_l2: v3.then_some(h.extended_l2()),
+                data_file: h.data_file.clone(),
+            }),
+        }),
     })
 }
 
@@ -192,7 +235,7 @@ pub fn cowimg_info(image: &Image) -> LayerInfo {
         dirty_flag: false,
         format_specific: Some(FormatSpecific {
             kind: "cowimg",
-            data: CowimgDetails {
+            data: FormatDetails::Cowimg(CowimgDetails {
                 sub_cluster_size: image.geometry().unit_size(),
                 generation: stats.generation,
                 journal_used: stats.journal_used,
@@ -200,7 +243,7 @@ pub fn cowimg_info(image: &Image) -> LayerInfo {
                 mapped_clusters: stats.mapped_clusters,
                 zero_clusters: stats.zero_run_clusters,
                 file_length: stats.file_length,
-            },
+            }),
         }),
     }
 }
@@ -253,8 +296,33 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
     if let Some(format) = layer.backing_filename_format {
         writeln!(out, "backing file format: {format}")?;
     }
-    if let Some(specific) = &layer.format_specific {
-        let d = &specific.data;
+    if let Some(FormatSpecific {
+        data: FormatDetails::Qcow2(d),
+        ..
+    }) = &layer.format_specific
+    {
+        writeln!(out, "Format specific information:")?;
+        writeln!(out, "    compat: {}", d.compat)?;
+        writeln!(out, "    compression type: {}", d.compression_type)?;
+        if let Some(lazy) = d.lazy_refcounts {
+            writeln!(out, "    lazy refcounts: {lazy}")?;
+        }
+        writeln!(out, "    refcount bits: {}", d.refcount_bits)?;
+        if let Some(corrupt) = d.corrupt {
+            writeln!(out, "    corrupt: {corrupt}")?;
+        }
+        if let Some(extended) = d.extended_l2 {
+            writeln!(out, "    extended l2: {extended}")?;
+        }
+        if let Some(data_file) = &d.data_file {
+            writeln!(out, "    data file: {data_file}")?;
+        }
+    }
+    if let Some(FormatSpecific {
+        data: FormatDetails::Cowimg(d),
+        ..
+    }) = &layer.format_specific
+    {
         writeln!(out, "Format specific information:")?;
         writeln!(out, "    sub-cluster size: {}", d.sub_cluster_size)?;
         writeln!(out, "    generation: {}", d.generation)?;

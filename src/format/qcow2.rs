@@ -69,6 +69,8 @@ const SUPPORTED_INCOMPATIBLE: u64 = INCOMPAT_DIRTY
     | INCOMPAT_DATA_FILE
     | INCOMPAT_COMPRESSION
     | INCOMPAT_EXTENDED_L2;
+/// Compatible bit 0: refcounts may be stale while the dirty bit is set.
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear bit 1: the external data file is a raw image (guest offset = host offset).
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
