@@ -130,7 +130,13 @@ impl Qcow2 {
         let data_file = match &header.data_file {
             Some(name) => {
                 let resolved = super::resolve_backing_path(path, name);
-                let (file, _) = open_locked(&resolved, false, opts.force_share)?;
+                // Named from the qcow2, whose header names the data file.
+                let (file, _) = open_locked(&resolved, false, opts.force_share).map_err(|e| {
+                    Error::Invalid {
+                        path: path.into(),
+                        reason: format!("external data file: {e}"),
+                    }
+                })?;
                 let len = file_size(&file).map_err(|source| Error::File {
                     path: resolved.clone(),
                     op: "reading the size",
