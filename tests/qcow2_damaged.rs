@@ -3,8 +3,10 @@
 mod cli_support;
 
 use cli_support::*;
-use cowimg::format::BackingFormat;
-use cowimg::image::ops::open_source;
+#[path = "lib_support/qcow2_fuzz_body.rs"]
+mod qcow2_fuzz_body;
+
+use qcow2_fuzz_body::exercise_qcow2_bytes;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -292,9 +294,10 @@ fn random_damage_to_qcow2_metadata_is_refused_or_read_without_panic_or_hang() {
         return;
     }
     let dir = tempdir();
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).expect("creating a directory");
     for compressed in [false, true] {
         let s = sample(dir.path(), compressed);
-        let path = dir.path().join("mutated.qcow2");
         let mut rng = rand::rngs::StdRng::seed_from_u64(20 + compressed as u64);
         // The metadata: the header cluster, the L1 table, the first L2 table and the
         // refcount table (each a cluster or less in this sample).
@@ -303,33 +306,17 @@ fn random_damage_to_qcow2_metadata_is_refused_or_read_without_panic_or_hang() {
             let mut bytes = s.bytes.clone();
             for _ in 0..rng.gen_range(1..4) {
                 let region = regions[rng.gen_range(0..regions.len())];
-                let at = region as usize + rng.gen_range(0..if region == 0 { 0x80 } else { 256 });
+                let span = if region == 0 { 0x80 } else { 256 };
+                let at = region as usize + rng.gen_range(0..span);
                 bytes[at] ^= 1 << rng.gen_range(0..8);
             }
-            write_file(&path, &bytes);
             let started = Instant::now();
-            let result = open_source(&path, Some(BackingFormat::Qcow2)).and_then(|layer| {
-                let size = layer.size().min(64 << 20);
-                let mut extents = Vec::new();
-                layer.status(0, size, 0, &mut extents)?;
-                let mut buf = vec![0u8; 1 << 20];
-                let mut at = 0;
-                while at < size {
-                    let n = (size - at).min(buf.len() as u64) as usize;
-                    layer.read_at(&mut buf[..n], at)?;
-                    at += n as u64;
-                }
-                Ok(())
-            });
+            exercise_qcow2_bytes(&bytes, &scratch);
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "round {round}: took {:?}",
                 started.elapsed()
             );
-            if let Err(e) = result {
-                let text = e.to_string();
-                assert!(text.contains("mutated.qcow2"), "round {round}: {text}");
-            }
         }
     }
 }
