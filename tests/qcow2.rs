@@ -710,6 +710,10 @@ fn a_qcow2_without_a_backing_format_probes_its_backing_file_as_qemu_does() {
         .map(|l| l["format"].as_str().expect("format"))
         .collect();
     assert_eq!(formats, ["qcow2", "qcow2", "raw"]);
+    // Nothing is recorded, so nothing is shown, as qemu-img info shows it.
+    let top = json(&cowimg_in(d, &["info", "--json", "top.qcow2"]).ok());
+    assert_eq!(top["backing-filename"], "mid.qcow2");
+    assert!(top.get("backing-filename-format").is_none(), "{top}");
 }
 
 #[test]

@@ -198,7 +198,7 @@ fn qcow2_info(q: &Qcow2) -> anyhow::Result<LayerInfo> {
         backing_filename: backing.map(|(path, _)| path.clone()),
         full_backing_filename: backing
             .map(|(path, _)| display(&resolve_backing_path(q.path(), path))),
-        backing_filename_format: backing.map(|(_, format)| format.name()),
+        backing_filename_format: backing.and_then(|(_, format)| format.map(|f| f.name())),
         dirty_flag: h.incompatible & qcow2::INCOMPAT_DIRTY != 0,
         format_specific: Some(FormatSpecific {
             kind: "qcow2",

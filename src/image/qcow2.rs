@@ -45,8 +45,8 @@ pub struct Qcow2 {
     l1: Vec<u64>,
     /// The external data file, when the image has one.
     data_file: Option<DataFile>,
-    /// The backing file as recorded, and the format it is read in.
-    backing_recorded: Option<(String, BackingFormat)>,
+    /// The backing file's name and format as recorded (no format: probed when opened).
+    backing_recorded: Option<(String, Option<BackingFormat>)>,
     backing: Option<Layer>,
     l2_cache: Mutex<Vec<(u64, Arc<[u64]>)>>,
     l2_cache_tables: usize,
@@ -168,20 +168,17 @@ impl Qcow2 {
         };
         if let Some((name, format)) = image.header.backing.clone() {
             let resolved = super::resolve_backing_path(path, &name);
-            let format = match format.as_deref() {
-                Some(name) => BackingFormat::parse(name).ok_or_else(|| Error::Invalid {
+            let recorded = match format.as_deref() {
+                Some(name) => Some(BackingFormat::parse(name).ok_or_else(|| Error::Invalid {
                     path: path.into(),
                     reason: format!(
                         "backing file {} has format '{name}', which cowimg does not read (raw, qcow2, cowimg)",
                         resolved.display()
                     ),
-                })?,
-                // Without the backing format extension qemu probes the backing file, and so
-                // does this (qcow2 or raw only); the format cowimg records is never probed.
-                None if opts.without_backing => BackingFormat::Raw,
-                None => probe_qcow2_or_raw(&resolved)?,
+                })?),
+                None => None,
             };
-            image.backing_recorded = Some((name, format));
+            image.backing_recorded = Some((name, recorded));
             if !opts.without_backing {
                 let backing_opts = OpenOptions {
                     read_only: true,
@@ -190,6 +187,14 @@ impl Qcow2 {
                 };
                 let mut chain = above.to_vec();
                 chain.push((path.to_path_buf(), id));
+                // Checked before the probe opens it, as every file of a chain is.
+                check_chain(&resolved, super::stat_openable(&resolved)?, &chain)?;
+                // Without the backing format extension qemu probes the backing file, and so
+                // does this (qcow2 or raw only); the format cowimg records is never probed.
+                let format = match recorded {
+                    Some(format) => format,
+                    None => probe_qcow2_or_raw(&resolved)?,
+                };
                 image.backing = Some(Layer::open_below(&resolved, format, &backing_opts, &chain)?);
             }
         }
@@ -213,8 +218,9 @@ impl Qcow2 {
     pub fn backing(&self) -> Option<&Layer> {
         self.backing.as_ref()
     }
-    /// The backing file's name as recorded in the header, and the format it is read in.
-    pub fn backing_recorded(&self) -> Option<&(String, BackingFormat)> {
+    /// The backing file's name and format as recorded in the header (a qcow2 without the
+    /// backing format extension records none).
+    pub fn backing_recorded(&self) -> Option<&(String, Option<BackingFormat>)> {
         self.backing_recorded.as_ref()
     }
     /// The external data file's path, resolved.
