@@ -742,3 +742,27 @@ fn reads_at_random_offsets_and_lengths_agree_with_qemu_for_each_kind_of_qcow2() 
         }
     }
 }
+
+#[test]
+fn opening_a_qcow2_as_a_cowimg_image_names_it_as_qcow2_not_as_corrupt() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    make_qcow2_images(d);
+    let opts = cowimg::image::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let e = cowimg::image::Image::open(&d.join("top.qcow2"), &opts)
+        .err()
+        .expect("a qcow2 is not a cowimg image");
+    let message = e.to_string();
+    assert!(
+        message.contains("top.qcow2: is a qcow2 image, not a cowimg image"),
+        "{message}"
+    );
+    assert!(message.contains("-F qcow2"), "{message}");
+    assert!(!message.contains("corrupt"), "{message}");
+}
