@@ -763,5 +763,50 @@ mod tests {
                 len: 0x30000 + 3 * 512 - 0x30100
             })
         );
+        let into_header = COMPRESSED | 0x100;
+        assert!(decode_l2(into_header, None, &h)
+            .unwrap_err()
+            .contains("header"));
+    }
+
+    #[test]
+    fn extended_l2_bitmaps_decode_and_contradictions_are_refused() {
+        let mut b = written(None);
+        BE::write_u64(&mut b[OFF_INCOMPATIBLE..], INCOMPAT_EXTENDED_L2);
+        // 16-byte entries map half as much per L2 table: 1 GiB needs 4 L1 entries.
+        BE::write_u32(&mut b[OFF_L1_SIZE..], 4);
+        let h = Qcow2Header::from_first_cluster(&b, 0x30000).expect("decodes");
+        assert_eq!(h.l2_entry_size(), 16);
+        let host = COPIED | 0x50000;
+        assert_eq!(
+            decode_l2(host, Some(u32::MAX as u64), &h),
+            Ok(ClusterMapping::Data(0x50000))
+        );
+        assert_eq!(
+            decode_l2(0, Some((u32::MAX as u64) << 32), &h),
+            Ok(ClusterMapping::Zero)
+        );
+        assert_eq!(
+            decode_l2(host, Some(0b01 | (0b10 << 32)), &h),
+            Ok(ClusterMapping::Subclusters {
+                host: Some(0x50000),
+                allocated: 0b01,
+                zero: 0b10
+            })
+        );
+        // Allocated and zero at once, allocated without a host cluster, the standard zero
+        // flag, and a compressed cluster with a bitmap are all refused.
+        assert!(decode_l2(host, Some(1 | (1 << 32)), &h).is_err());
+        assert!(decode_l2(0, Some(1), &h).is_err());
+        assert!(decode_l2(host | 1, Some(0), &h).is_err());
+        assert!(decode_l2(COMPRESSED | 0x30000, Some(1), &h).is_err());
+    }
+
+    #[test]
+    fn the_zero_flag_is_refused_in_version_2() {
+        let mut b = written(None);
+        BE::write_u32(&mut b[OFF_VERSION..], 2);
+        let h = Qcow2Header::from_first_cluster(&b, 0x30000).expect("decodes");
+        assert!(decode_l2(1, None, &h).unwrap_err().contains("version 2"));
     }
 }
