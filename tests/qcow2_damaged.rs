@@ -346,3 +346,32 @@ fn a_qcow2_chain_deeper_than_64_files_is_refused() {
     // 64 files in all is the most that opens.
     cowimg_in(d, &["convert", "-O", "raw", "l63.qcow2", "ok.raw"]).ok();
 }
+
+#[test]
+fn a_qcow2_marked_corrupt_or_dirty_is_read_as_qemu_reads_it_read_only() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let s = sample(d, false);
+    for (name, bit) in [("corrupt.qcow2", 1u64 << 1), ("dirty.qcow2", 1 << 0)] {
+        let mut bytes = s.bytes.clone();
+        bytes[0x48..0x50].copy_from_slice(&bit.to_be_bytes());
+        write_file(&d.join(name), &bytes);
+        let expected = d.join(format!("{name}.qemu.raw"));
+        qemu_in(
+            d,
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                name,
+                expected.to_str().expect("utf-8"),
+            ],
+        )
+        .ok();
+        assert_same_bytes(&contents(d, name), &read_file(&expected), name);
+    }
+}
