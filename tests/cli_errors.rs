@@ -62,8 +62,8 @@ fn unknown_flags_and_formats_exit_1_not_clap_s_2() {
     assert_fails(&run, 1, &["--bogus"]);
     let run = cowimg_in(d, &["frobnicate"]);
     assert_fails(&run, 1, &["frobnicate"]);
-    let run = cowimg_in(d, &["create", "-b", "x", "-F", "qcow2", "y.cow"]);
-    assert_fails(&run, 1, &["unknown format 'qcow2'"]);
+    let run = cowimg_in(d, &["create", "-b", "x", "-F", "vmdk", "y.cow"]);
+    assert_fails(&run, 1, &["unknown format 'vmdk'"]);
     let run = cowimg_in(d, &["convert", "-O", "vmdk", "x", "y"]);
     assert_fails(&run, 1, &["unknown output format 'vmdk'"]);
     let run = cowimg_in(d, &["io", "-U", "x.cow", "-c", "read 0 1"]);

@@ -512,8 +512,28 @@ fn field_changes() -> Vec<(&'static str, SlotChange, Expect)> {
             Expect::Field("cluster_bits", 0x28),
         ),
         (
-            "backing_format 3",
+            "backing_format 3 (qcow2) without incompatible bit 0",
             Box::new(|s| s[0x29] = 3),
+            Expect::Field("incompatible_features", 0x10),
+        ),
+        (
+            "backing_format 3 (qcow2) with incompatible bit 0",
+            Box::new(|s| {
+                s[0x29] = 3;
+                put(s, 0x10, &1u64.to_le_bytes());
+            }),
+            Expect::Accepted(|h| {
+                matches!(&h.backing, Some((_, cowimg::format::BackingFormat::Qcow2)))
+            }),
+        ),
+        (
+            "incompatible bit 0 with a raw backing file",
+            Box::new(|s| put(s, 0x10, &1u64.to_le_bytes())),
+            Expect::Field("incompatible_features", 0x10),
+        ),
+        (
+            "backing_format 4",
+            Box::new(|s| s[0x29] = 4),
             Expect::Field("backing_format", 0x29),
         ),
         (

@@ -1,4 +1,5 @@
-//! `cowimg convert`: copy an image, its backing chain merged, to a new raw or cowimg file.
+//! `cowimg convert`: copy an image, its backing chain merged, to a new raw, cowimg or qcow2
+//! file.
 use super::progress::Progress;
 use super::size::{parse_cluster_size, parse_size};
 use super::source::{self, ImageFormat};
@@ -26,15 +27,15 @@ pub struct ConvertArgs {
     /// Format of DST.
     #[arg(short = 'O', value_name = "FMT", value_parser = parse_output_format, default_value = "raw")]
     pub output_format: OutputFormat,
-    /// For cowimg output: a backing file for DST (recorded as given, relative to DST's
+    /// For cowimg and qcow2 output: a backing file for DST (recorded as given, relative to DST's
     /// directory); only what differs from it is copied.
     #[arg(short = 'B', value_name = "BACKING")]
     pub backing: Option<String>,
-    /// Format of the -B backing file: raw or cowimg.
+    /// Format of the -B backing file: raw, cowimg or qcow2 (qcow2 output: raw or qcow2).
     #[arg(short = 'F', value_name = "FMT", value_parser = parse_format)]
     pub backing_format: Option<BackingFormat>,
-    /// For cowimg output: the cluster size, a power of two from 4K to 2M (default 64K);
-    /// also -o cluster_size=SIZE.
+    /// For cowimg and qcow2 output: the cluster size, a power of two from 4K to 2M (default
+    /// 64K); also -o cluster_size=SIZE.
     #[arg(long = "cluster-size", value_name = "CLUSTER_SIZE", value_parser = parse_cluster_size)]
     pub cluster_size: Option<u64>,
     /// Options of the output format: cluster_size=SIZE (cowimg).
@@ -106,8 +107,9 @@ fn parse_output_format(text: &str) -> Result<OutputFormat, String> {
     match text {
         "raw" => Ok(OutputFormat::Raw),
         "cowimg" => Ok(OutputFormat::Cowimg),
+        "qcow2" => Ok(OutputFormat::Qcow2),
         _ => Err(format!(
-            "unknown output format '{text}': expected raw or cowimg"
+            "unknown output format '{text}': expected raw, cowimg or qcow2"
         )),
     }
 }
@@ -136,13 +138,13 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     };
     if args.output_format == OutputFormat::Raw {
         if backing.is_some() {
-            bail!("-B needs -O cowimg: a raw file has no backing file");
+            bail!("-B needs -O cowimg or -O qcow2: a raw file has no backing file");
         }
         if cluster_size.is_some() {
-            bail!("a cluster size needs -O cowimg: a raw file has no clusters");
+            bail!("a cluster size needs -O cowimg or -O qcow2: a raw file has no clusters");
         }
     } else if args.cache == CacheMode::Unsafe {
-        bail!("-t unsafe needs -O raw: a cowimg image orders its writes with flushes");
+        bail!("-t unsafe needs -O raw: a cowimg or qcow2 image orders its writes with flushes");
     }
     if args.no_create {
         if backing.is_some() {
@@ -179,6 +181,9 @@ fn check_existing_target(destination: &Path, output: OutputFormat) -> anyhow::Re
     let wanted = match output {
         OutputFormat::Raw => ImageFormat::Raw,
         OutputFormat::Cowimg => ImageFormat::Cowimg,
+        OutputFormat::Qcow2 => bail!(
+            "-n with -O qcow2 is not supported: cowimg writes qcow2 images whole, as new files"
+        ),
     };
     if found != wanted {
         bail!(
@@ -215,10 +220,17 @@ fn refuse_to_overwrite_an_input(
                 }
             );
         }
-        layer = match current {
-            Layer::Cowimg(image) => image.backing(),
-            _ => None,
-        };
+        // A qcow2's external data file holds its data: it is an input too.
+        if let Layer::Qcow2(q) = current {
+            if q.data_file_path().and_then(file_identity) == Some(target) {
+                bail!(
+                    "{}: is the external data file of {}; refusing to overwrite it",
+                    destination.display(),
+                    q.path().display()
+                );
+            }
+        }
+        layer = current.backing();
     }
     if let Some((recorded, _)) = backing {
         if file_identity(&resolve_backing_path(destination, recorded)) == Some(target) {

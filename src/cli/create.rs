@@ -191,6 +191,18 @@ fn check_backing_opens(image: &Path, recorded: &str, format: BackingFormat) -> a
     };
     match Layer::open(&resolved, format, &opts) {
         Ok(_) => Ok(()),
+        // A file that is there but holds another format: say so, naming both (the same
+        // check the open of an overlay makes), not "could not open".
+        Err(_)
+            if matches!(
+                crate::image::check_recorded_format(&resolved, format),
+                Err(crate::Error::Invalid { .. })
+            ) =>
+        {
+            Err(crate::image::check_recorded_format(&resolved, format)
+                .expect_err("checked just above")
+                .into())
+        }
         Err(e) => bail!(
             "{}: could not open backing file '{recorded}' as {} ({e}); use -u to create \
              the image without opening it",

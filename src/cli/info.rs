@@ -2,6 +2,8 @@
 use super::size::human_size;
 use super::source::{self, ImageFormat};
 use super::{open_read_only, open_without_backing, print_json, OutputArg};
+use crate::format::qcow2;
+use crate::image::qcow2::Qcow2;
 use crate::image::{resolve_backing_path, Image, Layer};
 use clap::Args;
 use serde::Serialize;
@@ -57,7 +59,33 @@ pub struct LayerInfo {
 pub struct FormatSpecific {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub data: CowimgDetails,
+    pub data: FormatDetails,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum FormatDetails {
+    Cowimg(CowimgDetails),
+    Qcow2(Qcow2Details),
+}
+
+/// What `qemu-img info` shows of a qcow2, with its field names.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Details {
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: &'static str,
+    pub compression_type: &'static str,
+    /// These three exist in version 3 only; qemu-img leaves them out for version 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    pub refcount_bits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,20 +144,63 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
 /// Every layer from `image` down.
 fn chain_info(image: &Image) -> anyhow::Result<Vec<LayerInfo>> {
     let mut layers = vec![cowimg_info(image)];
-    let mut below = image.backing();
-    while let Some(layer) = below {
-        match layer {
-            Layer::Cowimg(image) => {
-                layers.push(cowimg_info(image));
-                below = image.backing();
-            }
-            Layer::Raw(_) => {
-                layers.push(raw_info(layer)?);
-                below = None;
-            }
-        }
+    if let Some(below) = image.backing() {
+        layers.extend(layers_from(below)?);
     }
     Ok(layers)
+}
+
+/// `layer` and every layer below it.
+fn layers_from(layer: &Layer) -> anyhow::Result<Vec<LayerInfo>> {
+    let mut layers = Vec::new();
+    let mut below = Some(layer);
+    while let Some(layer) = below {
+        layers.push(match layer {
+            Layer::Cowimg(image) => cowimg_info(image),
+            Layer::Qcow2(q) => qcow2_info(q)?,
+            Layer::Raw(_) => raw_info(layer)?,
+        });
+        below = layer.backing();
+    }
+    Ok(layers)
+}
+
+fn qcow2_info(q: &Qcow2) -> anyhow::Result<LayerInfo> {
+    let metadata = std::fs::metadata(q.path()).map_err(|source| crate::Error::File {
+        path: q.path().into(),
+        op: "reading metadata",
+        source,
+    })?;
+    let backing = q.backing_recorded();
+    let h = q.header();
+    let v3 = h.version >= 3;
+    Ok(LayerInfo {
+        filename: display(q.path()),
+        format: "qcow2",
+        virtual_size: q.virtual_size(),
+        actual_size: metadata.blocks() * 512,
+        cluster_size: Some(q.header().cluster_size()),
+        backing_filename: backing.map(|(path, _)| path.clone()),
+        full_backing_filename: backing
+            .map(|(path, _)| display(&resolve_backing_path(q.path(), path))),
+        backing_filename_format: backing.and_then(|(_, format)| format.map(|f| f.name())),
+        dirty_flag: h.incompatible & qcow2::INCOMPAT_DIRTY != 0,
+        format_specific: Some(FormatSpecific {
+            kind: "qcow2",
+            data: FormatDetails::Qcow2(Qcow2Details {
+                compat: if h.version == 2 { "0.10" } else { "1.1" },
+                compression_type: match h.compression {
+                    qcow2::Compression::Zlib => "zlib",
+                    qcow2::Compression::Zstd => "zstd",
+                },
+                lazy_refcounts: v3.then_some(h.compatible & qcow2::COMPAT_LAZY_REFCOUNTS != 0),
+                refcount_bits: 1 << h.refcount_order,
+                corrupt: v3.then_some(h.incompatible & qcow2::INCOMPAT_CORRUPT != 0),
+                extended_l2: v3.then_some(h.extended_l2()),
+                data_file: h.data_file.clone(),
+            }),
+        }),
+    })
 }
 
 pub fn cowimg_info(image: &Image) -> LayerInfo {
@@ -149,7 +220,7 @@ pub fn cowimg_info(image: &Image) -> LayerInfo {
         dirty_flag: false,
         format_specific: Some(FormatSpecific {
             kind: "cowimg",
-            data: CowimgDetails {
+            data: FormatDetails::Cowimg(CowimgDetails {
                 sub_cluster_size: image.geometry().unit_size(),
                 generation: stats.generation,
                 journal_used: stats.journal_used,
@@ -157,7 +228,7 @@ pub fn cowimg_info(image: &Image) -> LayerInfo {
                 mapped_clusters: stats.mapped_clusters,
                 zero_clusters: stats.zero_run_clusters,
                 file_length: stats.file_length,
-            },
+            }),
         }),
     }
 }
@@ -210,8 +281,33 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
     if let Some(format) = layer.backing_filename_format {
         writeln!(out, "backing file format: {format}")?;
     }
-    if let Some(specific) = &layer.format_specific {
-        let d = &specific.data;
+    if let Some(FormatSpecific {
+        data: FormatDetails::Qcow2(d),
+        ..
+    }) = &layer.format_specific
+    {
+        writeln!(out, "Format specific information:")?;
+        writeln!(out, "    compat: {}", d.compat)?;
+        writeln!(out, "    compression type: {}", d.compression_type)?;
+        if let Some(lazy) = d.lazy_refcounts {
+            writeln!(out, "    lazy refcounts: {lazy}")?;
+        }
+        writeln!(out, "    refcount bits: {}", d.refcount_bits)?;
+        if let Some(corrupt) = d.corrupt {
+            writeln!(out, "    corrupt: {corrupt}")?;
+        }
+        if let Some(extended) = d.extended_l2 {
+            writeln!(out, "    extended l2: {extended}")?;
+        }
+        if let Some(data_file) = &d.data_file {
+            writeln!(out, "    data file: {data_file}")?;
+        }
+    }
+    if let Some(FormatSpecific {
+        data: FormatDetails::Cowimg(d),
+        ..
+    }) = &layer.format_specific
+    {
         writeln!(out, "Format specific information:")?;
         writeln!(out, "    sub-cluster size: {}", d.sub_cluster_size)?;
         writeln!(out, "    generation: {}", d.generation)?;
@@ -230,7 +326,17 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
 /// The layers `info` shows for a file: the image, or its whole chain.
 fn file_layers(args: &InfoArgs) -> anyhow::Result<Vec<LayerInfo>> {
     let detected = source::detect(&args.image, args.format)?;
-    Ok(if detected.format != ImageFormat::Cowimg {
+    Ok(if detected.format == ImageFormat::Qcow2 {
+        // As for cowimg, the backing chain is opened only for --backing-chain.
+        let opts = crate::image::OpenOptions {
+            read_only: true,
+            force_share: args.force_share,
+            without_backing: !args.backing_chain,
+            ..Default::default()
+        };
+        let top = Layer::open(&args.image, crate::format::BackingFormat::Qcow2, &opts)?;
+        layers_from(&top)?
+    } else if detected.format != ImageFormat::Cowimg {
         let layer = source::open_layer(&args.image, detected, args.force_share)?;
         vec![raw_info(&layer)?]
     } else if args.backing_chain {

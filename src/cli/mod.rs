@@ -179,7 +179,7 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 /// Parses `-F`/`-f` values.
 pub fn parse_format(text: &str) -> Result<BackingFormat, String> {
     BackingFormat::parse(text)
-        .ok_or_else(|| format!("unknown format '{text}': expected raw or cowimg"))
+        .ok_or_else(|| format!("unknown format '{text}': expected raw, cowimg or qcow2"))
 }
 
 /// Pairs `-b` with `-F`. The backing format is recorded in the header and never probed, so
@@ -192,7 +192,7 @@ pub fn backing_option(
         (None, None) => Ok(None),
         (None, Some(_)) => bail!("-F (backing format) needs -b (backing file)"),
         (Some(path), None) => bail!(
-            "backing format must be given with -F raw or -F cowimg for backing file '{path}' \
+            "backing format must be given with -F raw, -F cowimg or -F qcow2 for backing file '{path}' \
              (the format is recorded, never probed)"
         ),
         (Some(path), Some(format)) => Ok(Some((path, format))),

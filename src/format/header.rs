@@ -9,7 +9,7 @@
 //! 0x018  8    compatible_features (none defined; unknown bits are ignored)
 //! 0x020  8    generation (<= 2^62): the valid slot with the larger generation is current
 //! 0x028  1    cluster_bits (12..=21)
-//! 0x029  1    backing_format (0 none, 1 raw, 2 cowimg)
+//! 0x029  1    backing_format (0 none, 1 raw, 2 cowimg, 3 qcow2)
 //! 0x02a  2    backing_path_len (0..=2048)
 //! 0x02c  4    reserved, zero
 //! 0x030  8    virtual_size in bytes (<= 2^60)
@@ -31,8 +31,11 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 pub const MAGIC: [u8; 8] = *b"\x89COWIMG\n";
 pub const VERSION: u32 = 1;
 pub const HEADER_SLOT_SIZE: usize = 4096;
-/// No incompatible feature is defined in version 1.
-pub const SUPPORTED_INCOMPATIBLE: u64 = 0;
+/// Incompatible bit 0: the backing file is a qcow2 image (backing_format 3). It is set
+/// exactly when backing_format is 3, so that a build that predates qcow2 backing files
+/// refuses the image as using a feature it does not know (FORMAT.md, "Feature bits").
+pub const INCOMPAT_QCOW2_BACKING: u64 = 1 << 0;
+pub const SUPPORTED_INCOMPATIBLE: u64 = INCOMPAT_QCOW2_BACKING;
 pub const MAX_BACKING_PATH: usize = 2048;
 /// Generations grow by one per checkpoint or header change, so real images never come near
 /// this; refusing larger ones keeps `generation + 1` from overflowing (a wrapped generation
@@ -66,6 +69,9 @@ const OFF_CRC: usize = HEADER_SLOT_SIZE - 4;
 pub enum BackingFormat {
     Raw,
     Cowimg,
+    /// Read-only: cowimg reads qcow2 files (and their own backing chains) but never writes
+    /// into one.
+    Qcow2,
 }
 
 impl BackingFormat {
@@ -73,12 +79,14 @@ impl BackingFormat {
         match self {
             BackingFormat::Raw => "raw",
             BackingFormat::Cowimg => "cowimg",
+            BackingFormat::Qcow2 => "qcow2",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "raw" => Some(BackingFormat::Raw),
             "cowimg" => Some(BackingFormat::Cowimg),
+            "qcow2" => Some(BackingFormat::Qcow2),
             _ => None,
         }
     }
@@ -117,7 +125,11 @@ impl Header {
         b[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);
         LE::write_u32(&mut b[OFF_VERSION..], VERSION);
         LE::write_u32(&mut b[OFF_HEADER_SIZE..], HEADER_SLOT_SIZE as u32);
-        LE::write_u64(&mut b[OFF_INCOMPAT..], 0);
+        let incompatible = match &self.backing {
+            Some((_, BackingFormat::Qcow2)) => INCOMPAT_QCOW2_BACKING,
+            _ => 0,
+        };
+        LE::write_u64(&mut b[OFF_INCOMPAT..], incompatible);
         LE::write_u64(&mut b[OFF_COMPAT..], self.compatible_features);
         LE::write_u64(&mut b[OFF_GENERATION..], self.generation);
         b[OFF_CLUSTER_BITS] = self.cluster_bits as u8;
@@ -125,6 +137,7 @@ impl Header {
             None => (0, &[]),
             Some((p, BackingFormat::Raw)) => (1, p.as_bytes()),
             Some((p, BackingFormat::Cowimg)) => (2, p.as_bytes()),
+            Some((p, BackingFormat::Qcow2)) => (3, p.as_bytes()),
         };
         b[OFF_BACKING_FORMAT] = fmt;
         LE::write_u16(&mut b[OFF_BACKING_LEN..], path.len() as u16);
@@ -196,6 +209,13 @@ impl Header {
         }
         let path_bytes = &b[OFF_BACKING_PATH..OFF_BACKING_PATH + path_len];
         let backing = match b[OFF_BACKING_FORMAT] {
+            0 if path_len == 0 && incompatible & INCOMPAT_QCOW2_BACKING != 0 => {
+                return Err(invalid(
+                    "incompatible_features",
+                    OFF_INCOMPAT,
+                    "bit 0 (qcow2 backing file) is set without a backing file",
+                ))
+            }
             0 if path_len == 0 => None,
             0 => {
                 return Err(invalid(
@@ -204,7 +224,7 @@ impl Header {
                     "none, but a backing path is set",
                 ))
             }
-            f @ (1 | 2) => {
+            f @ (1..=3) => {
                 if path_len == 0 {
                     return Err(invalid(
                         "backing_path_len",
@@ -217,11 +237,18 @@ impl Header {
                 if path.contains('\0') {
                     return Err(invalid("backing_path", OFF_BACKING_PATH, "contains NUL"));
                 }
-                let fmt = if f == 1 {
-                    BackingFormat::Raw
-                } else {
-                    BackingFormat::Cowimg
+                let fmt = match f {
+                    1 => BackingFormat::Raw,
+                    2 => BackingFormat::Cowimg,
+                    _ => BackingFormat::Qcow2,
                 };
+                if (fmt == BackingFormat::Qcow2) != (incompatible & INCOMPAT_QCOW2_BACKING != 0) {
+                    return Err(invalid(
+                        "incompatible_features",
+                        OFF_INCOMPAT,
+                        "bit 0 (qcow2 backing file) is set exactly when backing_format is 3",
+                    ));
+                }
                 Some((path.to_string(), fmt))
             }
             f => {
@@ -349,6 +376,23 @@ mod tests {
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(Header::from_bytes(&b).is_err(), "bit {bit} flip accepted");
         }
+    }
+
+    #[test]
+    fn a_qcow2_backing_file_sets_incompatible_bit_0_and_decodes_back() {
+        let mut h = sample();
+        h.backing = Some(("cloud.qcow2".into(), BackingFormat::Qcow2));
+        let b = h.to_bytes();
+        assert_eq!(b[OFF_BACKING_FORMAT], 3);
+        assert_eq!(LE::read_u64(&b[OFF_INCOMPAT..]), INCOMPAT_QCOW2_BACKING);
+        assert_eq!(Header::from_bytes(&b), Ok(h));
+        // Without the bit, backing_format 3 is refused (and the bit without format 3).
+        let mut b = b;
+        LE::write_u64(&mut b[OFF_INCOMPAT..], 0);
+        let crc = crc32(&[&b[..OFF_CRC]]);
+        LE::write_u32(&mut b[OFF_CRC..], crc);
+        let e = Header::from_bytes(&b).unwrap_err();
+        assert!(e.to_string().contains("incompatible_features"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod header;
 pub mod journal;
 pub mod map_entry;
+pub mod qcow2;
 
 pub use header::{BackingFormat, Header, HEADER_SLOT_SIZE};
 pub use journal::{JournalRecordHeader, JOURNAL_ITEM_SIZE, JOURNAL_RECORD_HEADER_SIZE};

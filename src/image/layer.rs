@@ -1,9 +1,12 @@
-//! A layer of a backing chain: a raw file or another cowimg image. Backing files are opened
-//! only here, with the format recorded in the overlay's header; their content is never
-//! probed.
+//! A layer of a backing chain: a raw file, another cowimg image, or a qcow2 image (read
+//! only). Backing files are opened only here, with the format recorded in the overlay's
+//! header; their content is never probed, but content that contradicts the recorded format
+//! is reported (see [`check_recorded_format`]).
+use super::qcow2::Qcow2;
 use super::FileId;
 use super::{Extent, ExtentKind, Image, OpenOptions};
 use crate::error::{Error, Result};
+use crate::format::header::MAGIC;
 use crate::format::BackingFormat;
 use crate::storage::{file_size, is_block_device, next_data_in, next_hole_in};
 use std::fs::File;
@@ -13,6 +16,11 @@ use std::path::{Path, PathBuf};
 /// Backing chains deeper than this are refused: it bounds recursion. (Loops are found by
 /// file identity before this bound is reached; see [`check_chain`].)
 pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// Why a write into a qcow2 layer (a commit into a qcow2 backing file) is refused.
+pub const QCOW2_WRITE_REFUSED: &str = "is a qcow2 image, which cowimg reads but never \
+    writes (commit into a qcow2 backing file is not supported); use `cowimg convert -O qcow2` \
+    or `-O cowimg` to make a new image of the merged chain";
 
 /// The files of a chain above the one being opened, top first, with their identities.
 pub(crate) type ChainAbove = [(PathBuf, FileId)];
@@ -45,6 +53,88 @@ pub(crate) fn check_chain(path: &Path, id: FileId, above: &ChainAbove) -> Result
 pub enum Layer {
     Raw(RawFile),
     Cowimg(Box<Image>),
+    /// Read-only: writes into it are refused.
+    Qcow2(Box<Qcow2>),
+}
+
+/// Names what the first bytes of a file are, for messages about a format that does not
+/// match: "starts with a qcow2 header", "starts with a cowimg header", or "has neither".
+pub(crate) fn describe_content(start: &[u8]) -> &'static str {
+    if crate::format::qcow2::has_magic(start) {
+        "it starts with a qcow2 header"
+    } else if start.len() >= MAGIC.len() && start[..MAGIC.len()] == MAGIC {
+        "it starts with a cowimg header"
+    } else {
+        "it has neither a cowimg nor a qcow2 header"
+    }
+}
+
+/// Checks a backing file's content against the format recorded for it, before it is opened
+/// in that format. A file recorded as cowimg without the cowimg magic in either header slot
+/// is refused with a message naming both formats (not as a corrupt image); a file recorded
+/// as raw that starts with a cowimg or qcow2 header is read as raw, as recorded, and the
+/// returned warning says so (a raw disk may begin with any bytes). A file recorded as qcow2
+/// must start with the qcow2 magic.
+pub fn check_recorded_format(path: &Path, format: BackingFormat) -> Result<Option<String>> {
+    let (file, _) = super::open_checked(path, false)?;
+    let mut start = [0u8; 8];
+    let n = read_up_to(&file, &mut start, 0);
+    let start = &start[..n];
+    match format {
+        BackingFormat::Raw => {
+            let found = if crate::format::qcow2::has_magic(start) {
+                "qcow2"
+            } else if start == MAGIC {
+                "cowimg"
+            } else {
+                return Ok(None);
+            };
+            Ok(Some(format!(
+                "{} is recorded as raw but starts with a {found} header; reading it as raw",
+                path.display()
+            )))
+        }
+        BackingFormat::Cowimg => {
+            let mut second = [0u8; 8];
+            let m = read_up_to(&file, &mut second, crate::format::HEADER_SLOT_SIZE as u64);
+            if start == MAGIC || second[..m] == MAGIC {
+                return Ok(None);
+            }
+            Err(Error::Invalid {
+                path: path.into(),
+                reason: format!(
+                    "is recorded as cowimg but has no cowimg header ({})",
+                    describe_content(start)
+                ),
+            })
+        }
+        BackingFormat::Qcow2 if crate::format::qcow2::has_magic(start) => Ok(None),
+        BackingFormat::Qcow2 => Err(Error::Invalid {
+            path: path.into(),
+            reason: format!(
+                "is recorded as qcow2 but has no qcow2 header ({})",
+                describe_content(start)
+            ),
+        }),
+    }
+}
+
+/// Reads what there is of `buf.len()` bytes at `offset` (a short file gives fewer).
+fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => done += n,
+        }
+    }
+    done
+}
+
+/// Prints a warning about a backing file on stderr: the library has no other channel to the
+/// user, and a warning must not stop the open.
+pub(crate) fn warn(text: &str) {
+    eprintln!("cowimg: warning: {text}");
 }
 
 pub struct RawFile {
@@ -133,6 +223,14 @@ impl Layer {
         opts: &OpenOptions,
         above: &ChainAbove,
     ) -> Result<Layer> {
+        // A backing file's content is checked against its recorded format (the top file's
+        // format is the caller's choice, made by probing or by -f).
+        if !above.is_empty() {
+            check_chain(path, super::stat_openable(path)?, above)?;
+            if let Some(warning) = check_recorded_format(path, format)? {
+                warn(&warning);
+            }
+        }
         match format {
             BackingFormat::Raw => {
                 check_chain(path, super::stat_openable(path)?, above)?;
@@ -143,6 +241,9 @@ impl Layer {
             BackingFormat::Cowimg => Ok(Layer::Cowimg(Box::new(Image::open_in_chain(
                 path, opts, above,
             )?))),
+            BackingFormat::Qcow2 => Ok(Layer::Qcow2(Box::new(Qcow2::open_below(
+                path, opts, above,
+            )?))),
         }
     }
 
@@ -150,6 +251,7 @@ impl Layer {
         match self {
             Layer::Raw(r) => &r.path,
             Layer::Cowimg(i) => i.path(),
+            Layer::Qcow2(q) => q.path(),
         }
     }
 
@@ -157,6 +259,7 @@ impl Layer {
         match self {
             Layer::Raw(_) => BackingFormat::Raw,
             Layer::Cowimg(_) => BackingFormat::Cowimg,
+            Layer::Qcow2(_) => BackingFormat::Qcow2,
         }
     }
 
@@ -164,6 +267,7 @@ impl Layer {
         match self {
             Layer::Raw(r) => r.size,
             Layer::Cowimg(i) => i.virtual_size(),
+            Layer::Qcow2(q) => q.virtual_size(),
         }
     }
 
@@ -182,6 +286,34 @@ impl Layer {
                 buf[avail..].fill(0);
                 Ok(())
             }
+            Layer::Qcow2(q) => {
+                let avail = q
+                    .virtual_size()
+                    .saturating_sub(offset)
+                    .min(buf.len() as u64) as usize;
+                if avail > 0 {
+                    q.read_at(&mut buf[..avail], offset)?;
+                }
+                buf[avail..].fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The layer below this one, if any.
+    pub fn backing(&self) -> Option<&Layer> {
+        match self {
+            Layer::Raw(_) => None,
+            Layer::Cowimg(i) => i.backing(),
+            Layer::Qcow2(q) => q.backing(),
+        }
+    }
+
+    /// The error for a write into a qcow2 layer, which cowimg only reads.
+    fn qcow2_read_only(q: &Qcow2) -> Error {
+        Error::Invalid {
+            path: q.path().into(),
+            reason: QCOW2_WRITE_REFUSED.into(),
         }
     }
 
@@ -198,6 +330,7 @@ impl Layer {
                     .map_err(|e| r.io_err("writing", offset, e))
             }
             Layer::Cowimg(i) => i.write_at(buf, offset),
+            Layer::Qcow2(q) => Err(Self::qcow2_read_only(q)),
         }
     }
 
@@ -244,6 +377,7 @@ impl Layer {
                 Ok(())
             }
             Layer::Cowimg(i) => i.write_zeroes(offset, len),
+            Layer::Qcow2(q) => Err(Self::qcow2_read_only(q)),
         }
     }
 
@@ -260,6 +394,8 @@ impl Layer {
         match self {
             Layer::Raw(r) => r.file.sync_data().map_err(|e| r.io_err("syncing", 0, e)),
             Layer::Cowimg(i) => i.flush(),
+            // Nothing of a qcow2 layer is ever written.
+            Layer::Qcow2(_) => Ok(()),
         }
     }
 
@@ -273,6 +409,11 @@ impl Layer {
             Layer::Cowimg(i) => {
                 if inside_end > offset {
                     i.status_at_depth(offset, inside_end - offset, depth, out)?;
+                }
+            }
+            Layer::Qcow2(q) => {
+                if inside_end > offset {
+                    q.status(offset, inside_end - offset, depth, out)?;
                 }
             }
             Layer::Raw(r) if r.block_device => {
@@ -344,6 +485,7 @@ impl Layer {
         match self {
             Layer::Raw(_) => 1,
             Layer::Cowimg(i) => 1 + i.backing().map_or(0, |b| b.chain_len()),
+            Layer::Qcow2(q) => 1 + q.backing().map_or(0, |b| b.chain_len()),
         }
     }
 }

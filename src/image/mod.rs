@@ -19,10 +19,12 @@ mod free_clusters;
 mod layer;
 mod open;
 pub mod ops;
+pub mod qcow2;
+mod qcow2_write;
 #[cfg(test)]
 mod tests;
 
-pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
+pub use layer::{check_recorded_format, Layer, RawFile, MAX_CHAIN_DEPTH};
 pub use open::resolve_backing_path;
 
 use crate::error::{Error, Result};

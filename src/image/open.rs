@@ -73,6 +73,17 @@ pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
 impl Image {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+        // The format given is recorded, never probed; content that contradicts it is
+        // reported now rather than at the first open. (A backing file that does not exist
+        // yet is allowed when a size is given, as before.)
+        if let Some((recorded, fmt)) = &opts.backing {
+            let resolved = resolve_backing_path(path, recorded);
+            if super::stat_openable(&resolved).is_ok() {
+                if let Some(warning) = super::layer::check_recorded_format(&resolved, *fmt)? {
+                    super::layer::warn(&warning);
+                }
+            }
+        }
         let size = match (opts.size, &opts.backing) {
             (Some(s), _) => s,
             (None, Some((p, fmt))) => {
@@ -129,6 +140,7 @@ impl Image {
         check_chain(path, super::stat_openable(path)?, above)?;
         let (file, id) = open_locked(path, !opts.read_only, opts.force_share)?;
         check_chain(path, id, above)?;
+        refuse_a_qcow2(path, &file)?;
         let lock_holder = file.try_clone().map_err(|source| Error::File {
             path: path.into(),
             op: "opening",
@@ -196,6 +208,32 @@ impl Image {
     pub fn attach_backing(&mut self, layer: Layer) {
         self.backing = Some(layer);
     }
+}
+
+/// A qcow2 file opened as a cowimg image (a command that needs a cowimg image, given a
+/// qcow2) is named for what it is, not reported as a cowimg image with a corrupt header.
+/// Only the qcow2 magic at offset 0 with no cowimg magic in the second header slot counts:
+/// any other damage to a cowimg header stays corruption.
+fn refuse_a_qcow2(path: &Path, file: &std::fs::File) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut start = [0u8; 4];
+    let mut second = [0u8; 8];
+    let is_qcow2 =
+        file.read_exact_at(&mut start, 0).is_ok() && crate::format::qcow2::has_magic(&start);
+    let has_second_slot = file
+        .read_exact_at(&mut second, HEADER_SLOT_SIZE as u64)
+        .is_ok()
+        && second == crate::format::header::MAGIC;
+    if is_qcow2 && !has_second_slot {
+        return Err(Error::Invalid {
+            path: path.into(),
+            reason: format!(
+                "is a qcow2 image, not a cowimg image (put an overlay on it with `cowimg create -b {0} -F qcow2`, or convert it with `cowimg convert -O cowimg {0}`)",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The header of a new image, after checking the options.

@@ -32,6 +32,13 @@ pub fn commit(image: &Image, keep_overlay: bool, progress: Progress) -> Result<C
         path: image.path().into(),
         reason: "has no backing file to commit into".into(),
     })?;
+    // Refused before anything is written: cowimg never writes into a qcow2 file.
+    if let Layer::Qcow2(q) = backing {
+        return Err(Error::Invalid {
+            path: q.path().into(),
+            reason: super::layer::QCOW2_WRITE_REFUSED.into(),
+        });
+    }
     if backing.size() < image.virtual_size() {
         return Err(Error::Invalid {
             path: backing.path().into(),
@@ -306,13 +313,14 @@ fn differing_spans(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
 pub enum OutputFormat {
     Raw,
     Cowimg,
+    Qcow2,
 }
 
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
     pub output: OutputFormat,
-    /// For cowimg output: the new image's backing file (path as recorded, format); only
-    /// what differs from it is stored.
+    /// For cowimg and qcow2 output: the new image's backing file (path as recorded,
+    /// format); only what differs from it is stored.
     pub backing: Option<(String, BackingFormat)>,
     pub cluster_size: u64,
     /// Whether the output reaches the disk before convert returns.
@@ -341,8 +349,8 @@ pub enum CacheMode {
     Unsafe,
 }
 
-/// Opens a file given on the command line as a source: `format` if given, else cowimg when
-/// the file starts with the cowimg magic, else raw (as qemu-img probes its inputs; backing
+/// Opens a file given on the command line as a source: `format` if given, else cowimg or
+/// qcow2 when the file starts with that format's magic, else raw (as qemu-img probes its inputs; backing
 /// files, by contrast, are never probed).
 pub fn open_source(path: &Path, format: Option<BackingFormat>) -> Result<Layer> {
     let format = match format {
@@ -350,9 +358,11 @@ pub fn open_source(path: &Path, format: Option<BackingFormat>) -> Result<Layer> 
         None => {
             let (file, _) = super::open_checked(path, false)?;
             let mut magic = [0u8; 8];
-            let is_cowimg = file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC;
-            if is_cowimg {
+            let read = file.read_exact_at(&mut magic, 0).is_ok();
+            if read && magic == MAGIC {
                 BackingFormat::Cowimg
+            } else if read && crate::format::qcow2::has_magic(&magic) {
+                BackingFormat::Qcow2
             } else {
                 BackingFormat::Raw
             }
@@ -391,6 +401,7 @@ pub fn convert(src: &Layer, dst: &Path, opts: &ConvertOptions, progress: Progres
     match opts.output {
         OutputFormat::Raw => convert_to_raw(src, dst, size, &extents, opts, progress),
         OutputFormat::Cowimg => convert_to_cowimg(src, dst, size, &extents, opts, progress),
+        OutputFormat::Qcow2 => convert_to_qcow2(src, dst, size, &extents, opts, progress),
     }
 }
 
@@ -447,6 +458,39 @@ fn too_small(dst: &Path, length: u64, size: u64) -> Error {
             "the existing target is {length} bytes, smaller than the source ({size} bytes)"
         ),
     }
+}
+
+fn convert_to_qcow2(
+    src: &Layer,
+    dst: &Path,
+    size: u64,
+    extents: &[super::Extent],
+    opts: &ConvertOptions,
+    progress: Progress,
+) -> Result<()> {
+    let data_ranges: Vec<(u64, u64)> = extents
+        .iter()
+        .filter(|e| e.kind == ExtentKind::Data)
+        .map(|e| (e.offset, e.length))
+        .collect();
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let base = match &opts.backing {
+        Some((name, format)) => Some(Layer::open(&resolve_backing_path(dst, name), *format, &ro)?),
+        None => None,
+    };
+    let out = super::qcow2_write::Qcow2Output {
+        size,
+        cluster_size: opts.cluster_size,
+        data_ranges: &data_ranges,
+        backing: match (&opts.backing, &base) {
+            (Some((name, format)), Some(layer)) => Some((name.as_str(), *format, layer)),
+            _ => None,
+        },
+    };
+    super::qcow2_write::write_qcow2(src, dst, &out, progress)
 }
 
 fn convert_to_raw(
