@@ -433,8 +433,14 @@ impl Transport for Socket {
     fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let r = match self {
-                Socket::Tcp(s) => (&*s as &TcpStream).read(buf),
-                Socket::Unix(s) => (&*s as &UnixStream).read(buf),
+                Socket::Tcp(s) => {
+                    let mut r: &TcpStream = s;
+                    r.read(buf)
+                }
+                Socket::Unix(s) => {
+                    let mut r: &UnixStream = s;
+                    r.read(buf)
+                }
             };
             match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

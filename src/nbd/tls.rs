@@ -227,86 +227,6 @@ mod der {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A DER length.
-    fn len(n: usize) -> Vec<u8> {
-        if n < 0x80 {
-            vec![n as u8]
-        } else {
-            vec![0x82, (n >> 8) as u8, n as u8]
-        }
-    }
-
-    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend(len(body.len()));
-        v.extend_from_slice(body);
-        v
-    }
-
-    fn name(cn: &str) -> Vec<u8> {
-        let country = tlv(0x30, &[tlv(0x06, &[0x55, 4, 6]), tlv(0x13, b"XX")].concat());
-        let common = tlv(
-            0x30,
-            &[tlv(0x06, &[0x55, 4, 3]), tlv(0x0c, cn.as_bytes())].concat(),
-        );
-        tlv(0x30, &[tlv(0x31, &country), tlv(0x31, &common)].concat())
-    }
-
-    fn certificate(subject_cn: &str) -> Vec<u8> {
-        let tbs = [
-            tlv(0xa0, &tlv(0x02, &[2])),
-            tlv(0x02, &[1]),
-            tlv(0x30, &tlv(0x06, &[0x2a, 0x86, 0x48])),
-            name("issuer"),
-            tlv(0x30, &[]),
-            name(subject_cn),
-        ]
-        .concat();
-        tlv(
-            0x30,
-            &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0])].concat(),
-        )
-    }
-
-    #[test]
-    fn the_subject_common_name_is_read_and_not_the_issuers() {
-        assert_eq!(
-            subject_common_name(&certificate("client-a")).as_deref(),
-            Some("client-a")
-        );
-    }
-
-    #[test]
-    fn a_truncated_or_garbled_certificate_has_no_name_and_no_panic() {
-        let cert = certificate("client-a");
-        for cut in 0..cert.len() {
-            let _ = subject_common_name(&cert[..cut]);
-        }
-        let mut flipped = cert.clone();
-        for i in 0..flipped.len() {
-            flipped[i] ^= 0xff;
-            let _ = subject_common_name(&flipped);
-            flipped[i] ^= 0xff;
-        }
-        assert_eq!(
-            subject_common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
-            None
-        );
-    }
-
-    #[test]
-    fn tls_modes_parse_as_nbdkit_spells_them() {
-        assert_eq!(TlsMode::parse("require"), Some(TlsMode::Require));
-        assert_eq!(TlsMode::parse("on"), Some(TlsMode::On));
-        assert_eq!(TlsMode::parse("off"), Some(TlsMode::Off));
-        assert_eq!(TlsMode::parse("yes"), None);
-    }
-}
-
 /// A connection after STARTTLS: rustls over the socket, shared by the connection's reader
 /// and writers. Records are read and written without blocking; the writer encrypts under
 /// the lock and sends outside it (under the connection's output lock, which keeps records
@@ -485,5 +405,85 @@ impl Transport for TlsSocket {
 
     fn shutdown(&self, how: Shutdown) {
         self.socket.shutdown(how)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DER length.
+    fn len(n: usize) -> Vec<u8> {
+        if n < 0x80 {
+            vec![n as u8]
+        } else {
+            vec![0x82, (n >> 8) as u8, n as u8]
+        }
+    }
+
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend(len(body.len()));
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn name(cn: &str) -> Vec<u8> {
+        let country = tlv(0x30, &[tlv(0x06, &[0x55, 4, 6]), tlv(0x13, b"XX")].concat());
+        let common = tlv(
+            0x30,
+            &[tlv(0x06, &[0x55, 4, 3]), tlv(0x0c, cn.as_bytes())].concat(),
+        );
+        tlv(0x30, &[tlv(0x31, &country), tlv(0x31, &common)].concat())
+    }
+
+    fn certificate(subject_cn: &str) -> Vec<u8> {
+        let tbs = [
+            tlv(0xa0, &tlv(0x02, &[2])),
+            tlv(0x02, &[1]),
+            tlv(0x30, &tlv(0x06, &[0x2a, 0x86, 0x48])),
+            name("issuer"),
+            tlv(0x30, &[]),
+            name(subject_cn),
+        ]
+        .concat();
+        tlv(
+            0x30,
+            &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0])].concat(),
+        )
+    }
+
+    #[test]
+    fn the_subject_common_name_is_read_and_not_the_issuers() {
+        assert_eq!(
+            subject_common_name(&certificate("client-a")).as_deref(),
+            Some("client-a")
+        );
+    }
+
+    #[test]
+    fn a_truncated_or_garbled_certificate_has_no_name_and_no_panic() {
+        let cert = certificate("client-a");
+        for cut in 0..cert.len() {
+            let _ = subject_common_name(&cert[..cut]);
+        }
+        let mut flipped = cert.clone();
+        for i in 0..flipped.len() {
+            flipped[i] ^= 0xff;
+            let _ = subject_common_name(&flipped);
+            flipped[i] ^= 0xff;
+        }
+        assert_eq!(
+            subject_common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+    }
+
+    #[test]
+    fn tls_modes_parse_as_nbdkit_spells_them() {
+        assert_eq!(TlsMode::parse("require"), Some(TlsMode::Require));
+        assert_eq!(TlsMode::parse("on"), Some(TlsMode::On));
+        assert_eq!(TlsMode::parse("off"), Some(TlsMode::Off));
+        assert_eq!(TlsMode::parse("yes"), None);
     }
 }
