@@ -19,11 +19,13 @@ mod free_clusters;
 mod layer;
 mod open;
 pub mod ops;
+mod registry;
 #[cfg(test)]
 mod tests;
 
 pub use layer::{Layer, RawFile, MAX_CHAIN_DEPTH};
 pub use open::resolve_backing_path;
+pub use registry::LayerRegistry;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -72,6 +74,9 @@ pub struct OpenOptions {
     /// overlay whose backing file is missing can still be inspected or pointed elsewhere.
     /// Reads of ranges that fall through then read zeros.
     pub without_backing: bool,
+    /// Share read-only backing layers with the other images opened through this registry
+    /// (a server's exports over one base).
+    pub layers: Option<Arc<LayerRegistry>>,
 }
 
 /// What a range of the merged image is.
@@ -163,7 +168,8 @@ pub struct Image {
     read_only: bool,
     geometry: Geometry,
     virtual_size: u64,
-    backing: Option<Layer>,
+    /// Shared with other images when opened through a [`LayerRegistry`].
+    backing: Option<Arc<Layer>>,
     /// Keeps the lock on the file for as long as the image is open.
     _lock_file: Option<std::fs::File>,
     gate: RwLock<()>,
@@ -312,7 +318,7 @@ impl Image {
     }
     /// The backing file, if any.
     pub fn backing(&self) -> Option<&Layer> {
-        self.backing.as_ref()
+        self.backing.as_deref()
     }
     /// The current header (a copy).
     pub fn header(&self) -> Header {
@@ -1378,7 +1384,7 @@ impl Image {
         st.header = header;
         st.active_slot = slot;
         drop(st);
-        self.backing = layer;
+        self.backing = layer.map(Arc::new);
         Ok(())
     }
 }
