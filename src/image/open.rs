@@ -135,7 +135,10 @@ impl Image {
                 ..opts.clone()
             };
             let resolved = resolve_backing_path(path, &recorded);
-            image.backing = Some(Layer::open(&resolved, fmt, &backing_opts, depth + 1)?);
+            image.backing = Some(match &opts.layers {
+                Some(shared) => shared.open(&resolved, fmt, &backing_opts, depth + 1)?,
+                None => Arc::new(Layer::open(&resolved, fmt, &backing_opts, depth + 1)?),
+            });
         }
         Ok(image)
     }
@@ -181,7 +184,7 @@ impl Image {
     /// Attaches an already open backing layer (for tests and tools that build chains over
     /// in-memory storage).
     pub fn attach_backing(&mut self, layer: Layer) {
-        self.backing = Some(layer);
+        self.backing = Some(Arc::new(layer));
     }
 }
 
