@@ -14,10 +14,11 @@
 //! with it its reservations, when the I/O timeout has passed for the whole payload or reply.
 //! Buffers are kept between requests for reuse while the connection is busy, and freed
 //! once it has been idle for [`RELEASE_IDLE_BUFFERS`].
+use super::export::Export;
 use super::handshake::{MetaContexts, CONTEXT_ID_ALLOCATION, CONTEXT_ID_LAYER};
 use super::protocol::*;
 use super::socket::Socket;
-use crate::image::{Extent, ExtentKind, Image};
+use crate::image::{Extent, ExtentKind};
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -266,7 +267,9 @@ pub(crate) struct Stats {
 }
 
 pub(crate) struct Transmission<'a> {
-    image: &'a Image,
+    /// Each request takes the export's image for the length of one image call, so that a
+    /// snapshot can swap it between calls.
+    export: &'a Export,
     size: u64,
     read_only: bool,
     structured: bool,
@@ -289,12 +292,10 @@ pub(crate) struct Transmission<'a> {
     disconnected: AtomicBool,
     shutting_down: &'a AtomicBool,
     pub stats: Stats,
-    /// The first image error, logged once per connection.
-    logged_image_error: AtomicBool,
 }
 
 pub(crate) struct Params<'a> {
-    pub image: &'a Image,
+    pub export: &'a Export,
     pub read_only: bool,
     pub structured: bool,
     pub contexts: MetaContexts,
@@ -317,8 +318,8 @@ impl<'a> Transmission<'a> {
         let control = socket.try_clone()?;
         let writer = socket.try_clone()?;
         Ok(Transmission {
-            image: p.image,
-            size: p.image.virtual_size(),
+            export: p.export,
+            size: p.export.image().virtual_size(),
             read_only: p.read_only,
             structured: p.structured,
             contexts: p.contexts,
@@ -344,7 +345,6 @@ impl<'a> Transmission<'a> {
             disconnected: AtomicBool::new(false),
             shutting_down: p.shutting_down,
             stats: Stats::default(),
-            logged_image_error: AtomicBool::new(false),
         })
     }
 
@@ -411,6 +411,7 @@ impl<'a> Transmission<'a> {
                 }
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.export.stats.requests.fetch_add(1, Ordering::Relaxed);
             let mut buf = buf;
             if only_replies(req.command) && self.client_has_gone() {
                 // Nobody will read the reply; a write still runs, it is the client's data.
@@ -622,9 +623,10 @@ impl<'a> Transmission<'a> {
             match req.command {
                 CMD_READ => self.read(req, buf),
                 CMD_WRITE => self.write(req, buf),
-                CMD_FLUSH => self
-                    .image_op(self.image.flush())
-                    .map(|()| self.send_ok(req.cookie)),
+                CMD_FLUSH => self.image_op(self.export.image().flush()).map(|()| {
+                    self.export.note_success();
+                    self.send_ok(req.cookie)
+                }),
                 CMD_TRIM => self.trim(req),
                 CMD_WRITE_ZEROES => self.write_zeroes(req),
                 CMD_CACHE => self.cache(req, buf),
@@ -634,17 +636,19 @@ impl<'a> Transmission<'a> {
         };
         if let Err(f) = result {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.export.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.send_error(req.cookie, f);
         }
     }
 
-    /// Converts an image error into a failure, logging the first one of the connection
-    /// (the client gets the errno and a short message; the full one names server paths).
+    /// Converts an image error into a failure, logging it unless the export has logged one
+    /// since its last success (the client gets the errno and a short message; the full one,
+    /// with the OS error, file and offset, names server paths).
     fn image_op<T>(&self, r: crate::Result<T>) -> Result<T, Failure> {
         r.map_err(|e| {
             let error = nbd_error(e.errno());
-            if error == EIO && !self.logged_image_error.swap(true, Ordering::Relaxed) {
-                eprintln!("cowimg: {e}");
+            if matches!(error, EIO | ENOSPC) {
+                self.export.note_fault(&e);
             }
             Failure {
                 error,
@@ -661,8 +665,9 @@ impl<'a> Transmission<'a> {
     fn after_write(&self, req: &Request) -> Result<(), Failure> {
         self.stats.wrote.store(true, Ordering::Relaxed);
         if req.flags & CMD_FLAG_FUA != 0 {
-            self.image_op(self.image.flush())?;
+            self.image_op(self.export.image().flush())?;
         }
+        self.export.note_success();
         self.send_ok(req.cookie);
         Ok(())
     }
@@ -691,8 +696,12 @@ impl<'a> Transmission<'a> {
             buf.resize(n, 0);
         }
         let data = &mut buf[..n];
-        self.image_op(self.image.read_at(data, req.offset))?;
+        self.image_op(self.export.image().read_at(data, req.offset))?;
         self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        self.export
+            .stats
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
         if !self.structured {
             self.send(&[&simple_reply(0, req.cookie), data]);
         } else if n == 0 {
@@ -722,8 +731,12 @@ impl<'a> Transmission<'a> {
             return fail(ENOSPC, "WRITE beyond the end of the export");
         }
         let data = &buf[..req.length as usize];
-        self.image_op(self.image.write_at(data, req.offset))?;
+        self.image_op(self.export.image().write_at(data, req.offset))?;
         self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.export
+            .stats
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.after_write(req)
@@ -736,7 +749,7 @@ impl<'a> Transmission<'a> {
         if !in_range(req.offset, req.length as u64, self.size) {
             return fail(EINVAL, "TRIM beyond the end of the export");
         }
-        self.image_op(self.image.discard(req.offset, req.length as u64))?;
+        self.image_op(self.export.image().discard(req.offset, req.length as u64))?;
         self.after_write(req)
     }
 
@@ -752,9 +765,9 @@ impl<'a> Transmission<'a> {
         }
         let (off, len) = (req.offset, req.length as u64);
         if req.flags & CMD_FLAG_NO_HOLE != 0 {
-            self.image_op(self.image.write_zeroes(off, len))?;
+            self.image_op(self.export.image().write_zeroes(off, len))?;
         } else {
-            self.image_op(self.image.discard(off, len))?;
+            self.image_op(self.export.image().discard(off, len))?;
         }
         self.after_write(req)
     }
@@ -769,7 +782,7 @@ impl<'a> Transmission<'a> {
             if buf.len() < n {
                 buf.resize(n, 0);
             }
-            self.image_op(self.image.read_at(&mut buf[..n], pos))?;
+            self.image_op(self.export.image().read_at(&mut buf[..n], pos))?;
             pos += n as u64;
         }
         self.send_ok(req.cookie);
@@ -796,7 +809,7 @@ impl<'a> Transmission<'a> {
         let mut pos = req.offset;
         while pos < end {
             let window = (end - pos).min(STATUS_WINDOW);
-            for e in self.image_op(self.image.block_status(pos, window))? {
+            for e in self.image_op(self.export.image().block_status(pos, window))? {
                 allocation.push(e.length, allocation_flags(&e));
                 layer.push(e.length, layer_value(&e));
             }

@@ -1,0 +1,465 @@
+//! The exports of one server: images named by `--export`, found in `--dir`, or created on
+//! demand in `--overlays`, and the counters the control socket reports.
+//!
+//! Each export holds its image behind a lock that every request takes shared for its whole
+//! duration, so that a live snapshot (which swaps the image) waits for the requests in
+//! flight to finish against the old image and holds later ones for the moment of the swap.
+use super::handshake::{Catalog, ExportInfo};
+use crate::error::{Error, Result};
+use crate::format::BackingFormat;
+use crate::image::{CreateOptions, Image, LayerRegistry, OpenOptions};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// The longest export name accepted: it becomes a file name (with `.cow`) in `--overlays`.
+pub const MAX_EXPORT_NAME: usize = 128;
+
+/// Checks a name a client or the operator gave before it is used as part of a path: 1 to
+/// [`MAX_EXPORT_NAME`] bytes of ASCII letters, digits, `.`, `_` and `-`, not starting with
+/// `.` (so no `.`, `..`, or hidden file). `/` can never appear.
+pub fn validate_export_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("export name is empty".into());
+    }
+    if name.len() > MAX_EXPORT_NAME {
+        return Err(format!(
+            "export name of {} bytes is longer than the {MAX_EXPORT_NAME} allowed",
+            name.len()
+        ));
+    }
+    if name.starts_with('.') {
+        return Err("export name may not start with '.'".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "export name contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Counters of one export, over all its connections.
+#[derive(Default)]
+pub(crate) struct ExportStats {
+    pub clients: AtomicUsize,
+    pub requests: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+pub(crate) struct Export {
+    pub name: String,
+    pub description: Option<String>,
+    pub read_only: bool,
+    image: RwLock<Image>,
+    pub stats: ExportStats,
+    /// An I/O error was logged and no request has succeeded since: a full disk logs one
+    /// line per episode, not one per request.
+    fault_logged: AtomicBool,
+    /// Taken out of the catalog: new clients cannot pick it; its connections end.
+    pub removed: AtomicBool,
+}
+
+impl Export {
+    pub fn new(name: String, description: Option<String>, image: Image) -> Export {
+        Export {
+            name,
+            description,
+            read_only: image.is_read_only(),
+            image: RwLock::new(image),
+            stats: ExportStats::default(),
+            fault_logged: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    /// The image, held for one request (or a control command's look).
+    pub fn image(&self) -> RwLockReadGuard<'_, Image> {
+        self.image.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The image, with every request held off (a snapshot swaps it).
+    pub fn image_exclusive(&self) -> RwLockWriteGuard<'_, Image> {
+        self.image.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn info(&self, name: &str) -> ExportInfo {
+        ExportInfo {
+            name: name.to_string(),
+            size: self.image().virtual_size(),
+            read_only: self.read_only,
+            description: self.description.clone(),
+        }
+    }
+
+    /// Logs an image error unless one was logged since the last success; the message
+    /// names the OS error, the file and the offset.
+    pub fn note_fault(&self, error: &Error) {
+        if !self.fault_logged.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "cowimg: export \"{}\": {error} (further errors are not logged until a request succeeds)",
+                self.name
+            );
+        }
+    }
+
+    /// A request that changed or flushed the image succeeded: the next fault is logged.
+    pub fn note_success(&self) {
+        if self.fault_logged.load(Ordering::Relaxed)
+            && self.fault_logged.swap(false, Ordering::Relaxed)
+        {
+            eprintln!("cowimg: export \"{}\": requests succeed again", self.name);
+        }
+    }
+}
+
+/// Where overlays made on demand live, and what they are over.
+#[derive(Debug, Clone)]
+pub struct OverlaySpec {
+    pub dir: PathBuf,
+    pub base: PathBuf,
+    pub format: BackingFormat,
+}
+
+/// All exports of a server.
+pub(crate) struct Exports {
+    by_name: RwLock<BTreeMap<String, Arc<Export>>>,
+    /// The single export of `cowimg serve IMAGE` without `--export-name`: served whatever
+    /// name a client asks for, as before there were many exports.
+    any_name: Option<Arc<Export>>,
+    /// `--dir`: files that appear there later are opened when a client asks for them.
+    dir: Option<PathBuf>,
+    overlays: Option<OverlaySpec>,
+    pub layers: Arc<LayerRegistry>,
+    /// Serializes opening and creating exports: two clients racing for one new name get
+    /// one overlay, opened once.
+    opening: Mutex<()>,
+}
+
+impl Exports {
+    pub fn new(
+        layers: Arc<LayerRegistry>,
+        dir: Option<PathBuf>,
+        overlays: Option<OverlaySpec>,
+    ) -> Exports {
+        Exports {
+            by_name: RwLock::new(BTreeMap::new()),
+            any_name: None,
+            dir,
+            overlays,
+            layers,
+            opening: Mutex::new(()),
+        }
+    }
+
+    /// A catalog of one export served under any name.
+    pub fn single(layers: Arc<LayerRegistry>, export: Export) -> Exports {
+        let export = Arc::new(export);
+        let mut exports = Exports::new(layers, None, None);
+        exports
+            .by_name
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(export.name.clone(), Arc::clone(&export));
+        exports.any_name = Some(export);
+        exports
+    }
+
+    pub fn open_options(&self, read_only: bool) -> OpenOptions {
+        OpenOptions {
+            read_only,
+            layers: Some(Arc::clone(&self.layers)),
+            ..Default::default()
+        }
+    }
+
+    /// Opens `path` and adds it as `name`; refuses a name in use.
+    pub fn add(
+        &self,
+        name: &str,
+        path: &Path,
+        read_only: bool,
+        description: Option<String>,
+    ) -> Result<Arc<Export>> {
+        let _one = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        self.add_locked(name, path, read_only, description)
+    }
+
+    fn add_locked(
+        &self,
+        name: &str,
+        path: &Path,
+        read_only: bool,
+        description: Option<String>,
+    ) -> Result<Arc<Export>> {
+        if self.get(name).is_some() {
+            return Err(Error::Invalid {
+                path: path.into(),
+                reason: format!("an export named \"{name}\" exists already"),
+            });
+        }
+        let image = Image::open(path, &self.open_options(read_only))?;
+        let export = Arc::new(Export::new(name.to_string(), description, image));
+        self.write_map()
+            .insert(name.to_string(), Arc::clone(&export));
+        Ok(export)
+    }
+
+    fn write_map(&self) -> RwLockWriteGuard<'_, BTreeMap<String, Arc<Export>>> {
+        self.by_name.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        let map = self.by_name.read().unwrap_or_else(|e| e.into_inner());
+        map.get(name).cloned()
+    }
+
+    /// Every export, by name.
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        let map = self.by_name.read().unwrap_or_else(|e| e.into_inner());
+        map.values().cloned().collect()
+    }
+
+    /// Undoes [`Exports::take`] (a removal that was refused).
+    pub fn put_back(&self, export: Arc<Export>) {
+        export.removed.store(false, Ordering::SeqCst);
+        self.write_map().insert(export.name.clone(), export);
+    }
+
+    /// Makes the export's image a read-only layer under a new overlay `new_top`, which the
+    /// export writes to from then on; returns the old image's path. Requests in flight
+    /// finish against the old image first, later ones wait for the swap; nobody is
+    /// disconnected.
+    ///
+    /// Crash safety: the old image is flushed, and the new one created whole (and its
+    /// directory synced), before anything changes; the swap itself touches no file. A crash
+    /// at any moment leaves the old image holding every flushed write, and the new one, if
+    /// it exists, an empty overlay of it.
+    pub fn snapshot(&self, export: &Export, new_top: &Path) -> Result<PathBuf> {
+        let invalid = |reason: String| Error::Invalid {
+            path: new_top.into(),
+            reason,
+        };
+        if export.read_only {
+            return Err(invalid(format!(
+                "export \"{}\" is read-only; there is nothing to snapshot",
+                export.name
+            )));
+        }
+        let mut image = export.image_exclusive();
+        image.flush()?;
+        let old_top = std::fs::canonicalize(image.path()).map_err(|source| Error::File {
+            path: image.path().into(),
+            op: "resolving",
+            source,
+        })?;
+        let opts = CreateOptions {
+            size: Some(image.virtual_size()),
+            cluster_size: image.cluster_size(),
+            backing: Some((
+                old_top.to_string_lossy().into_owned(),
+                BackingFormat::Cowimg,
+            )),
+        };
+        Image::create(new_top, &opts)?;
+        sync_parent(new_top)?;
+        let top_only = OpenOptions {
+            without_backing: true,
+            ..self.open_options(false)
+        };
+        let mut new_image = match Image::open(new_top, &top_only) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = std::fs::remove_file(new_top);
+                return Err(e);
+            }
+        };
+        // The old image must close (and give up its write lock) before it can be opened
+        // again as a shared read-only layer; `image` stays borrowed exclusively meanwhile.
+        let old_path = image.path().to_path_buf();
+        std::mem::swap(&mut *image, &mut new_image);
+        drop(new_image);
+        let layer = self
+            .layers
+            .open(&old_top, BackingFormat::Cowimg, &self.open_options(true), 1);
+        match layer {
+            Ok(layer) => {
+                image.attach_shared_backing(layer);
+                Ok(old_top)
+            }
+            Err(e) => {
+                // Back to the old image, writable, so the export goes on as before.
+                let reopened = Image::open(&old_path, &self.open_options(false))?;
+                *image = reopened;
+                let _ = std::fs::remove_file(new_top);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes `name` out of the catalog (its connections are the caller's to end).
+    pub fn take(&self, name: &str) -> Option<Arc<Export>> {
+        let export = self.write_map().remove(name)?;
+        export.removed.store(true, Ordering::SeqCst);
+        Some(export)
+    }
+
+    /// The export for a name a client sent: a known one, a file that appeared in `--dir`,
+    /// or a new overlay in `--overlays`.
+    fn find_or_open(&self, name: &str) -> std::result::Result<Arc<Export>, String> {
+        if let Some(e) = self.get(name) {
+            return Ok(e);
+        }
+        if self.dir.is_none() && self.overlays.is_none() {
+            return Err(format!("no export named \"{name}\""));
+        }
+        validate_export_name(name).map_err(|why| format!("refused export name: {why}"))?;
+        let _one = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = self.get(name) {
+            return Ok(e);
+        }
+        if let Some(dir) = &self.dir {
+            // As at startup: NAME.cow is exported as NAME, any other cowimg file as itself.
+            for path in [dir.join(format!("{name}.cow")), dir.join(name)] {
+                if is_cowimg_file(&path) {
+                    return self
+                        .add_locked(name, &path, false, None)
+                        .map_err(|e| open_failed(name, &e));
+                }
+            }
+        }
+        let Some(spec) = &self.overlays else {
+            return Err(format!("no export named \"{name}\""));
+        };
+        let path = spec.dir.join(format!("{name}.cow"));
+        create_overlay(&path, spec).map_err(|e| open_failed(name, &e))?;
+        let export = self
+            .add_locked(name, &path, false, None)
+            .map_err(|e| open_failed(name, &e))?;
+        Ok(export)
+    }
+}
+
+/// The client learns that the export could not be opened; the log gets the whole error.
+fn open_failed(name: &str, error: &Error) -> String {
+    eprintln!("cowimg: export \"{name}\": {error}");
+    format!("export \"{name}\" could not be opened")
+}
+
+/// True for a regular file that starts with the cowimg magic.
+pub(crate) fn is_cowimg_file(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == crate::format::header::MAGIC
+}
+
+/// Creates `path` as an overlay of `spec.base` unless it exists. The overlay is made whole
+/// under a temporary name and linked into place, so nobody ever opens a half-made one, and
+/// `link` fails for the second of two racers (in this process or another), who then uses
+/// the first one's overlay.
+pub(crate) fn create_overlay(path: &Path, spec: &OverlaySpec) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let file_error = |op, source| Error::File {
+        path: path.into(),
+        op,
+        source,
+    };
+    let base = std::fs::canonicalize(&spec.base).map_err(|e| Error::File {
+        path: spec.base.clone(),
+        op: "resolving",
+        source: e,
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = spec
+        .dir
+        .join(format!(".{name}.{}.creating", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    let opts = CreateOptions {
+        backing: Some((base.to_string_lossy().into_owned(), spec.format)),
+        ..Default::default()
+    };
+    Image::create(&temporary, &opts)?;
+    let linked = std::fs::hard_link(&temporary, path);
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(file_error("creating", e)),
+    }
+    // The new name must survive a crash as well as the file it names.
+    sync_parent(path)
+}
+
+/// Makes a new directory entry durable.
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::File {
+            path: dir.into(),
+            op: "syncing",
+            source,
+        })
+}
+
+impl Catalog for Exports {
+    type Export = Arc<Export>;
+
+    fn find(&self, requested: &[u8]) -> std::result::Result<(ExportInfo, Arc<Export>), String> {
+        if let Some(e) = &self.any_name {
+            let name = String::from_utf8_lossy(requested);
+            return Ok((e.info(&name), Arc::clone(e)));
+        }
+        let Ok(name) = std::str::from_utf8(requested) else {
+            return Err("export name is not UTF-8".into());
+        };
+        let export = self.find_or_open(name)?;
+        Ok((export.info(&export.name), export))
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.all()
+            .iter()
+            .map(|e| (e.name.clone(), e.description.clone().unwrap_or_default()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_names_that_could_escape_the_directory_are_refused() {
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a\0b", "é", "a b"] {
+            assert!(validate_export_name(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(validate_export_name(&"a".repeat(MAX_EXPORT_NAME + 1)).is_err());
+        for good in ["vm1", "vm-1.disk", "A_b", &"a".repeat(MAX_EXPORT_NAME)] {
+            assert!(validate_export_name(good).is_ok(), "{good:?} was refused");
+        }
+    }
+}
