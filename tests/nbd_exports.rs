@@ -199,3 +199,135 @@ fn exports_over_one_base_open_it_once() {
         pattern(4096, 8192, 3)
     );
 }
+
+fn overlay_server(dir: &Path, base: &Path, extra: &[&str]) -> Server {
+    let overlays = dir.join("overlays");
+    std::fs::create_dir_all(&overlays).unwrap();
+    let overlays = overlays.to_string_lossy().into_owned();
+    let base = base.to_string_lossy().into_owned();
+    let mut args = vec!["--overlays", &overlays, "--base", &base, "-F", "raw"];
+    args.extend_from_slice(extra);
+    Server::start_with(dir, &args)
+}
+
+#[test]
+fn two_hundred_clients_get_two_hundred_overlays_over_one_base_opened_once() {
+    const CLIENTS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let base_bytes = pattern(SIZE as usize, 0, 9);
+    std::fs::write(&base, &base_bytes).unwrap();
+    let server = overlay_server(
+        dir.path(),
+        &base,
+        &["--max-connections", "256", "--threads", "2"],
+    );
+    let socket = server.socket.clone();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = RawClient::connect(&socket);
+                let name = format!("vm{i}");
+                assert_eq!(c.go_named(&name), Ok(SIZE), "{name}");
+                // Each VM writes its own pattern at its own and at a common offset.
+                let own = (i as u64 % 64) * 65536;
+                let data = pattern(8192, own, i as u8);
+                assert_eq!(c.call(CMD_WRITE, 0, own, 8192, &data).error, 0);
+                let common = pattern(4096, SIZE - 4096, i as u8);
+                assert_eq!(c.call(CMD_WRITE, 0, SIZE - 4096, 4096, &common).error, 0);
+                assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
+                assert_eq!(c.call(CMD_READ, 0, own, 8192, &[]).data, data);
+                assert_eq!(c.call(CMD_READ, 0, SIZE - 4096, 4096, &[]).data, common);
+                // What it did not write still comes from the base.
+                let untouched = own + 8192;
+                assert_eq!(
+                    c.call(CMD_READ, 0, untouched, 4096, &[]).data,
+                    base_slice(untouched, 4096)
+                );
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+    assert_eq!(
+        open_descriptors_of(server.pid(), &base),
+        1,
+        "the base is opened once for {CLIENTS} exports"
+    );
+    let mut server = server;
+    server.stop();
+    for i in 0..CLIENTS {
+        let overlay = dir.path().join(format!("overlays/vm{i}.cow"));
+        assert_check_clean(&overlay);
+        let own = (i as u64 % 64) * 65536;
+        assert_eq!(read_image(&overlay, own, 8192), pattern(8192, own, i as u8));
+    }
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_bytes,
+        "the base is unchanged"
+    );
+}
+
+/// The bytes of the base written by `two_hundred_clients_...` (pattern seed 9).
+fn base_slice(offset: u64, len: usize) -> Vec<u8> {
+    pattern(len, offset, 9)
+}
+
+#[test]
+fn clients_racing_for_one_new_name_share_one_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; SIZE as usize]).unwrap();
+    let server = overlay_server(dir.path(), &base, &["--threads", "2"]);
+    let socket = server.socket.clone();
+    let racers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = RawClient::connect(&socket);
+                assert_eq!(c.go_named("shared"), Ok(SIZE));
+                let r = c.call(CMD_WRITE, 0, i * 4096, 4096, &[i as u8 + 1; 4096]);
+                assert_eq!(r.error, 0);
+                assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
+            })
+        })
+        .collect();
+    for r in racers {
+        r.join().unwrap();
+    }
+    let files: Vec<String> = std::fs::read_dir(dir.path().join("overlays"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files, ["shared.cow"]);
+    for i in 0..8u64 {
+        assert_eq!(
+            read_from(&server.socket, "shared", i * 4096, 4096),
+            vec![i as u8 + 1; 4096]
+        );
+    }
+}
+
+#[test]
+fn on_demand_names_that_could_escape_are_refused_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; SIZE as usize]).unwrap();
+    let server = overlay_server(dir.path(), &base, &[]);
+    let long = "a".repeat(129);
+    for bad in ["../escape", "a/b", "..", ".hidden", long.as_str(), "sp ace"] {
+        let mut c = RawClient::connect(&server.socket);
+        let (reply, _) = c.go_named(bad).unwrap_err();
+        assert_eq!(reply, REP_ERR_UNKNOWN, "{bad:?}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("overlays"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(!dir.path().join("escape.cow").exists());
+}
