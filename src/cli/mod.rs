@@ -11,6 +11,7 @@ pub mod check;
 pub mod commit;
 pub mod convert;
 pub mod create;
+pub mod ctl;
 pub mod info;
 pub mod io;
 pub mod map;
@@ -51,6 +52,9 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Serve an image over NBD.
     Serve(serve::ServeArgs),
+    /// Send a command to a running server's control socket (list, stats, add, remove,
+    /// flush, snapshot).
+    Ctl(ctl::CtlArgs),
 }
 
 /// Runs the command line; errors print as one line on stderr.
@@ -90,6 +94,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rebase(args) => rebase::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

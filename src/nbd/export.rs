@@ -252,6 +252,8 @@ impl Exports {
                 export.name
             )));
         }
+        // Serialized with other creations, which share temporary names (see create_whole).
+        let _one = self.opening.lock().unwrap_or_else(|e| e.into_inner());
         let mut image = export.image_exclusive();
         image.flush()?;
         let old_top = std::fs::canonicalize(image.path()).map_err(|source| Error::File {
@@ -267,8 +269,7 @@ impl Exports {
                 BackingFormat::Cowimg,
             )),
         };
-        Image::create(new_top, &opts)?;
-        sync_parent(new_top)?;
+        create_whole(new_top, &opts)?;
         let top_only = OpenOptions {
             without_backing: true,
             ..self.open_options(false)
@@ -368,45 +369,50 @@ pub(crate) fn is_cowimg_file(path: &Path) -> bool {
         && magic == crate::format::header::MAGIC
 }
 
-/// Creates `path` as an overlay of `spec.base` unless it exists. The overlay is made whole
-/// under a temporary name and linked into place, so nobody ever opens a half-made one, and
-/// `link` fails for the second of two racers (in this process or another), who then uses
-/// the first one's overlay.
+/// Creates `path` as an overlay of `spec.base` unless it exists (another client made it
+/// first, in this process or another).
 pub(crate) fn create_overlay(path: &Path, spec: &OverlaySpec) -> Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let file_error = |op, source| Error::File {
-        path: path.into(),
-        op,
-        source,
-    };
     let base = std::fs::canonicalize(&spec.base).map_err(|e| Error::File {
         path: spec.base.clone(),
         op: "resolving",
         source: e,
     })?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = spec
-        .dir
-        .join(format!(".{name}.{}.creating", std::process::id()));
-    let _ = std::fs::remove_file(&temporary);
     let opts = CreateOptions {
         backing: Some((base.to_string_lossy().into_owned(), spec.format)),
         ..Default::default()
     };
-    Image::create(&temporary, &opts)?;
+    match create_whole(path, &opts) {
+        Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Creates an image at `path`, which must not exist, so that it never exists half made:
+/// it is made whole under a temporary name in the same directory, then hard-linked into
+/// place (`link` fails if `path` exists, so of two racers one wins), and the directory is
+/// synced so the name survives a crash as well as the file.
+fn create_whole(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.{}.creating", std::process::id()));
+    // Left by a crash of an earlier process with this pid, or a racer in this one: the
+    // callers serialize creation, so it is stale.
+    let _ = std::fs::remove_file(&temporary);
+    Image::create(&temporary, opts)?;
     let linked = std::fs::hard_link(&temporary, path);
     let _ = std::fs::remove_file(&temporary);
-    match linked {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(file_error("creating", e)),
-    }
-    // The new name must survive a crash as well as the file it names.
+    linked.map_err(|source| Error::File {
+        path: path.into(),
+        op: "creating",
+        source,
+    })?;
     sync_parent(path)
 }
 

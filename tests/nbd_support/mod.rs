@@ -427,6 +427,18 @@ impl RawClient {
         self.s.read_exact(&mut v).expect("read bytes");
         v
     }
+    /// Sends, reporting failure instead of panicking (the server may have been killed).
+    pub fn try_send(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.s.write_all(b)
+    }
+
+    /// Reads one simple reply's error, or `None` when the connection is gone.
+    pub fn try_simple_reply(&mut self) -> Option<u32> {
+        let mut b = [0u8; 16];
+        self.s.read_exact(&mut b).ok()?;
+        Some(u32::from_be_bytes(b[4..8].try_into().unwrap()))
+    }
+
     pub fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).expect("send");
     }
