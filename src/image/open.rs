@@ -178,6 +178,7 @@ impl Image {
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
             failed: false.into(),
+            reverts: 0.into(),
         })
     }
 
