@@ -43,6 +43,8 @@ const MAX_DESCRIPTORS: usize = 8192;
 /// Input buffer: requests and small payloads come in with few system calls; large
 /// payloads bypass it.
 const INPUT_BUFFER: usize = 128 * 1024;
+/// `Transmission::unflushed_since` when the connection changed nothing since its last flush.
+const NO_CHANGES: u64 = u64::MAX;
 /// How often a worker waiting for memory checks whether its connection is still wanted.
 const RECHECK: Duration = Duration::from_millis(50);
 
@@ -292,6 +294,10 @@ pub(crate) struct Transmission<'a> {
     disconnected: AtomicBool,
     shutting_down: &'a AtomicBool,
     pub stats: Stats,
+    /// The image's revert count before the first change this connection made since its
+    /// last flush ([`NO_CHANGES`]: none). A flush that finds the count moved tells the
+    /// client its writes were lost, even though the failed flush was another client's.
+    unflushed_since: AtomicU64,
 }
 
 pub(crate) struct Params<'a> {
@@ -345,6 +351,7 @@ impl<'a> Transmission<'a> {
             disconnected: AtomicBool::new(false),
             shutting_down: p.shutting_down,
             stats: Stats::default(),
+            unflushed_since: AtomicU64::new(NO_CHANGES),
         })
     }
 
@@ -623,10 +630,7 @@ impl<'a> Transmission<'a> {
             match req.command {
                 CMD_READ => self.read(req, buf),
                 CMD_WRITE => self.write(req, buf),
-                CMD_FLUSH => self.image_op(self.export.image().flush()).map(|()| {
-                    self.export.note_success();
-                    self.send_ok(req.cookie)
-                }),
+                CMD_FLUSH => self.flush().map(|()| self.send_ok(req.cookie)),
                 CMD_TRIM => self.trim(req),
                 CMD_WRITE_ZEROES => self.write_zeroes(req),
                 CMD_CACHE => self.cache(req, buf),
@@ -662,10 +666,48 @@ impl<'a> Transmission<'a> {
         })
     }
 
+    /// Runs a change (WRITE, TRIM, WRITE_ZEROES) against the image, noting it as one the
+    /// next flush must account for.
+    fn change(
+        &self,
+        op: impl FnOnce(&crate::image::Image) -> crate::Result<()>,
+    ) -> Result<(), Failure> {
+        let image = self.export.image();
+        // Read before the change: a revert between the two cannot be missed.
+        let reverts = image.reverts();
+        self.image_op(op(&image))?;
+        drop(image);
+        let _ = self.unflushed_since.compare_exchange(
+            NO_CHANGES,
+            reverts,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// FLUSH (and FUA): fails when the flush does, and also when it succeeds but the image
+    /// went back to its durable state since this connection's first unflushed change, so
+    /// that no client is told its lost writes are durable.
+    fn flush(&self) -> Result<(), Failure> {
+        let since = self.unflushed_since.swap(NO_CHANGES, Ordering::AcqRel);
+        let image = self.export.image();
+        self.image_op(image.flush())?;
+        if since != NO_CHANGES && image.reverts() != since {
+            return fail(
+                EIO,
+                "writes since the last flush were lost: a flush failed and the image went back to its last flushed state",
+            );
+        }
+        drop(image);
+        self.export.note_success();
+        Ok(())
+    }
+
     fn after_write(&self, req: &Request) -> Result<(), Failure> {
         self.stats.wrote.store(true, Ordering::Relaxed);
         if req.flags & CMD_FLAG_FUA != 0 {
-            self.image_op(self.export.image().flush())?;
+            self.flush()?;
         }
         self.export.note_success();
         self.send_ok(req.cookie);
@@ -731,7 +773,7 @@ impl<'a> Transmission<'a> {
             return fail(ENOSPC, "WRITE beyond the end of the export");
         }
         let data = &buf[..req.length as usize];
-        self.image_op(self.export.image().write_at(data, req.offset))?;
+        self.change(|image| image.write_at(data, req.offset))?;
         self.stats
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -749,7 +791,7 @@ impl<'a> Transmission<'a> {
         if !in_range(req.offset, req.length as u64, self.size) {
             return fail(EINVAL, "TRIM beyond the end of the export");
         }
-        self.image_op(self.export.image().discard(req.offset, req.length as u64))?;
+        self.change(|image| image.discard(req.offset, req.length as u64))?;
         self.after_write(req)
     }
 
@@ -765,9 +807,9 @@ impl<'a> Transmission<'a> {
         }
         let (off, len) = (req.offset, req.length as u64);
         if req.flags & CMD_FLAG_NO_HOLE != 0 {
-            self.image_op(self.export.image().write_zeroes(off, len))?;
+            self.change(|image| image.write_zeroes(off, len))?;
         } else {
-            self.image_op(self.export.image().discard(off, len))?;
+            self.change(|image| image.discard(off, len))?;
         }
         self.after_write(req)
     }

@@ -284,6 +284,7 @@ impl Exports {
         // The old image must close (and give up its write lock) before it can be opened
         // again as a shared read-only layer; `image` stays borrowed exclusively meanwhile.
         let old_path = image.path().to_path_buf();
+        new_image.continue_reverts_of(image.reverts());
         std::mem::swap(&mut *image, &mut new_image);
         drop(new_image);
         let layer = self
@@ -297,6 +298,7 @@ impl Exports {
             Err(e) => {
                 // Back to the old image, writable, so the export goes on as before.
                 let reopened = Image::open(&old_path, &self.open_options(false))?;
+                reopened.continue_reverts_of(image.reverts());
                 *image = reopened;
                 let _ = std::fs::remove_file(new_top);
                 Err(e)
