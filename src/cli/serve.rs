@@ -116,7 +116,26 @@ fn socket_activated() -> bool {
         && std::env::var("LISTEN_PID").is_ok_and(|p| p.trim() == std::process::id().to_string())
 }
 
+/// Raises the soft limit on open files to the hard one, as daemons do: every export holds
+/// two descriptors (the image and its lock), and a thousand exports pass the usual soft
+/// limit of 1024 long before the hard one.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the live local `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    raise_open_file_limit();
     let mut exports = Vec::new();
     if let Some(image) = args.image {
         if args.export_name.is_empty()
