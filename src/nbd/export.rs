@@ -100,8 +100,10 @@ impl Export {
 
     /// Logs an image error unless one was logged since the last success; the message
     /// names the OS error, the file and the offset.
+    /// Going back to the durable state is always logged: it loses writes.
     pub fn note_fault(&self, error: &Error) {
-        if !self.fault_logged.swap(true, Ordering::Relaxed) {
+        let reverted = matches!(error, Error::Reverted { .. });
+        if !self.fault_logged.swap(true, Ordering::Relaxed) || reverted {
             eprintln!(
                 "cowimg: export \"{}\": {error} (further errors are not logged until a request succeeds)",
                 self.name
