@@ -331,3 +331,22 @@ fn on_demand_names_that_could_escape_are_refused_and_create_nothing() {
     );
     assert!(!dir.path().join("escape.cow").exists());
 }
+
+#[test]
+fn no_overlay_is_made_past_max_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; SIZE as usize]).unwrap();
+    let server = overlay_server(dir.path(), &base, &["--max-exports", "2"]);
+    for name in ["one", "two"] {
+        assert_eq!(RawClient::connect(&server.socket).go_named(name), Ok(SIZE));
+    }
+    let (reply, message) = RawClient::connect(&server.socket)
+        .go_named("three")
+        .unwrap_err();
+    assert_eq!(reply, REP_ERR_UNKNOWN);
+    assert!(message.contains("--max-exports"), "{message}");
+    assert!(!dir.path().join("overlays/three.cow").exists());
+    // Existing ones are still served.
+    assert_eq!(RawClient::connect(&server.socket).go_named("one"), Ok(SIZE));
+}

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// The format of --base: raw or cowimg (never probed).
     #[arg(short = 'F', long, value_name = "FMT", value_parser = super::parse_format, requires = "base")]
     pub base_format: Option<BackingFormat>,
+    /// Create no overlay in --overlays once the server has this many exports.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_exports: u32,
     /// Listen for control commands (`cowimg ctl`) on a Unix socket at PATH (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -160,7 +163,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         bail!("nothing to serve: give IMAGE, --export NAME=IMAGE, --dir or --overlays");
     }
     let overlays = match (args.overlays, args.base, args.base_format) {
-        (Some(dir), Some(base), Some(format)) => Some(OverlaySpec { dir, base, format }),
+        (Some(dir), Some(base), Some(format)) => Some(OverlaySpec {
+            dir,
+            base,
+            format,
+            max_exports: args.max_exports as usize,
+        }),
         _ => None,
     };
     let spec = ServerSpec {

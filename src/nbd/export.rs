@@ -8,7 +8,7 @@ use super::handshake::{Catalog, ExportInfo};
 use crate::error::{Error, Result};
 use crate::format::BackingFormat;
 use crate::image::{CreateOptions, Image, LayerRegistry, OpenOptions};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -127,6 +127,9 @@ pub struct OverlaySpec {
     pub dir: PathBuf,
     pub base: PathBuf,
     pub format: BackingFormat,
+    /// No overlay is created once the server has this many exports: every client may make
+    /// one, and each costs a file, memory and two descriptors.
+    pub max_exports: usize,
 }
 
 /// All exports of a server.
@@ -139,9 +142,12 @@ pub(crate) struct Exports {
     dir: Option<PathBuf>,
     overlays: Option<OverlaySpec>,
     pub layers: Arc<LayerRegistry>,
-    /// Serializes opening and creating exports: two clients racing for one new name get
-    /// one overlay, opened once.
-    opening: Mutex<()>,
+    /// A lock per name being opened or created on demand: two clients racing for one new
+    /// name get one overlay, opened once, while different names are made in parallel
+    /// (each creation waits for two fdatasyncs).
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Serializes snapshots, whose new files share temporary names (see `create_whole`).
+    snapshotting: Mutex<()>,
 }
 
 impl Exports {
@@ -156,7 +162,8 @@ impl Exports {
             dir,
             overlays,
             layers,
-            opening: Mutex::new(()),
+            opening: Mutex::new(HashMap::new()),
+            snapshotting: Mutex::new(()),
         }
     }
 
@@ -189,7 +196,6 @@ impl Exports {
         read_only: bool,
         description: Option<String>,
     ) -> Result<Arc<Export>> {
-        let _one = self.opening.lock().unwrap_or_else(|e| e.into_inner());
         self.add_locked(name, path, read_only, description)
     }
 
@@ -208,9 +214,18 @@ impl Exports {
         }
         let image = Image::open(path, &self.open_options(read_only))?;
         let export = Arc::new(Export::new(name.to_string(), description, image));
-        self.write_map()
-            .insert(name.to_string(), Arc::clone(&export));
-        Ok(export)
+        match self.write_map().entry(name.to_string()) {
+            // Added meanwhile by another path (the control socket, a client): the image
+            // opened here closes again.
+            std::collections::btree_map::Entry::Occupied(_) => Err(Error::Invalid {
+                path: path.into(),
+                reason: format!("an export named \"{name}\" exists already"),
+            }),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(Arc::clone(&export));
+                Ok(export)
+            }
+        }
     }
 
     fn write_map(&self) -> RwLockWriteGuard<'_, BTreeMap<String, Arc<Export>>> {
@@ -254,8 +269,8 @@ impl Exports {
                 export.name
             )));
         }
-        // Serialized with other creations, which share temporary names (see create_whole).
-        let _one = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        // Serialized with other snapshots, which may name one new file (see create_whole).
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let mut image = export.image_exclusive();
         image.flush()?;
         let old_top = std::fs::canonicalize(image.path()).map_err(|source| Error::File {
@@ -325,7 +340,24 @@ impl Exports {
             return Err(format!("no export named \"{name}\""));
         }
         validate_export_name(name).map_err(|why| format!("refused export name: {why}"))?;
-        let _one = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        let per_name = {
+            let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(opening.entry(name.to_string()).or_default())
+        };
+        let found = {
+            let _one = per_name.lock().unwrap_or_else(|e| e.into_inner());
+            self.open_or_create(name)
+        };
+        let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        // The last of the racers for this name takes its lock out of the table.
+        if Arc::strong_count(&per_name) == 2 {
+            opening.remove(name);
+        }
+        found
+    }
+
+    /// `find_or_open` for a name that is valid and not exported, under that name's lock.
+    fn open_or_create(&self, name: &str) -> std::result::Result<Arc<Export>, String> {
         if let Some(e) = self.get(name) {
             return Ok(e);
         }
@@ -343,6 +375,15 @@ impl Exports {
             return Err(format!("no export named \"{name}\""));
         };
         let path = spec.dir.join(format!("{name}.cow"));
+        // Names being made now count too, so parallel creations cannot overshoot by much.
+        let count = self.by_name.read().unwrap_or_else(|e| e.into_inner()).len()
+            + self.opening.lock().unwrap_or_else(|e| e.into_inner()).len()
+            - 1;
+        if count >= spec.max_exports {
+            return Err(format!(
+                "no export named \"{name}\", and the server has {count} exports, the most it makes overlays for (--max-exports)"
+            ));
+        }
         create_overlay(&path, spec).map_err(|e| open_failed(name, &e))?;
         let export = self
             .add_locked(name, &path, false, None)
@@ -406,8 +447,8 @@ fn create_whole(path: &Path, opts: &CreateOptions) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let temporary = path.with_file_name(format!(".{name}.{}.creating", std::process::id()));
-    // Left by a crash of an earlier process with this pid, or a racer in this one: the
-    // callers serialize creation, so it is stale.
+    // Left by a crash of an earlier process with this pid: callers hold the lock of the
+    // name (or of snapshots), so no one else in this process is making it.
     let _ = std::fs::remove_file(&temporary);
     Image::create(&temporary, opts)?;
     let linked = std::fs::hard_link(&temporary, path);
