@@ -514,3 +514,138 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod lost_write_tests {
+    //! Two connections to one export over socket pairs: when one client's flush fails and
+    //! the image goes back to its durable state, the other client, whose acknowledged
+    //! writes went with it, must not be told by its next flush that they are durable.
+    use super::*;
+    use crate::nbd::connection::{Memory, Params, Transmission};
+    use crate::nbd::handshake::MetaContexts;
+    use crate::nbd::protocol::*;
+    use crate::nbd::socket::Socket;
+    use crate::storage::{MemStorage, Storage};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// A page cache over a disk: a failed sync loses what was not durable, and dropping the
+    /// cache (`wont_need`) shows what the disk has.
+    struct LosingDisk {
+        cache: Mutex<MemStorage>,
+        disk: Mutex<Vec<u8>>,
+        fail_next_sync: AtomicBool,
+    }
+
+    impl Storage for LosingDisk {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.cache.lock().unwrap().read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.cache.lock().unwrap().write_at(buf, offset)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            *self.disk.lock().unwrap() = self.cache.lock().unwrap().contents();
+            Ok(())
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.cache.lock().unwrap().len()
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.cache.lock().unwrap().punch_hole(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.cache.lock().unwrap().set_len(len)
+        }
+        fn wont_need(&self, _offset: u64, _len: u64) {
+            let disk = self.disk.lock().unwrap().clone();
+            *self.cache.lock().unwrap() = MemStorage::new(disk);
+        }
+    }
+
+    struct Client(UnixStream);
+
+    impl Client {
+        /// Sends one request and returns the error of its simple reply.
+        fn call(&mut self, command: u16, offset: u64, data: &[u8]) -> u32 {
+            let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&0u16.to_be_bytes());
+            m.extend_from_slice(&command.to_be_bytes());
+            m.extend_from_slice(&7u64.to_be_bytes());
+            m.extend_from_slice(&offset.to_be_bytes());
+            m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            m.extend_from_slice(data);
+            self.0.write_all(&m).unwrap();
+            let mut reply = [0u8; 16];
+            self.0.read_exact(&mut reply).unwrap();
+            u32::from_be_bytes(reply[4..8].try_into().unwrap())
+        }
+    }
+
+    #[test]
+    fn a_client_whose_writes_were_lost_to_another_clients_failed_flush_gets_an_error() {
+        let fresh = MemStorage::new(Vec::new());
+        let opts = CreateOptions {
+            size: Some(1 << 20),
+            ..Default::default()
+        };
+        Image::create_on(&fresh, Path::new("t.cow"), &opts).unwrap();
+        let disk = Arc::new(LosingDisk {
+            cache: Mutex::new(MemStorage::new(fresh.contents())),
+            disk: Mutex::new(fresh.contents()),
+            fail_next_sync: AtomicBool::new(false),
+        });
+        let storage: Arc<dyn Storage> = disk.clone();
+        let image = Image::open_storage(storage, Path::new("t.cow"), false).unwrap();
+        let export = Export::new("t".into(), None, image);
+        let memory = Memory::new(64 << 20, 4);
+        let shutting_down = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let mut clients = Vec::new();
+            for _ in 0..2 {
+                let (ours, theirs) = UnixStream::pair().unwrap();
+                clients.push(Client(ours));
+                let params = Params {
+                    export: &export,
+                    read_only: false,
+                    structured: false,
+                    contexts: MetaContexts::default(),
+                    memory: &memory,
+                    shutting_down: &shutting_down,
+                    io_timeout: None,
+                    idle_timeout: None,
+                };
+                let t = Transmission::new(Socket::Unix(theirs), params).unwrap();
+                s.spawn(move || t.run(2));
+            }
+            let (a, b) = clients.split_at_mut(1);
+            let (a, b) = (&mut a[0], &mut b[0]);
+            assert_eq!(
+                b.call(CMD_WRITE, 0, &[2; 4096]),
+                0,
+                "b's write is acknowledged"
+            );
+            assert_eq!(a.call(CMD_WRITE, 65536, &[1; 4096]), 0);
+            disk.fail_next_sync.store(true, Ordering::SeqCst);
+            assert_eq!(a.call(CMD_FLUSH, 0, &[]), EIO, "a's flush failed");
+            // b's write is gone with a's: its flush succeeds on the image but must not say
+            // the write is durable.
+            assert_eq!(
+                b.call(CMD_FLUSH, 0, &[]),
+                EIO,
+                "b is told its write was lost"
+            );
+            assert_eq!(b.call(CMD_FLUSH, 0, &[]), 0, "and told once");
+            assert_eq!(a.call(CMD_WRITE, 65536, &[1; 4096]), 0);
+            assert_eq!(a.call(CMD_FLUSH, 0, &[]), 0, "a writes and flushes again");
+            // Closing the sockets ends both connections.
+            drop(clients);
+        });
+        let mut buf = [0u8; 4096];
+        export.image().read_at(&mut buf, 65536).unwrap();
+        assert_eq!(buf, [1; 4096]);
+    }
+}
