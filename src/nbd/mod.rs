@@ -37,6 +37,10 @@
 //!
 //! # Resources a client can hold
 //!
+//! Every bound below is the server's, over all its exports together: a client of one export
+//! cannot take more because there are many. A client that names a new export in
+//! `--overlays` makes an overlay, at most [`OverlaySpec::max_exports`] in all.
+//!
 //! Request data (WRITE payloads, READ replies) of all connections together stays under
 //! 256 MiB: every connection has a floor of its own (256 MiB / 2 / max-connections, at most
 //! 8 MiB) that no other client can take, and borrows from the shared rest above it, up to
