@@ -350,3 +350,25 @@ fn no_overlay_is_made_past_max_exports() {
     // Existing ones are still served.
     assert_eq!(RawClient::connect(&server.socket).go_named("one"), Ok(SIZE));
 }
+
+#[test]
+fn a_client_trying_many_unknown_names_does_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.cow");
+    create_image(&a, SIZE);
+    let a_arg = format!("alpha={}", a.display());
+    let server = Server::start_with(dir.path(), &["--export", &a_arg]);
+    let mut c = RawClient::connect(&server.socket);
+    c.greet(1);
+    for i in 0..50 {
+        let name = format!("guess{i}");
+        c.send_option(OPT_INFO, &RawClient::info_payload(name.as_bytes(), &[]));
+        assert_eq!(
+            c.option_replies().last().unwrap().reply_type,
+            REP_ERR_UNKNOWN
+        );
+    }
+    assert!(server.wait_for_log("are not logged", Duration::from_secs(5)));
+    let logged = server.log().lines().filter(|l| l.contains("guess")).count();
+    assert_eq!(logged, 3, "{}", server.log());
+}

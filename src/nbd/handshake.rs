@@ -12,6 +12,8 @@ pub const CONTEXT_ALLOCATION: &str = "base:allocation";
 /// Name of our context telling which layer of the backing chain holds each range; see
 /// [`crate::nbd`] for its values.
 pub const CONTEXT_LAYER: &str = "cowimg:layer";
+/// Unknown export names logged per connection.
+const MAX_UNKNOWN_LOGGED: u32 = 3;
 /// The IDs we give the contexts when a client selects them.
 pub const CONTEXT_ID_ALLOCATION: u32 = 1;
 pub const CONTEXT_ID_LAYER: u32 = 2;
@@ -229,6 +231,8 @@ struct Session<'a, S: Read + Write, C: Catalog> {
     catalog: &'a C,
     /// Names the connection in log lines.
     who: &'a str,
+    /// Unknown names logged so far: a client looping over INFO must not flood the log.
+    unknown_logged: u32,
     shutting_down: &'a AtomicBool,
     structured: bool,
     contexts: MetaContexts,
@@ -394,7 +398,15 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
         match self.catalog.find(name) {
             Ok(found) => Ok(Some(found)),
             Err(why) => {
-                eprintln!("cowimg: {}: {why}", self.who);
+                self.unknown_logged += 1;
+                if self.unknown_logged <= MAX_UNKNOWN_LOGGED {
+                    let more = if self.unknown_logged == MAX_UNKNOWN_LOGGED {
+                        " (further unknown names on this connection are not logged)"
+                    } else {
+                        ""
+                    };
+                    eprintln!("cowimg: {}: {why}{more}", self.who);
+                }
                 self.error(option, REP_ERR_UNKNOWN, &why)?;
                 Ok(None)
             }
@@ -531,6 +543,7 @@ pub(crate) fn negotiate<S: Read + Write, C: Catalog>(
         io,
         catalog,
         who,
+        unknown_logged: 0,
         shutting_down,
         structured: false,
         contexts: MetaContexts::default(),
