@@ -47,8 +47,16 @@ pub enum Error {
     ReadOnly { path: PathBuf },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("{path}: an earlier write or flush failed; the image refuses further changes until it is reopened")]
+    #[error("{path}: an earlier flush failed and so did going back to the last durable state; the image refuses further changes until it is reopened")]
     Failed { path: PathBuf },
+    /// A flush failed; the image went back to the state of the last completed flush, so the
+    /// writes since then are lost (and reported as such to whoever made them).
+    #[error("{source}; went back to the last flushed state: writes since the last successful flush are lost")]
+    Reverted {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -61,6 +69,7 @@ impl Error {
                 Some(libc::ENOSPC) => libc::ENOSPC,
                 _ => libc::EIO,
             },
+            Error::Reverted { source, .. } => source.errno(),
             _ => libc::EIO,
         }
     }

@@ -13,6 +13,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod ctl;
 pub mod info;
 pub mod io;
 pub mod map;
@@ -67,6 +68,9 @@ pub enum Command {
     Attach(attach::AttachArgs),
     /// Flush and detach a device made by attach, and stop what attach started.
     Detach(attach::DetachArgs),
+    /// Send a command to a running server's control socket (list, stats, add, remove,
+    /// flush, snapshot).
+    Ctl(ctl::CtlArgs),
 }
 
 /// Runs the command line; errors print as one line on stderr.
@@ -148,6 +152,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(args),
         Command::Attach(args) => attach::attach(args),
         Command::Detach(args) => attach::detach(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

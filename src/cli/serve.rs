@@ -1,32 +1,59 @@
 //! `cowimg serve`.
 use super::source::{self, ImageFormat};
-use crate::image::{Image, OpenOptions};
-use crate::nbd::{Listen, ServeConfig};
+use crate::format::BackingFormat;
+use crate::nbd::{ExportSpec, Listen, OverlaySpec, ServeConfig, ServerSpec};
+use anyhow::bail;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Format of IMAGE: only cowimg images can be served (probed when not given).
-    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
-    pub format: Option<ImageFormat>,
     /// Listen on a Unix socket at PATH.
     #[arg(long, value_name = "PATH", conflicts_with = "bind")]
     pub socket: Option<PathBuf>,
     /// Listen on HOST:PORT (port 0 picks a free port, printed at startup).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:10809")]
     pub bind: String,
-    /// Export name clients ask for (any name is accepted when empty).
+    /// Export name clients ask for IMAGE by (any name is accepted when empty and IMAGE is
+    /// the only export).
     #[arg(long, default_value = "")]
     pub export_name: String,
+    /// Also export IMAGE as NAME; `NAME:ro=IMAGE` exports it read-only. Repeatable.
+    #[arg(long = "export", value_name = "NAME=IMAGE", value_parser = parse_export)]
+    pub exports: Vec<ExportSpec>,
+    /// Export every image in DIR, named after its file (NAME.cow as NAME): cowimg images
+    /// writable, raw and qcow2 files read-only. Files added later are opened when a client
+    /// first asks for them.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// A client asking for a name nobody exports gets a new overlay DIR/NAME.cow over
+    /// --base (created once, kept afterwards).
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "base",
+        conflicts_with = "read_only"
+    )]
+    pub overlays: Option<PathBuf>,
+    /// The backing file of overlays made in --overlays.
+    #[arg(long, value_name = "BASE", requires_all = ["overlays", "base_format"])]
+    pub base: Option<PathBuf>,
+    /// The format of --base: raw or cowimg (never probed).
+    #[arg(short = 'F', long, value_name = "FMT", value_parser = super::parse_format, requires = "base")]
+    pub base_format: Option<BackingFormat>,
+    /// Create no overlay in --overlays once the server has this many exports.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_exports: u32,
+    /// Listen for control commands (`cowimg ctl`) on a Unix socket at PATH (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Description sent to clients that ask (NBD_INFO_DESCRIPTION, NBD_OPT_LIST), as
     /// qemu-nbd's --description; none unless given.
     #[arg(short = 'D', long, value_name = "TEXT", value_parser = parse_description)]
     pub description: Option<String>,
-    /// Refuse writes.
+    /// Refuse writes (to IMAGE and every --export).
     #[arg(long)]
     pub read_only: bool,
     /// Most clients connected at once; more are refused.
@@ -50,8 +77,34 @@ pub struct ServeArgs {
     /// Requests served at once on each connection.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
+    /// Format of IMAGE: cowimg, raw or qcow2 (probed when not given). Only cowimg images
+    /// are served writable; the others need --read-only.
+    #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
+    pub format: Option<ImageFormat>,
     /// The image to serve.
-    pub image: PathBuf,
+    pub image: Option<PathBuf>,
+}
+
+/// `NAME=IMAGE` or `NAME:ro=IMAGE`; the name is checked here so a typo fails at once.
+fn parse_export(s: &str) -> Result<ExportSpec, String> {
+    let Some((name, image)) = s.split_once('=') else {
+        return Err("expected NAME=IMAGE".into());
+    };
+    let (name, read_only) = match name.strip_suffix(":ro") {
+        Some(n) => (n, true),
+        None => (name, false),
+    };
+    crate::nbd::validate_export_name(name)?;
+    if image.is_empty() {
+        return Err(format!("no image given for export \"{name}\""));
+    }
+    Ok(ExportSpec {
+        name: name.to_string(),
+        image: image.into(),
+        format: None,
+        read_only,
+        description: None,
+    })
 }
 
 fn parse_description(s: &str) -> Result<String, String> {
@@ -73,22 +126,69 @@ fn socket_activated() -> bool {
         && std::env::var("LISTEN_PID").is_ok_and(|p| p.trim() == std::process::id().to_string())
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let detected = source::detect(&args.image, args.format)?;
-    let image = if args.read_only {
-        // Any format can be read: a raw or qcow2 file is served through an empty overlay.
-        source::open_read_only_image(&args.image, detected, false)?
-    } else {
-        source::refuse_probed_raw_writes(&args.image, detected, "serve without --read-only")?;
-        source::require_cowimg(
-            &args.image,
-            detected,
-            "serve without --read-only",
-            "serve it with --read-only, or serve a cowimg overlay on it (create -b FILE -F raw)",
-        )?;
-        Image::open(&args.image, &OpenOptions::default())?
+/// Raises the soft limit on open files to the hard one, as daemons do: every export holds
+/// two descriptors (the image and its lock), and a thousand exports pass the usual soft
+/// limit of 1024 long before the hard one.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    let image = Arc::new(image);
+    // SAFETY: getrlimit and setrlimit read and write only the live local `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    raise_open_file_limit();
+    let mut exports = Vec::new();
+    if let Some(image) = args.image {
+        if args.export_name.is_empty()
+            && (!args.exports.is_empty() || args.dir.is_some() || args.overlays.is_some())
+        {
+            bail!("IMAGE needs a name (--export-name) when the server has other exports");
+        }
+        exports.push(ExportSpec {
+            name: args.export_name,
+            format: args.format.map(|f| match f {
+                ImageFormat::Cowimg => BackingFormat::Cowimg,
+                ImageFormat::Raw => BackingFormat::Raw,
+                ImageFormat::Qcow2 => BackingFormat::Qcow2,
+            }),
+            image,
+            read_only: args.read_only,
+            description: args.description,
+        });
+    } else if args.description.is_some() || !args.export_name.is_empty() {
+        bail!("--export-name and --description apply to IMAGE, and none was given");
+    }
+    for mut e in args.exports {
+        e.read_only |= args.read_only;
+        exports.push(e);
+    }
+    if exports.is_empty() && args.dir.is_none() && args.overlays.is_none() {
+        bail!("nothing to serve: give IMAGE, --export NAME=IMAGE, --dir or --overlays");
+    }
+    let overlays = match (args.overlays, args.base, args.base_format) {
+        (Some(dir), Some(base), Some(format)) => Some(OverlaySpec {
+            dir,
+            base,
+            format,
+            max_exports: args.max_exports as usize,
+        }),
+        _ => None,
+    };
+    let spec = ServerSpec {
+        exports,
+        dir: args.dir,
+        overlays,
+        control: args.control,
+    };
     let listen = if socket_activated() {
         Listen::Systemd
     } else if let Some(p) = args.socket {
@@ -98,9 +198,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let config = ServeConfig {
         listen,
-        export_name: args.export_name,
-        description: args.description,
-        read_only: args.read_only,
         max_connections: args.max_connections as usize,
         max_connections_per_client: args.max_connections_per_client as usize,
         io_timeout: seconds(args.io_timeout),
@@ -108,6 +205,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         workers_per_connection: args.threads as usize,
     };
-    crate::nbd::serve(image, config)?;
+    crate::nbd::serve(spec, config)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -9,12 +9,10 @@
 //! qcow2 images are recognised here; [`open_qcow2`] is the one place that opens them.
 use crate::format::header::MAGIC;
 use crate::format::BackingFormat;
-use crate::image::{CreateOptions, Extent, Image, Layer, OpenOptions};
-use crate::storage::MemStorage;
+use crate::image::{Extent, Image, Layer, OpenOptions};
 use anyhow::bail;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use std::sync::Arc;
 
 /// qcow2's magic, `QFI\xfb`.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -204,15 +202,7 @@ pub fn open_read_only_image(
         return Ok(Image::open(path, &opts)?);
     }
     let layer = open_layer(path, detected, force_share)?;
-    let storage = Arc::new(MemStorage::new(Vec::new()));
-    let create = CreateOptions {
-        size: Some(layer.size()),
-        ..Default::default()
-    };
-    Image::create_on(storage.as_ref(), path, &create)?;
-    let mut overlay = Image::open_storage(storage, path, true)?;
-    overlay.attach_backing(layer);
-    Ok(overlay)
+    Ok(Image::read_only_over(layer, path)?)
 }
 
 /// An image opened for reading by the commands that take any format: a file (with its

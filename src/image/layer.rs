@@ -247,6 +247,15 @@ impl Layer {
         }
     }
 
+    /// The device and inode of the layer's file (none for an image in memory).
+    pub(crate) fn identity(&self) -> Option<FileId> {
+        match self {
+            Layer::Raw(r) => Some(r.id),
+            Layer::Cowimg(i) => i.identity(),
+            Layer::Qcow2(q) => Some(q.identity()),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         match self {
             Layer::Raw(r) => &r.path,

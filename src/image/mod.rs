@@ -21,11 +21,14 @@ mod open;
 pub mod ops;
 pub mod qcow2;
 mod qcow2_write;
+mod recover;
+mod registry;
 #[cfg(test)]
 mod tests;
 
 pub use layer::{check_recorded_format, Layer, RawFile, MAX_CHAIN_DEPTH};
 pub use open::resolve_backing_path;
+pub use registry::LayerRegistry;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -38,7 +41,7 @@ use entry::Entry;
 use free_clusters::FreeClusters;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Options for [`Image::create`].
@@ -74,6 +77,9 @@ pub struct OpenOptions {
     /// overlay whose backing file is missing can still be inspected or pointed elsewhere.
     /// Reads of ranges that fall through then read zeros.
     pub without_backing: bool,
+    /// Share read-only backing layers with the other images opened through this registry
+    /// (a server's exports over one base).
+    pub layers: Option<Arc<LayerRegistry>>,
 }
 
 /// What a range of the merged image is.
@@ -168,7 +174,8 @@ pub struct Image {
     read_only: bool,
     geometry: Geometry,
     virtual_size: u64,
-    backing: Option<Layer>,
+    /// Shared with other images when opened through a [`LayerRegistry`].
+    backing: Option<Arc<Layer>>,
     /// Keeps the lock on the file for as long as the image is open.
     _lock_file: Option<std::fs::File>,
     /// The identity of the image's file (None for other storage), to refuse chains that
@@ -178,7 +185,12 @@ pub struct Image {
     state: Mutex<State>,
     committed: Condvar,
     flush_serial: Mutex<()>,
+    /// Set only when the image could not go back to its durable state after a failed
+    /// flush (see `recover.rs`): nothing is known about it then, so it refuses changes.
     failed: AtomicBool,
+    /// Times the image went back to its durable state after a failed flush, so that each
+    /// client with writes since its last flush can be told they were lost.
+    reverts: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -402,7 +414,7 @@ impl Image {
     }
     /// The backing file, if any.
     pub fn backing(&self) -> Option<&Layer> {
-        self.backing.as_ref()
+        self.backing.as_deref()
     }
     /// The current header (a copy).
     pub fn header(&self) -> Header {
@@ -450,11 +462,6 @@ impl Image {
             });
         }
         Ok(())
-    }
-
-    fn fail<T>(&self, e: Error) -> Result<T> {
-        self.failed.store(true, Ordering::Release);
-        Err(e)
     }
 
     fn host_offset(&self, host_cluster: u64, unit: u32) -> u64 {
@@ -719,8 +726,13 @@ impl Image {
                 }
             };
             if let Err(e) = self.write_units(buf, offset, &units) {
+                // The map never saw this write, and it went to units no flushed state
+                // references (or, in place, to units written since the last flush and
+                // inside its own range): the image stays consistent, the range's contents
+                // are unspecified (as NBD and POSIX say of a failed write), and later
+                // writes may succeed once the cause (a full disk) is gone.
                 self.end_writes(&mut lock(&self.state), &units);
-                return self.fail(e);
+                return Err(e);
             }
             let mut st = lock(&self.state);
             let st = &mut *st;
@@ -932,7 +944,8 @@ impl Image {
         }
         for (off, l) in coalesce(punches) {
             if let Err(e) = self.storage.punch_hole(off, l) {
-                return self.fail(self.io_err("punching a hole", off, e));
+                // The map already reads zeros there; only the space stays allocated.
+                return Err(self.io_err("punching a hole", off, e));
             }
         }
         Ok(())
@@ -976,15 +989,12 @@ impl Image {
             return Ok(());
         };
         if let Err(e) = self.persist(&snapshot) {
-            let failed = self.fail(e);
-            self.wake_waiting_writers();
-            return failed;
+            // After a failed fdatasync nothing since the last barrier can be trusted to be
+            // on the disk, and retrying would only report success for data already lost.
+            return Err(self.revert_to_durable(e));
         }
-        let published = self.publish(snapshot);
-        if published.is_err() {
-            self.wake_waiting_writers();
-        }
-        published
+        self.publish(snapshot);
+        Ok(())
     }
 
     fn take_snapshot(&self) -> Option<Snapshot> {
@@ -1242,7 +1252,9 @@ impl Image {
     }
 
     /// The snapshot is durable: unpin what it replaced, free clusters nothing references.
-    fn publish(&self, snap: Snapshot) -> Result<()> {
+    /// Punching and truncating only give space back: when they fail, the clusters are free
+    /// all the same (they are rewritten before anything references them again).
+    fn publish(&self, snap: Snapshot) {
         let _pause = exclusive(&self.gate);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
@@ -1313,26 +1325,16 @@ impl Image {
         let end = st.free.end() << self.geometry.cluster_bits;
         for (off, l) in coalesce(punches) {
             let l = l.min(end.saturating_sub(off));
-            if l == 0 {
-                continue;
-            }
-            if let Err(e) = self.storage.punch_hole(off, l) {
-                return self.fail(self.io_err("punching a hole", off, e));
+            if l > 0 {
+                let _ = self.storage.punch_hole(off, l);
             }
         }
-        match self.storage.len() {
-            Ok(len) if len > end => {
-                if let Err(e) = self.storage.set_len(end) {
-                    return self.fail(self.io_err("truncating freed clusters", end, e));
-                }
-            }
-            Ok(_) => {}
-            Err(e) => return self.fail(self.io_err("reading length", 0, e)),
+        if self.storage.len().is_ok_and(|len| len > end) {
+            let _ = self.storage.set_len(end);
         }
         st.commits += 1;
         st.snapshots_published = st.snapshots_taken;
         self.committed.notify_all();
-        Ok(())
     }
 
     /// This layer's own runs (data or zero markers), in order, without the backing file.
@@ -1513,11 +1515,14 @@ impl Image {
                 Ok(())
             }
             Err(e) => {
-                // The in-memory map may already hold the resize's changes: only a reopen,
-                // which reads the durable state, can tell which size won.
-                self.virtual_size = old_size;
-                lock(&self.state).pending_resize = None;
-                self.fail(e)
+                // A failed flush puts the image back to its durable state, whose header
+                // says which size won.
+                let mut st = lock(&self.state);
+                st.pending_resize = None;
+                self.virtual_size = st.header.virtual_size;
+                drop(st);
+                let _ = old_size;
+                Err(e)
             }
         }
     }
@@ -1584,7 +1589,7 @@ impl Image {
         st.header = header;
         st.active_slot = slot;
         drop(st);
-        self.backing = layer;
+        self.backing = layer.map(Arc::new);
         Ok(())
     }
 }

@@ -158,7 +158,10 @@ impl Image {
             let resolved = resolve_backing_path(path, &recorded);
             let mut chain = above.to_vec();
             chain.push((path.to_path_buf(), id));
-            image.backing = Some(Layer::open_below(&resolved, fmt, &backing_opts, &chain)?);
+            image.backing = Some(match &opts.layers {
+                Some(shared) => shared.open(&resolved, fmt, &backing_opts, &chain)?,
+                None => Arc::new(Layer::open_below(&resolved, fmt, &backing_opts, &chain)?),
+            });
         }
         Ok(image)
     }
@@ -200,13 +203,28 @@ impl Image {
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
             failed: false.into(),
+            reverts: 0.into(),
         })
+    }
+
+    /// A read-only image that reads `layer` (a raw or qcow2 file, say) through an empty
+    /// overlay kept in memory: how a server exports a file of another format, read-only.
+    pub fn read_only_over(layer: Layer, name: &Path) -> Result<Image> {
+        let storage = Arc::new(crate::storage::MemStorage::new(Vec::new()));
+        let create = CreateOptions {
+            size: Some(layer.size()),
+            ..Default::default()
+        };
+        Image::create_on(storage.as_ref(), name, &create)?;
+        let mut overlay = Image::open_storage(storage, name, true)?;
+        overlay.attach_backing(layer);
+        Ok(overlay)
     }
 
     /// Attaches an already open backing layer (for tests and tools that build chains over
     /// in-memory storage).
     pub fn attach_backing(&mut self, layer: Layer) {
-        self.backing = Some(layer);
+        self.backing = Some(Arc::new(layer));
     }
 }
 
@@ -644,10 +662,14 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
     }
     // Only the final map must lie inside the file: clusters that earlier items used may have
     // been freed and cut off the end of the file since.
-    for (&vc, e) in &map {
+    for (&vc, e) in map.iter_mut() {
         for slot in 0..2 {
-            // A reserved cluster (a slot without units) too: the next write to the slot
-            // goes there, and a writer only reserves clusters it has written.
+            // A reserved cluster (a slot without units) past the end is a reservation whose
+            // data write failed, or a crafted one: forgotten, so that the next write to the
+            // slot allocates inside the file instead of extending it to there.
+            if e.units[slot] == 0 && e.host[slot] >= max_host {
+                e.host[slot] = 0;
+            }
             if e.host[slot] != 0 && e.host[slot] >= max_host {
                 return Err(inconsistent(path, format!(
                     "slot {} of virtual cluster {vc} is {}host cluster {} (offset {:#x}), past the end of the file ({file_length:#x})",

@@ -14,10 +14,11 @@
 //! with it its reservations, when the I/O timeout has passed for the whole payload or reply.
 //! Buffers are kept between requests for reuse while the connection is busy, and freed
 //! once it has been idle for [`RELEASE_IDLE_BUFFERS`].
+use super::export::Export;
 use super::handshake::{MetaContexts, CONTEXT_ID_ALLOCATION, CONTEXT_ID_LAYER};
 use super::protocol::*;
 use super::socket::Transport;
-use crate::image::{Extent, ExtentKind, Image};
+use crate::image::{Extent, ExtentKind};
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -42,6 +43,8 @@ const MAX_DESCRIPTORS: usize = 8192;
 /// Input buffer: requests and small payloads come in with few system calls; large
 /// payloads bypass it.
 const INPUT_BUFFER: usize = 128 * 1024;
+/// `Transmission::unflushed_since` when the connection changed nothing since its last flush.
+const NO_CHANGES: u64 = u64::MAX;
 /// How often a worker waiting for memory checks whether its connection is still wanted.
 const RECHECK: Duration = Duration::from_millis(50);
 /// A read-only request this large is not run for a client that has hung up (checking costs
@@ -268,7 +271,9 @@ pub(crate) struct Stats {
 }
 
 pub(crate) struct Transmission<'a> {
-    image: &'a Image,
+    /// Each request takes the export's image for the length of one image call, so that a
+    /// snapshot can swap it between calls.
+    export: &'a Export,
     size: u64,
     read_only: bool,
     structured: bool,
@@ -291,12 +296,14 @@ pub(crate) struct Transmission<'a> {
     disconnected: AtomicBool,
     shutting_down: &'a AtomicBool,
     pub stats: Stats,
-    /// The first image error, logged once per connection.
-    logged_image_error: AtomicBool,
+    /// The image's revert count before the first change this connection made since its
+    /// last flush ([`NO_CHANGES`]: none). A flush that finds the count moved tells the
+    /// client its writes were lost, even though the failed flush was another client's.
+    unflushed_since: AtomicU64,
 }
 
 pub(crate) struct Params<'a> {
-    pub image: &'a Image,
+    pub export: &'a Export,
     pub read_only: bool,
     pub structured: bool,
     pub contexts: MetaContexts,
@@ -318,8 +325,8 @@ impl<'a> Transmission<'a> {
     pub fn new(transport: Arc<dyn Transport>, p: Params<'a>) -> io::Result<Transmission<'a>> {
         transport.set_read_tick()?;
         Ok(Transmission {
-            image: p.image,
-            size: p.image.virtual_size(),
+            export: p.export,
+            size: p.export.image().virtual_size(),
             read_only: p.read_only,
             structured: p.structured,
             contexts: p.contexts,
@@ -345,7 +352,7 @@ impl<'a> Transmission<'a> {
             disconnected: AtomicBool::new(false),
             shutting_down: p.shutting_down,
             stats: Stats::default(),
-            logged_image_error: AtomicBool::new(false),
+            unflushed_since: AtomicU64::new(NO_CHANGES),
         })
     }
 
@@ -422,6 +429,7 @@ impl<'a> Transmission<'a> {
                 }
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.export.stats.requests.fetch_add(1, Ordering::Relaxed);
             let mut buf = buf;
             if only_replies(req.command) && req.length >= WORTH_CHECKING && self.client_has_gone() {
                 // Nobody will read the reply; a write still runs, it is the client's data.
@@ -617,9 +625,7 @@ impl<'a> Transmission<'a> {
             match req.command {
                 CMD_READ => self.read(req, buf),
                 CMD_WRITE => self.write(req, buf),
-                CMD_FLUSH => self
-                    .image_op(self.image.flush())
-                    .map(|()| self.send_ok(req.cookie)),
+                CMD_FLUSH => self.flush().map(|()| self.send_ok(req.cookie)),
                 CMD_TRIM => self.trim(req),
                 CMD_WRITE_ZEROES => self.write_zeroes(req),
                 CMD_CACHE => self.cache(req, buf),
@@ -629,17 +635,19 @@ impl<'a> Transmission<'a> {
         };
         if let Err(f) = result {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.export.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.send_error(req.cookie, f);
         }
     }
 
-    /// Converts an image error into a failure, logging the first one of the connection
-    /// (the client gets the errno and a short message; the full one names server paths).
+    /// Converts an image error into a failure, logging it unless the export has logged one
+    /// since its last success (the client gets the errno and a short message; the full one,
+    /// with the OS error, file and offset, names server paths).
     fn image_op<T>(&self, r: crate::Result<T>) -> Result<T, Failure> {
         r.map_err(|e| {
             let error = nbd_error(e.errno());
-            if error == EIO && !self.logged_image_error.swap(true, Ordering::Relaxed) {
-                eprintln!("cowimg: {e}");
+            if matches!(error, EIO | ENOSPC) {
+                self.export.note_fault(&e);
             }
             Failure {
                 error,
@@ -653,11 +661,50 @@ impl<'a> Transmission<'a> {
         })
     }
 
+    /// Runs a change (WRITE, TRIM, WRITE_ZEROES) against the image, noting it as one the
+    /// next flush must account for.
+    fn change(
+        &self,
+        op: impl FnOnce(&crate::image::Image) -> crate::Result<()>,
+    ) -> Result<(), Failure> {
+        let image = self.export.image();
+        // Read before the change: a revert between the two cannot be missed.
+        let reverts = image.reverts();
+        self.image_op(op(&image))?;
+        drop(image);
+        let _ = self.unflushed_since.compare_exchange(
+            NO_CHANGES,
+            reverts,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// FLUSH (and FUA): fails when the flush does, and also when it succeeds but the image
+    /// went back to its durable state since this connection's first unflushed change, so
+    /// that no client is told its lost writes are durable.
+    fn flush(&self) -> Result<(), Failure> {
+        let since = self.unflushed_since.swap(NO_CHANGES, Ordering::AcqRel);
+        let image = self.export.image();
+        self.image_op(image.flush())?;
+        if since != NO_CHANGES && image.reverts() != since {
+            return fail(
+                EIO,
+                "writes since the last flush were lost: a flush failed and the image went back to its last flushed state",
+            );
+        }
+        drop(image);
+        self.export.note_success();
+        Ok(())
+    }
+
     fn after_write(&self, req: &Request) -> Result<(), Failure> {
         self.stats.wrote.store(true, Ordering::Relaxed);
         if req.flags & CMD_FLAG_FUA != 0 {
-            self.image_op(self.image.flush())?;
+            self.flush()?;
         }
+        self.export.note_success();
         self.send_ok(req.cookie);
         Ok(())
     }
@@ -686,8 +733,12 @@ impl<'a> Transmission<'a> {
             buf.resize(n, 0);
         }
         let data = &mut buf[..n];
-        self.image_op(self.image.read_at(data, req.offset))?;
+        self.image_op(self.export.image().read_at(data, req.offset))?;
         self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        self.export
+            .stats
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
         if !self.structured {
             self.send(&[&simple_reply(0, req.cookie), data]);
         } else if n == 0 {
@@ -717,8 +768,12 @@ impl<'a> Transmission<'a> {
             return fail(ENOSPC, "WRITE beyond the end of the export");
         }
         let data = &buf[..req.length as usize];
-        self.image_op(self.image.write_at(data, req.offset))?;
+        self.change(|image| image.write_at(data, req.offset))?;
         self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.export
+            .stats
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.after_write(req)
@@ -731,7 +786,7 @@ impl<'a> Transmission<'a> {
         if !in_range(req.offset, req.length as u64, self.size) {
             return fail(EINVAL, "TRIM beyond the end of the export");
         }
-        self.image_op(self.image.discard(req.offset, req.length as u64))?;
+        self.change(|image| image.discard(req.offset, req.length as u64))?;
         self.after_write(req)
     }
 
@@ -747,9 +802,9 @@ impl<'a> Transmission<'a> {
         }
         let (off, len) = (req.offset, req.length as u64);
         if req.flags & CMD_FLAG_NO_HOLE != 0 {
-            self.image_op(self.image.write_zeroes(off, len))?;
+            self.change(|image| image.write_zeroes(off, len))?;
         } else {
-            self.image_op(self.image.discard(off, len))?;
+            self.change(|image| image.discard(off, len))?;
         }
         self.after_write(req)
     }
@@ -764,7 +819,7 @@ impl<'a> Transmission<'a> {
             if buf.len() < n {
                 buf.resize(n, 0);
             }
-            self.image_op(self.image.read_at(&mut buf[..n], pos))?;
+            self.image_op(self.export.image().read_at(&mut buf[..n], pos))?;
             pos += n as u64;
         }
         self.send_ok(req.cookie);
@@ -791,7 +846,7 @@ impl<'a> Transmission<'a> {
         let mut pos = req.offset;
         while pos < end {
             let window = (end - pos).min(STATUS_WINDOW);
-            for e in self.image_op(self.image.block_status(pos, window))? {
+            for e in self.image_op(self.export.image().block_status(pos, window))? {
                 allocation.push(e.length, allocation_flags(&e));
                 layer.push(e.length, layer_value(&e));
             }

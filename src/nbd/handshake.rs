@@ -12,25 +12,35 @@ pub const CONTEXT_ALLOCATION: &str = "base:allocation";
 /// Name of our context telling which layer of the backing chain holds each range; see
 /// [`crate::nbd`] for its values.
 pub const CONTEXT_LAYER: &str = "cowimg:layer";
+/// Unknown export names logged per connection.
+const MAX_UNKNOWN_LOGGED: u32 = 3;
 /// The IDs we give the contexts when a client selects them.
 pub const CONTEXT_ID_ALLOCATION: u32 = 1;
 pub const CONTEXT_ID_LAYER: u32 = 2;
 
-/// What the server offers.
-pub(crate) struct ExportInfo<'a> {
-    /// The export's name; empty means "any name the client asks for".
-    pub name: &'a str,
+/// What the server says about one export.
+pub(crate) struct ExportInfo {
+    /// The export's canonical name (sent for NBD_INFO_NAME).
+    pub name: String,
     pub size: u64,
     pub read_only: bool,
     /// Sent only when the operator set one: a default would reveal server file names.
     pub description: Option<String>,
 }
 
-impl ExportInfo<'_> {
-    fn matches(&self, requested: &[u8]) -> bool {
-        self.name.is_empty() || self.name.as_bytes() == requested
-    }
+/// The exports a server offers, as the handshake sees them.
+pub(crate) trait Catalog {
+    /// What the connection needs of the export it picked.
+    type Export;
+    /// The export a client asks for by name, or why there is none (sent to the client).
+    /// It may create the export (overlays on demand), so it is only called for names a
+    /// client sent in INFO, GO, EXPORT_NAME or a meta context request.
+    fn find(&self, requested: &[u8]) -> Result<(ExportInfo, Self::Export), String>;
+    /// Names and descriptions for NBD_OPT_LIST.
+    fn list(&self) -> Vec<(String, String)>;
+}
 
+impl ExportInfo {
     /// The transmission flags. CAN_MULTI_CONN is true here: all connections share one
     /// `Image`, and `Image::flush` makes every completed write durable, whichever
     /// connection made it.
@@ -66,11 +76,11 @@ impl MetaContexts {
 }
 
 /// The result of a successful handshake.
-#[derive(Debug)]
-pub(crate) struct Negotiated {
+pub(crate) struct Negotiated<E> {
     pub structured: bool,
     pub contexts: MetaContexts,
     pub export_name: String,
+    pub export: E,
     /// The option that entered transmission: "GO" or "EXPORT_NAME".
     pub entered_with: &'static str,
 }
@@ -216,16 +226,20 @@ fn lossy(b: &[u8]) -> String {
     s
 }
 
-struct Session<'a, S: Read + Write> {
+struct Session<'a, S: Read + Write, C: Catalog> {
     io: &'a mut S,
-    export: &'a ExportInfo<'a>,
+    catalog: &'a C,
+    /// Names the connection in log lines.
+    who: &'a str,
+    /// Unknown names logged so far: a client looping over INFO must not flood the log.
+    unknown_logged: u32,
     shutting_down: &'a AtomicBool,
     structured: bool,
     contexts: MetaContexts,
     out: Vec<u8>,
 }
 
-impl<S: Read + Write> Session<'_, S> {
+impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
     fn send(&mut self) -> io::Result<()> {
         let r = self.io.write_all(&self.out);
         self.out.clear();
@@ -241,7 +255,7 @@ impl<S: Read + Write> Session<'_, S> {
         self.reply(option, reply_type, &[message.as_bytes()])
     }
 
-    fn run(&mut self) -> Result<Negotiated, HandshakeEnd> {
+    fn run(&mut self) -> Result<Negotiated<C::Export>, HandshakeEnd> {
         self.io.write_all(&greeting())?;
         let mut flags = [0u8; 4];
         self.io.read_exact(&mut flags)?;
@@ -285,20 +299,19 @@ impl<S: Read + Write> Session<'_, S> {
             }
             match h.option {
                 OPT_EXPORT_NAME => {
-                    if !self.export.matches(&data) {
-                        return violation(format!(
-                            "EXPORT_NAME for unknown export \"{}\"",
-                            lossy(&data)
-                        ));
-                    }
-                    let flags = self.export.transmission_flags(self.structured);
-                    self.out.extend_from_slice(&self.export.size.to_be_bytes());
+                    let (info, export) = match self.catalog.find(&data) {
+                        Ok(found) => found,
+                        // There is no way to refuse EXPORT_NAME but to hang up.
+                        Err(why) => return violation(format!("EXPORT_NAME: {why}")),
+                    };
+                    let flags = info.transmission_flags(self.structured);
+                    self.out.extend_from_slice(&info.size.to_be_bytes());
                     self.out.extend_from_slice(&flags.to_be_bytes());
                     if !no_zeroes {
                         self.out.extend_from_slice(&[0u8; 124]);
                     }
                     self.send()?;
-                    return Ok(self.negotiated(&data, "EXPORT_NAME"));
+                    return Ok(self.negotiated(&data, export, "EXPORT_NAME"));
                 }
                 OPT_ABORT => {
                     // The client may already have closed its end; the ACK is a courtesy.
@@ -310,14 +323,21 @@ impl<S: Read + Write> Session<'_, S> {
                         self.error(h.option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                         continue;
                     }
-                    let name = self.export.name.as_bytes();
-                    let description = self.export.description.as_deref().unwrap_or("");
-                    let description = &description.as_bytes()[..description.len().min(MAX_STRING)];
-                    self.reply(
-                        h.option,
-                        REP_SERVER,
-                        &[&(name.len() as u32).to_be_bytes(), name, description],
-                    )?;
+                    for (name, description) in self.catalog.list() {
+                        let name = &name.as_bytes()[..name.len().min(MAX_STRING)];
+                        let description =
+                            &description.as_bytes()[..description.len().min(MAX_STRING)];
+                        option_reply(
+                            &mut self.out,
+                            h.option,
+                            REP_SERVER,
+                            &[&(name.len() as u32).to_be_bytes(), name, description],
+                        );
+                        // Sent as it goes: a thousand exports are not held in one buffer.
+                        if self.out.len() >= 64 * 1024 {
+                            self.send()?;
+                        }
+                    }
                     self.reply(h.option, REP_ACK, &[])?;
                 }
                 OPT_STARTTLS => self.error(
@@ -326,9 +346,11 @@ impl<S: Read + Write> Session<'_, S> {
                     "TLS is not supported by this server",
                 )?,
                 OPT_INFO | OPT_GO => {
-                    if self.info(h.option, &data)? && h.option == OPT_GO {
-                        let (name, _) = parse_info_request(&data).unwrap_or((&[], Vec::new()));
-                        return Ok(self.negotiated(name, "GO"));
+                    if let Some(export) = self.info(h.option, &data)? {
+                        if h.option == OPT_GO {
+                            let (name, _) = parse_info_request(&data).unwrap_or((&[], Vec::new()));
+                            return Ok(self.negotiated(name, export, "GO"));
+                        }
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
@@ -355,47 +377,69 @@ impl<S: Read + Write> Session<'_, S> {
         }
     }
 
-    fn negotiated(&self, name: &[u8], entered_with: &'static str) -> Negotiated {
+    fn negotiated(
+        &self,
+        name: &[u8],
+        export: C::Export,
+        entered_with: &'static str,
+    ) -> Negotiated<C::Export> {
         Negotiated {
             structured: self.structured,
             contexts: self.contexts,
             export_name: lossy(name),
+            export,
             entered_with,
         }
     }
 
-    /// Answers INFO or GO; returns true when the export was accepted.
-    fn info(&mut self, option: u32, data: &[u8]) -> io::Result<bool> {
+    /// Looks `name` up; an unknown name is answered with `REP_ERR_UNKNOWN` and logged, since
+    /// the operator may have expected the export to exist.
+    fn find(&mut self, option: u32, name: &[u8]) -> io::Result<Option<(ExportInfo, C::Export)>> {
+        match self.catalog.find(name) {
+            Ok(found) => Ok(Some(found)),
+            Err(why) => {
+                self.unknown_logged += 1;
+                if self.unknown_logged <= MAX_UNKNOWN_LOGGED {
+                    let more = if self.unknown_logged == MAX_UNKNOWN_LOGGED {
+                        " (further unknown names on this connection are not logged)"
+                    } else {
+                        ""
+                    };
+                    eprintln!("cowimg: {}: {why}{more}", self.who);
+                }
+                self.error(option, REP_ERR_UNKNOWN, &why)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Answers INFO or GO; returns the export when it was accepted.
+    fn info(&mut self, option: u32, data: &[u8]) -> io::Result<Option<C::Export>> {
         let (name, requests) = match parse_info_request(data) {
             Ok(r) => r,
             Err(msg) => {
                 self.error(option, REP_ERR_INVALID, &msg)?;
-                return Ok(false);
+                return Ok(None);
             }
         };
-        if !self.export.matches(name) {
-            let msg = format!(
-                "no export named \"{}\" (this server exports \"{}\")",
-                lossy(name),
-                self.export.name
-            );
-            self.error(option, REP_ERR_UNKNOWN, &msg)?;
-            return Ok(false);
-        }
-        let flags = self.export.transmission_flags(self.structured);
+        let Some((info, export)) = self.find(option, name)? else {
+            return Ok(None);
+        };
+        let flags = info.transmission_flags(self.structured);
         option_reply(
             &mut self.out,
             option,
             REP_INFO,
-            &[&info_export(self.export.size, flags)],
+            &[&info_export(info.size, flags)],
         );
         // Our constraints are the protocol defaults, so sending them unasked is harmless.
         option_reply(&mut self.out, option, REP_INFO, &[&info_block_size()]);
         if requests.contains(&INFO_NAME) {
-            let canonical = if self.export.name.is_empty() {
+            // The export served for any name has an empty name of its own.
+            let canonical = if info.name.is_empty() {
                 name
             } else {
-                self.export.name.as_bytes()
+                info.name.as_bytes()
             };
             option_reply(
                 &mut self.out,
@@ -404,8 +448,7 @@ impl<S: Read + Write> Session<'_, S> {
                 &[&INFO_NAME.to_be_bytes(), canonical],
             );
         }
-        if let Some(d) = self
-            .export
+        if let Some(d) = info
             .description
             .as_ref()
             .filter(|_| requests.contains(&INFO_DESCRIPTION))
@@ -421,7 +464,7 @@ impl<S: Read + Write> Session<'_, S> {
         }
         option_reply(&mut self.out, option, REP_ACK, &[]);
         self.send()?;
-        Ok(true)
+        Ok(Some(export))
     }
 
     fn meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
@@ -441,12 +484,8 @@ impl<S: Read + Write> Session<'_, S> {
             Ok(r) => r,
             Err(msg) => return self.error(option, REP_ERR_INVALID, &msg),
         };
-        if !self.export.matches(name) {
-            return self.error(
-                option,
-                REP_ERR_UNKNOWN,
-                &format!("no export named \"{}\"", lossy(name)),
-            );
+        if self.find(option, name)?.is_none() {
+            return Ok(());
         }
         let mut found = MetaContexts::default();
         if !set && queries.is_empty() {
@@ -492,15 +531,19 @@ impl<S: Read + Write> Session<'_, S> {
     }
 }
 
-/// Runs the handshake on `io` (whose reads and writes the caller bounds in time).
-pub(crate) fn negotiate<S: Read + Write>(
+/// Runs the handshake on `io` (whose reads and writes the caller bounds in time); `who`
+/// names the connection in log lines.
+pub(crate) fn negotiate<S: Read + Write, C: Catalog>(
     io: &mut S,
-    export: &ExportInfo,
+    catalog: &C,
+    who: &str,
     shutting_down: &AtomicBool,
-) -> Result<Negotiated, HandshakeEnd> {
+) -> Result<Negotiated<C::Export>, HandshakeEnd> {
     Session {
         io,
-        export,
+        catalog,
+        who,
+        unknown_logged: 0,
         shutting_down,
         structured: false,
         contexts: MetaContexts::default(),
@@ -575,7 +618,7 @@ mod tests {
     #[test]
     fn multi_conn_is_advertised_and_write_flags_follow_read_only() {
         let rw = ExportInfo {
-            name: "",
+            name: String::new(),
             size: 1,
             read_only: false,
             description: None,

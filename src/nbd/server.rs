@@ -1,11 +1,11 @@
 //! The listener: accepts clients, runs one thread per connection (handshake, then the
 //! transmission workers), and shuts everything down on SIGINT/SIGTERM.
 use super::connection::{Memory, Params, Transmission};
-use super::handshake::{self, ExportInfo};
+use super::export::{Export, Exports};
+use super::handshake;
 use super::socket::{Listener, PeerIdentity, Socket};
 use super::{Listen, ServeConfig};
 use crate::error::Error;
-use crate::image::Image;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -23,18 +23,27 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// their sockets are closed under them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// State shared by the accept loop and the connection threads.
-struct Shared {
-    image: Arc<Image>,
+/// A connection the server knows about.
+pub(crate) struct Live {
+    /// A handle to hang up with.
+    pub socket: Socket,
+    pub identity: PeerIdentity,
+    /// The export it picked, once the handshake is over.
+    pub export: Option<Arc<Export>>,
+}
+
+/// State shared by the accept loop, the connection threads and the control socket.
+pub(crate) struct Shared {
+    pub exports: Exports,
     config: ServeConfig,
-    shutting_down: AtomicBool,
+    pub shutting_down: AtomicBool,
     memory: Memory,
-    /// Live connections, by number, with a handle to hang up on each and who they are.
-    live: Mutex<HashMap<u64, (Socket, PeerIdentity)>>,
+    /// Live connections, by number.
+    pub live: Mutex<HashMap<u64, Live>>,
     changed: Condvar,
     refusals: Mutex<RefusalLog>,
 }
@@ -69,7 +78,11 @@ impl Shared {
     }
 }
 
-pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()> {
+pub(crate) fn serve(
+    exports: Exports,
+    config: ServeConfig,
+    control: Option<PathBuf>,
+) -> crate::Result<()> {
     let listener = open_listener(&config.listen)?;
     listener
         .set_nonblocking()
@@ -79,15 +92,22 @@ pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()>
         op: "installing",
         source: e,
     })?;
-    eprintln!(
-        "cowimg: serving {} ({} bytes{}) on {}",
-        image.path().display(),
-        image.virtual_size(),
-        if config.read_only { ", read-only" } else { "" },
-        listener.describe()
-    );
+    let all = exports.all();
+    let what = match all.as_slice() {
+        [one] => {
+            let image = one.image();
+            format!(
+                "{} ({} bytes{})",
+                image.path().display(),
+                image.virtual_size(),
+                if one.read_only { ", read-only" } else { "" },
+            )
+        }
+        many => format!("{} exports", many.len()),
+    };
+    eprintln!("cowimg: serving {what} on {}", listener.describe());
     let shared = Arc::new(Shared {
-        image,
+        exports,
         shutting_down: AtomicBool::new(false),
         memory: Memory::new(REQUEST_MEMORY, config.max_connections),
         config,
@@ -98,6 +118,10 @@ pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()>
             unlogged: 0,
         }),
     });
+    let control = match control {
+        Some(path) => Some(super::control::start(&shared, &path)?),
+        None => None,
+    };
     let mut threads = Vec::new();
     let mut next_id = 1u64;
     let signal = loop {
@@ -133,10 +157,21 @@ pub(crate) fn serve(image: Arc<Image>, config: ServeConfig) -> crate::Result<()>
         eprintln!("cowimg: received signal {signal}, shutting down");
     }
     drop(listener);
+    drop(control);
     shut_down(&shared, threads);
     drop(signals);
-    shared.image.flush()?;
-    Ok(())
+    // Every export is flushed, whatever one of them answers.
+    let mut first_error = None;
+    for export in shared.exports.all() {
+        if let Err(e) = export.image().flush() {
+            eprintln!(
+                "cowimg: export \"{}\": flushing at exit failed: {e}",
+                export.name
+            );
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 fn listen_error(listen: &Listen, source: io::Error) -> Error {
@@ -185,7 +220,7 @@ fn start_connection(
         let capped = matches!(identity, PeerIdentity::Address(_));
         if capped
             && per_client > 0
-            && live.values().filter(|(_, who)| *who == identity).count() >= per_client
+            && live.values().filter(|l| l.identity == identity).count() >= per_client
         {
             drop(live);
             shared.log_refusal(format_args!("connection {id} from {peer}: refused, {identity} already has {per_client} connections (--max-connections-per-client)"));
@@ -193,7 +228,14 @@ fn start_connection(
         }
         match socket.try_clone() {
             Ok(handle) => {
-                live.insert(id, (handle, identity));
+                live.insert(
+                    id,
+                    Live {
+                        socket: handle,
+                        identity,
+                        export: None,
+                    },
+                );
             }
             Err(e) => {
                 drop(live);
@@ -207,7 +249,7 @@ fn start_connection(
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
             let started = Instant::now();
-            let summary = run_connection(&s, socket);
+            let summary = run_connection(&s, id, &peer, socket);
             lock(&s.live).remove(&id);
             s.changed.notify_all();
             eprintln!(
@@ -264,22 +306,16 @@ impl Write for Deadline<'_> {
 }
 
 /// Runs one connection to its end; returns the summary for the log line.
-fn run_connection(shared: &Shared, mut socket: Socket) -> String {
+fn run_connection(shared: &Shared, id: u64, peer: &str, mut socket: Socket) -> String {
     socket.tune();
-    let image = &*shared.image;
     let config = &shared.config;
-    let export = ExportInfo {
-        name: &config.export_name,
-        size: image.virtual_size(),
-        read_only: config.read_only,
-        description: config.description.clone(),
-    };
     let negotiated = {
         let mut io = Deadline {
             socket: &mut socket,
             until: Instant::now() + config.handshake_timeout,
         };
-        handshake::negotiate(&mut io, &export, &shared.shutting_down)
+        let who = format!("connection {id} from {peer}");
+        handshake::negotiate(&mut io, &shared.exports, &who, &shared.shutting_down)
     };
     let negotiated = match negotiated {
         Ok(n) => n,
@@ -288,9 +324,33 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
             return end.to_string();
         }
     };
+    let export = Arc::clone(&negotiated.export);
+    // Counted before the removal check, so that `remove` (which takes the export out, then
+    // counts) cannot miss a client that is just entering.
+    export.stats.clients.fetch_add(1, Ordering::SeqCst);
+    let summary = if export.removed.load(Ordering::SeqCst) {
+        socket.shutdown(Shutdown::Both);
+        format!("export \"{}\" was removed", export.name)
+    } else {
+        if let Some(l) = lock(&shared.live).get_mut(&id) {
+            l.export = Some(Arc::clone(&export));
+        }
+        transmit(shared, socket, negotiated)
+    };
+    export.stats.clients.fetch_sub(1, Ordering::SeqCst);
+    summary
+}
+
+fn transmit(
+    shared: &Shared,
+    socket: Socket,
+    negotiated: handshake::Negotiated<Arc<Export>>,
+) -> String {
+    let config = &shared.config;
+    let export = &*negotiated.export;
     let params = Params {
-        image,
-        read_only: config.read_only,
+        export,
+        read_only: export.read_only,
         structured: negotiated.structured,
         contexts: negotiated.contexts,
         memory: &shared.memory,
@@ -307,7 +367,7 @@ fn run_connection(shared: &Shared, mut socket: Socket) -> String {
     let mut flush_note = String::new();
     if st.wrote.load(Ordering::Relaxed) {
         // Clients such as nbdcopy end with a FLUSH anyway; this covers those that do not.
-        if let Err(e) = image.flush() {
+        if let Err(e) = export.image().flush() {
             flush_note = format!(", flushing at disconnect failed: {e}");
         }
     }
@@ -347,8 +407,8 @@ fn shut_down(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
     shared.shutting_down.store(true, Ordering::SeqCst);
     {
         let live = lock(&shared.live);
-        for (s, _) in live.values() {
-            s.shutdown(Shutdown::Read);
+        for l in live.values() {
+            l.socket.shutdown(Shutdown::Read);
         }
     }
     let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -356,8 +416,8 @@ fn shut_down(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
     while !live.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            for (s, _) in live.values() {
-                s.shutdown(Shutdown::Both);
+            for l in live.values() {
+                l.socket.shutdown(Shutdown::Both);
             }
             break;
         }

@@ -91,6 +91,18 @@ impl Server {
         Self::spawn(args, socket, false)
     }
 
+    /// Runs `cowimg serve --socket DIR/nbd-PID.sock ARGS...` (many exports, --dir, ...).
+    pub fn start_with(dir: &Path, args: &[&str]) -> Server {
+        let socket = dir.join(format!("nbd-{}.sock", std::process::id()));
+        let mut all: Vec<String> = vec![
+            "serve".into(),
+            "--socket".into(),
+            socket.to_string_lossy().into_owned(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        Self::spawn(all, socket, false)
+    }
+
     /// Serves `image` on an ephemeral TCP port on 127.0.0.1.
     pub fn start_tcp(image: &Path, extra: &[&str]) -> Server {
         let mut args: Vec<String> = vec!["serve".into(), "--bind".into(), "127.0.0.1:0".into()];
@@ -412,6 +424,18 @@ impl RawClient {
         self.s.read_exact(&mut v).expect("read bytes");
         v
     }
+    /// Sends, reporting failure instead of panicking (the server may have been killed).
+    pub fn try_send(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.s.write_all(b)
+    }
+
+    /// Reads one simple reply's error, or `None` when the connection is gone.
+    pub fn try_simple_reply(&mut self) -> Option<u32> {
+        let mut b = [0u8; 16];
+        self.s.read_exact(&mut b).ok()?;
+        Some(u32::from_be_bytes(b[4..8].try_into().unwrap()))
+    }
+
     pub fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).expect("send");
     }
@@ -479,6 +503,26 @@ impl RawClient {
             d.extend_from_slice(q.as_bytes());
         }
         d
+    }
+
+    /// Handshake to transmission with GO for export `name` (no structured replies);
+    /// returns the export's size, or the error reply's type and message.
+    pub fn go_named(&mut self, name: &str) -> Result<u64, (u32, String)> {
+        self.greet(1);
+        self.send_option(OPT_GO, &Self::info_payload(name.as_bytes(), &[]));
+        let replies = self.option_replies();
+        let last = replies.last().unwrap();
+        if last.reply_type != REP_ACK {
+            return Err((
+                last.reply_type,
+                String::from_utf8_lossy(&last.data).into_owned(),
+            ));
+        }
+        let export = replies
+            .iter()
+            .find(|r| r.reply_type == REP_INFO && r.data[..2] == [0, 0])
+            .expect("INFO_EXPORT");
+        Ok(u64::from_be_bytes(export.data[2..10].try_into().unwrap()))
     }
 
     /// Full handshake to transmission with GO; returns (size, transmission flags).
