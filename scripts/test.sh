@@ -19,6 +19,7 @@ declare -A PACKAGE_OF=(
     [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
     [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs
     [losetup]=mount
+    [openssl]=openssl
 )
 
 missing_packages() {

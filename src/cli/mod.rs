@@ -62,7 +62,7 @@ pub enum Command {
     /// Grow or shrink an image's virtual size (like qemu-img resize).
     Resize(resize::ResizeArgs),
     /// Serve an image over NBD.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Serve an image (or use an NBD export) and attach it as a block device; prints the
     /// device (like qemu-nbd -c).
     Attach(attach::AttachArgs),
@@ -149,7 +149,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Compare(args) => compare::run(args),
         Command::Measure(args) => measure::run(args),
         Command::Resize(args) => resize::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Attach(args) => attach::attach(args),
         Command::Detach(args) => attach::detach(args),
         Command::Ctl(args) => ctl::run(args),

@@ -1,11 +1,13 @@
 //! `cowimg serve`.
 use super::source::{self, ImageFormat};
 use crate::format::BackingFormat;
-use crate::nbd::{ExportSpec, Listen, OverlaySpec, ServeConfig, ServerSpec};
+use crate::nbd::tls::{Credentials, TlsMode};
+use crate::nbd::{Access, ExportSpec, Listen, OverlaySpec, ServeConfig, ServerSpec};
 use anyhow::bail;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
@@ -77,6 +79,27 @@ pub struct ServeArgs {
     /// Requests served at once on each connection.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
+    /// TLS (NBD_OPT_STARTTLS), as nbdkit's --tls: off; on (clients may upgrade); require
+    /// (every option but STARTTLS and ABORT is refused until they do). Needs
+    /// --tls-certificates.
+    #[arg(long, value_name = "off|on|require", default_value = "off", value_parser = parse_tls_mode)]
+    pub tls: TlsMode,
+    /// A directory with ca-cert.pem, server-cert.pem and server-key.pem (the layout nbdkit
+    /// and qemu use). Read at start and again on SIGHUP.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by the CA in ca-cert.pem.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+    /// Pre-shared keys (psktool's username:hexkey file): not supported (rustls has no
+    /// external PSKs); refused with a message.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+    /// Client identities (certificate common names) allowed: `ID[,ID...]` for every export
+    /// without a list of its own, `EXPORT=ID[,ID...]` for one export. Anyone else gets
+    /// NBD_REP_ERR_POLICY and does not see the export in NBD_OPT_LIST. Repeatable.
+    #[arg(long, value_name = "[EXPORT=]ID[,ID...]")]
+    pub allow: Vec<String>,
     /// Format of IMAGE: cowimg, raw or qcow2 (probed when not given). Only cowimg images
     /// are served writable; the others need --read-only.
     #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
@@ -107,11 +130,51 @@ fn parse_export(s: &str) -> Result<ExportSpec, String> {
     })
 }
 
+fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    TlsMode::parse(s).ok_or_else(|| format!("'{s}': expected off, on or require"))
+}
+
+/// `--allow` values: a default list, and lists per export.
+fn access(allow: &[String]) -> anyhow::Result<Access> {
+    let mut access = Access::default();
+    for item in allow {
+        let (export, ids) = match item.split_once('=') {
+            Some((export, ids)) => (Some(export), ids),
+            None => (None, item.as_str()),
+        };
+        let ids: Vec<String> = ids
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+            .collect();
+        if ids.is_empty() {
+            bail!("--allow {item}: no identity given");
+        }
+        match export {
+            Some(name) => access
+                .per_export
+                .entry(name.to_string())
+                .or_default()
+                .extend(ids),
+            None => access.default.get_or_insert_with(Vec::new).extend(ids),
+        }
+    }
+    Ok(access)
+}
+
 fn parse_description(s: &str) -> Result<String, String> {
     if s.len() > 4096 {
         return Err(format!("{} bytes; at most 4096", s.len()));
     }
     Ok(s.to_string())
+}
+
+/// True for an address on the loopback interface (127.0.0.0/8, ::1, localhost).
+fn is_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map(|mut a| a.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false)
 }
 
 /// Zero means "no limit".
@@ -196,7 +259,38 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         Listen::Tcp(args.bind)
     };
+    if args.tls_psk.is_some() {
+        bail!(
+            "--tls-psk: pre-shared keys are not supported (rustls, cowimg's TLS stack, has no \
+             external PSKs); use --tls-certificates"
+        );
+    }
+    let credentials = match (args.tls, &args.tls_certificates) {
+        (TlsMode::Off, _) => None,
+        (_, None) => bail!("--tls={} needs --tls-certificates DIR", args.tls.name()),
+        (_, Some(dir)) => Some(Arc::new(
+            Credentials::load(dir, args.tls_verify_peer).map_err(|e| anyhow::anyhow!(e))?,
+        )),
+    };
+    if args.tls_verify_peer && args.tls == TlsMode::Off {
+        bail!("--tls-verify-peer needs --tls=on or --tls=require");
+    }
+    let access = access(&args.allow)?;
+    if (access.default.is_some() || !access.per_export.is_empty()) && !args.tls_verify_peer {
+        bail!("--allow names client certificates: it needs --tls-verify-peer");
+    }
+    if let Listen::Tcp(addr) = &listen {
+        if args.tls != TlsMode::Require && !is_loopback(addr) {
+            eprintln!(
+                "cowimg: warning: serving on {addr} without --tls=require: anyone who can reach \
+                 it reads and writes the disks in plain text"
+            );
+        }
+    }
     let config = ServeConfig {
+        tls_mode: args.tls,
+        tls: credentials,
+        access,
         listen,
         max_connections: args.max_connections as usize,
         max_connections_per_client: args.max_connections_per_client as usize,

@@ -148,6 +148,8 @@ pub(crate) struct Exports {
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Serializes snapshots, whose new files share temporary names (see `create_whole`).
     snapshotting: Mutex<()>,
+    /// Who may use which export.
+    pub access: super::Access,
 }
 
 impl Exports {
@@ -164,6 +166,7 @@ impl Exports {
             layers,
             opening: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(()),
+            access: super::Access::default(),
         }
     }
 
@@ -552,6 +555,14 @@ impl Catalog for Exports {
             .iter()
             .map(|e| (e.name.clone(), e.description.clone().unwrap_or_default()))
             .collect()
+    }
+
+    fn allowed(&self, name: &str) -> Option<Vec<String>> {
+        // The export of `serve IMAGE` answers any name: its list is the default one.
+        if self.any_name.is_some() {
+            return self.access.default.clone();
+        }
+        self.access.allowed(name)
     }
 }
 

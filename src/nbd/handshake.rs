@@ -4,6 +4,7 @@
 //! Every length the client sends is checked before anything is allocated for it: option
 //! payloads are capped at [`MAX_OPTION_LEN`] and strings at [`MAX_STRING`].
 use super::protocol::*;
+use super::tls::TlsMode;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,6 +39,19 @@ pub(crate) trait Catalog {
     fn find(&self, requested: &[u8]) -> Result<(ExportInfo, Self::Export), String>;
     /// Names and descriptions for NBD_OPT_LIST.
     fn list(&self) -> Vec<(String, String)>;
+    /// The client identities (certificate common names) allowed to use the export `name`;
+    /// `None`: anyone.
+    fn allowed(&self, _name: &str) -> Option<Vec<String>> {
+        None
+    }
+}
+
+/// The connection a handshake runs on, which STARTTLS can upgrade.
+pub(crate) trait Channel: Read + Write {
+    fn tls_mode(&self) -> TlsMode;
+    /// Runs the TLS handshake (the client was told to start it); afterwards every byte is
+    /// encrypted. Returns the client certificate's subject common name, if any.
+    fn start_tls(&mut self) -> io::Result<Option<String>>;
 }
 
 impl ExportInfo {
@@ -77,6 +91,10 @@ impl MetaContexts {
 
 /// The result of a successful handshake.
 pub(crate) struct Negotiated<E> {
+    /// The client upgraded with STARTTLS.
+    pub tls: bool,
+    /// Its certificate's subject common name, if it sent one.
+    pub identity: Option<String>,
     pub structured: bool,
     pub contexts: MetaContexts,
     pub export_name: String,
@@ -226,8 +244,11 @@ fn lossy(b: &[u8]) -> String {
     s
 }
 
-struct Session<'a, S: Read + Write, C: Catalog> {
+struct Session<'a, S: Channel, C: Catalog> {
     io: &'a mut S,
+    /// STARTTLS happened.
+    upgraded: bool,
+    identity: Option<String>,
     catalog: &'a C,
     /// Names the connection in log lines.
     who: &'a str,
@@ -239,7 +260,7 @@ struct Session<'a, S: Read + Write, C: Catalog> {
     out: Vec<u8>,
 }
 
-impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
+impl<S: Channel, C: Catalog> Session<'_, S, C> {
     fn send(&mut self) -> io::Result<()> {
         let r = self.io.write_all(&self.out);
         self.out.clear();
@@ -297,6 +318,21 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
                 self.error(h.option, REP_ERR_SHUTDOWN, "server is shutting down")?;
                 continue;
             }
+            if self.io.tls_mode() == TlsMode::Require
+                && !self.upgraded
+                && !matches!(h.option, OPT_STARTTLS | OPT_ABORT)
+            {
+                if h.option == OPT_EXPORT_NAME {
+                    // EXPORT_NAME has no error reply: the only refusal is to hang up.
+                    return violation("EXPORT_NAME before STARTTLS on a server that requires TLS");
+                }
+                self.error(
+                    h.option,
+                    REP_ERR_TLS_REQD,
+                    "this server requires TLS (NBD_OPT_STARTTLS)",
+                )?;
+                continue;
+            }
             match h.option {
                 OPT_EXPORT_NAME => {
                     let (info, export) = match self.catalog.find(&data) {
@@ -304,6 +340,9 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
                         // There is no way to refuse EXPORT_NAME but to hang up.
                         Err(why) => return violation(format!("EXPORT_NAME: {why}")),
                     };
+                    if let Err(why) = self.check_allowed(&info.name) {
+                        return violation(format!("EXPORT_NAME: {why}"));
+                    }
                     let flags = info.transmission_flags(self.structured);
                     self.out.extend_from_slice(&info.size.to_be_bytes());
                     self.out.extend_from_slice(&flags.to_be_bytes());
@@ -323,7 +362,12 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
                         self.error(h.option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                         continue;
                     }
-                    for (name, description) in self.catalog.list() {
+                    let listed = self.catalog.list();
+                    let visible: Vec<_> = listed
+                        .into_iter()
+                        .filter(|(name, _)| self.check_allowed(name).is_ok())
+                        .collect();
+                    for (name, description) in visible {
                         let name = &name.as_bytes()[..name.len().min(MAX_STRING)];
                         let description =
                             &description.as_bytes()[..description.len().min(MAX_STRING)];
@@ -340,11 +384,7 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
                     }
                     self.reply(h.option, REP_ACK, &[])?;
                 }
-                OPT_STARTTLS => self.error(
-                    h.option,
-                    REP_ERR_POLICY,
-                    "TLS is not supported by this server",
-                )?,
+                OPT_STARTTLS => self.starttls(h.option, &data)?,
                 OPT_INFO | OPT_GO => {
                     if let Some(export) = self.info(h.option, &data)? {
                         if h.option == OPT_GO {
@@ -377,6 +417,57 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
         }
     }
 
+    /// NBD_OPT_STARTTLS: acknowledged in plain text, then the TLS handshake. Everything
+    /// negotiated before it is forgotten (CVE-2021-3716: state from before the upgrade
+    /// must not survive it).
+    fn starttls(&mut self, option: u32, data: &[u8]) -> Result<(), HandshakeEnd> {
+        if self.io.tls_mode() == TlsMode::Off {
+            self.error(
+                option,
+                REP_ERR_POLICY,
+                "TLS is not enabled on this server (--tls)",
+            )?;
+            return Ok(());
+        }
+        if !data.is_empty() {
+            self.error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+            return Ok(());
+        }
+        if self.upgraded {
+            self.error(option, REP_ERR_INVALID, "TLS is already in use")?;
+            return Ok(());
+        }
+        self.reply(option, REP_ACK, &[])?;
+        self.identity = self.io.start_tls()?;
+        self.upgraded = true;
+        self.structured = false;
+        self.contexts = MetaContexts::default();
+        eprintln!(
+            "cowimg: {}: TLS, client {}",
+            self.who,
+            self.identity
+                .as_deref()
+                .map_or("without a certificate".to_string(), |id| format!(
+                    "\"{id}\""
+                ))
+        );
+        Ok(())
+    }
+
+    /// Whether this connection's client may use the export `name`.
+    fn check_allowed(&self, name: &str) -> Result<(), String> {
+        let Some(allowed) = self.catalog.allowed(name) else {
+            return Ok(());
+        };
+        match &self.identity {
+            Some(id) if allowed.iter().any(|a| a == id) => Ok(()),
+            Some(id) => Err(format!("client \"{id}\" is not allowed to use export \"{name}\"")),
+            None => Err(format!(
+                "export \"{name}\" needs a client certificate (TLS with --tls-verify-peer); this client is not allowed"
+            )),
+        }
+    }
+
     fn negotiated(
         &self,
         name: &[u8],
@@ -384,6 +475,8 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
         entered_with: &'static str,
     ) -> Negotiated<C::Export> {
         Negotiated {
+            tls: self.upgraded,
+            identity: self.identity.clone(),
             structured: self.structured,
             contexts: self.contexts,
             export_name: lossy(name),
@@ -396,7 +489,14 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
     /// the operator may have expected the export to exist.
     fn find(&mut self, option: u32, name: &[u8]) -> io::Result<Option<(ExportInfo, C::Export)>> {
         match self.catalog.find(name) {
-            Ok(found) => Ok(Some(found)),
+            Ok(found) => match self.check_allowed(&found.0.name) {
+                Ok(()) => Ok(Some(found)),
+                Err(why) => {
+                    eprintln!("cowimg: {}: {why}", self.who);
+                    self.error(option, REP_ERR_POLICY, &why)?;
+                    Ok(None)
+                }
+            },
             Err(why) => {
                 self.unknown_logged += 1;
                 if self.unknown_logged <= MAX_UNKNOWN_LOGGED {
@@ -533,7 +633,7 @@ impl<S: Read + Write, C: Catalog> Session<'_, S, C> {
 
 /// Runs the handshake on `io` (whose reads and writes the caller bounds in time); `who`
 /// names the connection in log lines.
-pub(crate) fn negotiate<S: Read + Write, C: Catalog>(
+pub(crate) fn negotiate<S: Channel, C: Catalog>(
     io: &mut S,
     catalog: &C,
     who: &str,
@@ -541,6 +641,8 @@ pub(crate) fn negotiate<S: Read + Write, C: Catalog>(
 ) -> Result<Negotiated<C::Export>, HandshakeEnd> {
     Session {
         io,
+        upgraded: false,
+        identity: None,
         catalog,
         who,
         unknown_logged: 0,

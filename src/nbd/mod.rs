@@ -129,6 +129,29 @@ pub struct ServeConfig {
     /// disconnected; `None` (the default) lets idle clients stay, as a kernel client with a
     /// mounted but unused file system does.
     pub idle_timeout: Option<Duration>,
+    /// `--tls`: off, on (STARTTLS offered) or require.
+    pub tls_mode: tls::TlsMode,
+    /// The certificates, when TLS is on or required.
+    pub tls: Option<std::sync::Arc<tls::Credentials>>,
+    /// Who may use which export: certificate common names.
+    pub access: Access,
+}
+
+/// Client identities allowed per export (`--allow`). An export without a list of its own
+/// takes the default list; without either, anyone may use it.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub default: Option<Vec<String>>,
+    pub per_export: std::collections::HashMap<String, Vec<String>>,
+}
+
+impl Access {
+    pub fn allowed(&self, export: &str) -> Option<Vec<String>> {
+        self.per_export
+            .get(export)
+            .or(self.default.as_ref())
+            .cloned()
+    }
 }
 
 impl Default for ServeConfig {
@@ -141,6 +164,9 @@ impl Default for ServeConfig {
             workers_per_connection: 16,
             io_timeout: Some(Duration::from_secs(60)),
             idle_timeout: None,
+            tls_mode: tls::TlsMode::Off,
+            tls: None,
+            access: Access::default(),
         }
     }
 }
@@ -188,6 +214,8 @@ pub fn serve(spec: ServerSpec, config: ServeConfig) -> crate::Result<()> {
             exports
         }
     };
+    let mut exports = exports;
+    exports.access = config.access.clone();
     server::serve(exports, config, spec.control)
 }
 

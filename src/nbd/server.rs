@@ -3,7 +3,8 @@
 use super::connection::{Memory, Params, Transmission};
 use super::export::{Export, Exports};
 use super::handshake;
-use super::socket::{Listener, PeerIdentity, Socket};
+use super::socket::{DeadlineIo, Listener, PeerIdentity, Socket, Transport};
+use super::tls::{Credentials, TlsMode, TlsSocket};
 use super::{Listen, ServeConfig};
 use crate::error::Error;
 use std::collections::HashMap;
@@ -126,7 +127,24 @@ pub(crate) fn serve(
     let mut next_id = 1u64;
     let signal = loop {
         match wait_readable(&listener, &signals.read) {
-            Ok(Event::Signal) => break signals.take(),
+            Ok(Event::Signal) => match signals.take() {
+                libc::SIGHUP => {
+                    // New connections get the new certificates; live ones keep theirs.
+                    if let Some(credentials) = &shared.config.tls {
+                        match credentials.reload() {
+                            Ok(()) => eprintln!(
+                                "cowimg: SIGHUP: reloaded the TLS certificates from {}",
+                                credentials.dir().display()
+                            ),
+                            Err(e) => {
+                                eprintln!("cowimg: SIGHUP: keeping the old TLS certificates: {e}")
+                            }
+                        }
+                    }
+                    continue;
+                }
+                signal => break signal,
+            },
             Ok(Event::Connection) => {}
             Err(e) => {
                 eprintln!("cowimg: waiting for connections failed: {e}");
@@ -267,56 +285,72 @@ fn start_connection(
     }
 }
 
-/// Reads and writes during the handshake, each bounded by what is left of its deadline.
-struct Deadline<'a> {
-    socket: &'a mut Socket,
+/// The connection during the handshake: reads and writes bounded by the handshake's
+/// deadline, over the socket or, after STARTTLS, over TLS.
+struct HandshakeChannel<'a> {
+    transport: Arc<dyn Transport>,
+    socket: &'a Socket,
     until: Instant,
+    mode: TlsMode,
+    credentials: Option<&'a Credentials>,
 }
 
-impl Deadline<'_> {
-    fn left(&self) -> io::Result<Duration> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake timed out",
-            ));
-        }
-        Ok(left)
+impl HandshakeChannel<'_> {
+    fn io(&self) -> io::Result<DeadlineIo<'_>> {
+        DeadlineIo::new(self.transport.as_ref(), self.until)
     }
 }
 
-impl Read for Deadline<'_> {
+impl Read for HandshakeChannel<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.left()?;
-        self.socket.set_read_timeout(Some(left))?;
-        self.socket.read(buf)
+        self.io()?.read(buf)
     }
 }
 
-impl Write for Deadline<'_> {
+impl Write for HandshakeChannel<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let left = self.left()?;
-        self.socket.set_write_timeout(Some(left))?;
-        self.socket.write(buf)
+        self.io()?.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
 
+impl handshake::Channel for HandshakeChannel<'_> {
+    fn tls_mode(&self) -> TlsMode {
+        self.mode
+    }
+
+    fn start_tls(&mut self) -> io::Result<Option<String>> {
+        let credentials = self
+            .credentials
+            .ok_or_else(|| io::Error::other("TLS has no certificates"))?;
+        // The TLS handshake counts against the handshake's deadline.
+        let tls = TlsSocket::accept(self.socket.try_clone()?, credentials.config(), self.until)?;
+        let identity = tls.identity.clone();
+        self.transport = Arc::new(tls);
+        Ok(identity)
+    }
+}
+
 /// Runs one connection to its end; returns the summary for the log line.
-fn run_connection(shared: &Shared, id: u64, peer: &str, mut socket: Socket) -> String {
+fn run_connection(shared: &Shared, id: u64, peer: &str, socket: Socket) -> String {
     socket.tune();
     let config = &shared.config;
-    let negotiated = {
-        let mut io = Deadline {
-            socket: &mut socket,
-            until: Instant::now() + config.handshake_timeout,
-        };
-        let who = format!("connection {id} from {peer}");
-        handshake::negotiate(&mut io, &shared.exports, &who, &shared.shutting_down)
+    let mut channel = HandshakeChannel {
+        transport: match socket.try_clone() {
+            Ok(s) => Arc::new(s),
+            Err(e) => return format!("cannot set up the connection: {e}"),
+        },
+        socket: &socket,
+        until: Instant::now() + config.handshake_timeout,
+        mode: config.tls_mode,
+        credentials: config.tls.as_deref(),
     };
+    let who = format!("connection {id} from {peer}");
+    let negotiated =
+        handshake::negotiate(&mut channel, &shared.exports, &who, &shared.shutting_down);
+    let transport = channel.transport;
     let negotiated = match negotiated {
         Ok(n) => n,
         Err(end) => {
@@ -335,7 +369,7 @@ fn run_connection(shared: &Shared, id: u64, peer: &str, mut socket: Socket) -> S
         if let Some(l) = lock(&shared.live).get_mut(&id) {
             l.export = Some(Arc::clone(&export));
         }
-        transmit(shared, socket, negotiated)
+        transmit(shared, transport, negotiated)
     };
     export.stats.clients.fetch_sub(1, Ordering::SeqCst);
     summary
@@ -343,7 +377,7 @@ fn run_connection(shared: &Shared, id: u64, peer: &str, mut socket: Socket) -> S
 
 fn transmit(
     shared: &Shared,
-    socket: Socket,
+    transport: Arc<dyn Transport>,
     negotiated: handshake::Negotiated<Arc<Export>>,
 ) -> String {
     let config = &shared.config;
@@ -358,7 +392,7 @@ fn transmit(
         io_timeout: config.io_timeout,
         idle_timeout: config.idle_timeout,
     };
-    let transmission = match Transmission::new(Arc::new(socket), params) {
+    let transmission = match Transmission::new(transport, params) {
         Ok(t) => t,
         Err(e) => return format!("cannot set up the connection: {e}"),
     };
@@ -378,8 +412,13 @@ fn transmit(
     if negotiated.contexts.layer {
         contexts.push(handshake::CONTEXT_LAYER);
     }
+    let tls = match (&negotiated.tls, &negotiated.identity) {
+        (false, _) => String::new(),
+        (true, Some(id)) => format!(" over TLS as \"{id}\""),
+        (true, None) => " over TLS".to_string(),
+    };
     format!(
-        "export \"{}\" via {}{}{}, {} requests ({} errors), {} bytes read, {} written; {}{}",
+        "export \"{}\"{tls} via {}{}{}, {} requests ({} errors), {} bytes read, {} written; {}{}",
         negotiated.export_name,
         negotiated.entered_with,
         if negotiated.structured {
@@ -500,7 +539,7 @@ impl SignalPipe {
             SigSet::empty(),
         );
         let mut previous = Vec::new();
-        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
             // SAFETY: the handler only calls async-signal-safe functions.
             let old = unsafe { sigaction(sig, &action) }?;
             previous.push((sig, old));

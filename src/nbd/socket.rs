@@ -137,13 +137,6 @@ impl Socket {
         }
     }
 
-    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Socket::Tcp(s) => s.set_write_timeout(t),
-            Socket::Unix(s) => s.set_write_timeout(t),
-        }
-    }
-
     /// Options for a fast data path: no Nagle delay on TCP (the spec asks for it), large
     /// send buffers so a 1 MiB read reply goes out in one call, keepalive to notice peers
     /// that vanished.

@@ -32,6 +32,14 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        }
+    }
+
     pub fn parse(text: &str) -> Option<TlsMode> {
         match text {
             "off" => Some(TlsMode::Off),
@@ -305,6 +313,15 @@ impl TlsSocket {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // What rustls still has to say after the handshake (TLS 1.3 session tickets) goes
+        // now: a client may wait for it before it sends anything.
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out)?;
+        }
+        if !out.is_empty() {
+            socket.write_all_vectored(&[&out], Some(left()?))?;
         }
         let identity = conn
             .peer_certificates()

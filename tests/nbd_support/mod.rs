@@ -331,6 +331,10 @@ pub struct Reply {
 pub enum Stream {
     Unix(UnixStream),
     Tcp(std::net::TcpStream),
+    /// After STARTTLS: a rustls client over the Unix socket.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, UnixStream>>),
+    /// Between the STARTTLS reply and the TLS handshake.
+    Taken,
 }
 
 impl Stream {
@@ -338,7 +342,46 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.sock.set_read_timeout(t),
+            Stream::Taken => Ok(()),
         }
+    }
+}
+
+impl RawClient {
+    /// Runs the TLS handshake as a client (STARTTLS was acknowledged), trusting the CA in
+    /// `certs/ca-cert.pem` and presenting `certs/client-{cert,key}.pem`.
+    pub fn start_tls(&mut self, certs: &Path) {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(certs.join("ca-cert.pem")).unwrap() {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let chain: Vec<_> = CertificateDer::pem_file_iter(certs.join("client-cert.pem"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(certs.join("client-key.pem")).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let Stream::Unix(sock) = std::mem::replace(&mut self.s, Stream::Taken) else {
+            panic!("TLS over a Unix socket only");
+        };
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        while tls.conn.is_handshaking() {
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .expect("the TLS handshake");
+        }
+        self.s = Stream::Tls(Box::new(tls));
     }
 }
 
@@ -347,6 +390,8 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+            Stream::Taken => Ok(0),
         }
     }
 }
@@ -356,10 +401,19 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => {
+                let n = s.write(buf)?;
+                s.flush()?;
+                Ok(n)
+            }
+            Stream::Taken => Ok(0),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
