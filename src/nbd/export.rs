@@ -105,9 +105,19 @@ impl Export {
         let reverted = matches!(error, Error::Reverted { .. });
         if !self.fault_logged.swap(true, Ordering::Relaxed) || reverted {
             eprintln!(
-                "cowimg: export \"{}\": {error} (further errors are not logged until a request succeeds)",
-                self.name
+                "cowimg: {}{error} (further errors are not logged until a request succeeds)",
+                self.log_prefix()
             );
+        }
+    }
+
+    /// Names the export in log lines; the one export of `serve IMAGE` has no name, and its
+    /// errors name the image file already.
+    fn log_prefix(&self) -> String {
+        if self.name.is_empty() {
+            String::new()
+        } else {
+            format!("export \"{}\": ", self.name)
         }
     }
 
@@ -116,7 +126,7 @@ impl Export {
         if self.fault_logged.load(Ordering::Relaxed)
             && self.fault_logged.swap(false, Ordering::Relaxed)
         {
-            eprintln!("cowimg: export \"{}\": requests succeed again", self.name);
+            eprintln!("cowimg: {}requests succeed again", self.log_prefix());
         }
     }
 }
