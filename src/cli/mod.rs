@@ -50,7 +50,7 @@ pub enum Command {
     Rebase(rebase::RebaseArgs),
     /// Copy an image (with its backing chain merged) to a new raw or cowimg file.
     Convert(convert::ConvertArgs),
-    /// Serve an image over NBD.
+    /// Serve images over NBD: one, or many exports in one process.
     Serve(serve::ServeArgs),
     /// Send a command to a running server's control socket (list, stats, add, remove,
     /// flush, snapshot).

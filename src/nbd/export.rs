@@ -190,6 +190,11 @@ impl Exports {
         exports
     }
 
+    /// Exports may appear when clients ask for them (`--dir`, `--overlays`).
+    pub fn grows(&self) -> bool {
+        self.dir.is_some() || self.overlays.is_some()
+    }
+
     pub fn open_options(&self, read_only: bool) -> OpenOptions {
         OpenOptions {
             read_only,
