@@ -173,6 +173,7 @@ impl Image {
                 snapshots_taken: 0,
                 snapshots_published: 0,
                 waiters: 0,
+                journal_reserved: false,
                 header: loaded.header,
             }),
             committed: Condvar::new(),
