@@ -313,6 +313,56 @@ def render_scale(sc, lines, checks):
                        f"{t:.1f} ms, {m / MIB:.1f} MiB", t < 50 and m < 8 * MIB))
 
 
+def render_exports(ex, lines, checks):
+    k = ex["knobs"]
+    r = ex["results"]
+    lines.append("### Many exports in one process\n")
+    lines.append(
+        f"`benches/exports.py`: N empty overlays of one sparse {k['size_mib']} MiB raw base, served "
+        "by one `cowimg serve --dir`, by one qemu-nbd per qcow2 overlay, and by one "
+        "qemu-storage-daemon with every qcow2 overlay over one shared base node. Open: until "
+        "every export accepts connections. Idle: one second later. Busy: after one fio wrote "
+        f"{k['busy_mib']} MiB of 4 KiB random writes to every export at once (then fsync), each "
+        f"block of the disk's first {k['busy_mib']} MiB once; *scattered*: as many writes at random "
+        "blocks of the whole disk, most in a 64 KiB cluster of their own, the worst case for "
+        "cowimg's map (only cowimg: a qcow2 overlay would allocate 64 KiB per write). RSS "
+        "counts shared pages once per process, PSS divides them (the fair sum for many "
+        f"processes). qemu-nbd is not run beyond {k['qemu_nbd_max']} processes.\n")
+    lines.append("| server | exports | open | idle RSS | idle PSS | busy RSS | busy PSS | busy peak RSS | busy run |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for x in r:
+        b = x.get("busy")
+        busy = (f"{b['rss'] / MIB:,.1f} MiB | {b['pss'] / MIB:,.1f} MiB | {b['hwm'] / MIB:,.1f} MiB | "
+                f"{x['busy_seconds']:.1f} s |") if b else "- | - | - | - |"
+        lines.append(f"| {x['server']} | {x['exports']} | {x['open_seconds']:.2f} s | "
+                     f"{x['idle']['rss'] / MIB:,.1f} MiB | {x['idle']['pss'] / MIB:,.1f} MiB | {busy}")
+    lines.append("")
+    by = {(x["server"], x["exports"]): x for x in r}
+    one = by.get(("cowimg", 1))
+    most = max((x for x in r if x["server"] == "cowimg"), key=lambda x: x["exports"], default=None)
+    if one and most and most["exports"] > 1:
+        per = (most["idle"]["rss"] - one["idle"]["rss"]) / (most["exports"] - 1)
+        lines.append(f"An idle cowimg export costs {per / 1024:,.1f} KiB of RSS (from 1 to "
+                     f"{most['exports']} exports; the overlays are empty, so this is all beyond the map).\n")
+        checks.append(("an idle export costs < 256 KiB beyond its map", f"{per / 1024:,.1f} KiB",
+                       per < 256 * 1024))
+    thousand = by.get(("cowimg", 1000))
+    if thousand:
+        checks.append(("1000 exports open in < 1 s", f"{thousand['open_seconds']:.2f} s",
+                       thousand["open_seconds"] < 1))
+    busy100 = by.get(("cowimg", 100))
+    nbd10 = by.get(("qemu-nbd", 10))
+    if busy100 and busy100.get("busy") and nbd10 and nbd10.get("busy"):
+        a, b = busy100["busy"]["rss"], nbd10["busy"]["rss"]
+        checks.append(("100 busy exports < RSS of 10 busy qemu-nbd",
+                       f"{a / MIB:,.1f} MiB vs {b / MIB:,.1f} MiB", a < b))
+        scattered = by.get(("cowimg, scattered", 100))
+        if scattered and scattered.get("busy"):
+            c = scattered["busy"]["rss"]
+            checks.append(("... with the writes scattered over each disk",
+                           f"{c / MIB:,.1f} MiB vs {b / MIB:,.1f} MiB", c < b))
+
+
 def render_criterion(cr, lines):
     g = cr["groups"]
     lines.append("### Library micro-benchmarks (criterion)\n")
@@ -343,7 +393,8 @@ def render():
     if analysis.exists():
         lines += [analysis.read_text().rstrip(), ""]
     for d in runs:
-        parts = {n: load(d, f"{n}.json") for n in ("nbd", "commit_convert", "scale", "criterion")}
+        parts = {n: load(d, f"{n}.json")
+                 for n in ("nbd", "commit_convert", "scale", "exports", "criterion")}
         present = [v for v in parts.values() if v]
         if not present:
             continue
@@ -361,6 +412,8 @@ def render():
             render_cc(d, parts["commit_convert"], body, checks)
         if parts["scale"]:
             render_scale(parts["scale"], body, checks)
+        if parts["exports"]:
+            render_exports(parts["exports"], body, checks)
         if parts["criterion"]:
             render_criterion(parts["criterion"], body)
         if checks:

@@ -4,7 +4,7 @@
 #   benches/run.sh            full run (about 20 minutes on 2 cores)
 #   QUICK=1 benches/run.sh    one repetition, short runs (about 5 minutes)
 #
-# Steps can be skipped: SKIP_CRITERION=1 SKIP_NBD=1 SKIP_CC=1 SKIP_SCALE=1.
+# Steps can be skipped: SKIP_CRITERION=1 SKIP_NBD=1 SKIP_CC=1 SKIP_SCALE=1 SKIP_EXPORTS=1.
 # Every script's knobs (REPS, RUNTIME, RAMP, SERVERS, WORKLOADS, DIRTY_MIB, SCALE_CLUSTERS,
 # WORK_DIR, ...) are described in its docstring. Scratch files go to target/bench-work
 # (WORK_DIR); results to benches/results/<run id>/.
@@ -44,5 +44,6 @@ fi
 [ "${SKIP_NBD:-0}" = 0 ] && python3 benches/nbd.py
 [ "${SKIP_CC:-0}" = 0 ] && python3 benches/commit_convert.py
 [ "${SKIP_SCALE:-0}" = 0 ] && python3 benches/scale.py
+[ "${SKIP_EXPORTS:-0}" = 0 ] && python3 benches/exports.py
 python3 benches/report.py
 echo "results: benches/RESULTS.md, benches/results/$BENCH_RUN_ID/" >&2

@@ -33,6 +33,12 @@ pub trait Storage: Send + Sync {
         self.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves the blocks of a range without changing the length or the contents
+    /// (`fallocate` with `FALLOC_FL_KEEP_SIZE`), so that later writes there cannot fail
+    /// for lack of space. Storage that cannot reserve does nothing.
+    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Hints that a range will be read soon (the kernel starts reading it ahead).
     fn will_need(&self, _offset: u64, _len: u64) {}
     /// Hints that a range will not be read again (the kernel may drop it from its cache).
@@ -74,6 +80,18 @@ impl Storage for FileStorage {
             // A file system without hole punching keeps the bytes; they are unreferenced
             // either way, so this only costs space.
             Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        match fallocate(
+            self.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

@@ -186,9 +186,16 @@ fn a_snapshot_moves_later_writes_to_the_new_top_without_disconnecting() {
     assert_eq!(c.call(CMD_READ, 0, 0, 4096, &[]).data, vec![1; 4096]);
     assert_eq!(c.call(CMD_WRITE, 0, 4096, 4096, &[2; 4096]).error, 0);
     assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
-    // The old top is a read-only layer now: another process may read it.
+    // The old top is a read-only layer now: another process may read it, not write it.
     let old = s.dir.path().join("disk.cow");
     assert_eq!(read_image(&old, 0, 4096), vec![1; 4096]);
+    let writer = Image::open(&old, &OpenOptions::default());
+    assert!(
+        writer
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("in use")),
+        "a writer of the old top was let in"
+    );
     assert_eq!(read_image(&old, 4096, 4096), vec![0; 4096]);
     let list = ctl_ok(&s.control, &["list"]);
     assert!(list["exports"][0]["image"]

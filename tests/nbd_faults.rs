@@ -163,6 +163,54 @@ fn a_full_disk_returns_enospc_and_the_same_connection_writes_again_once_space_is
     }
 }
 
+#[test]
+fn a_flush_on_a_full_disk_succeeds_when_its_writes_needed_no_new_space() {
+    if !have_root() || !have_tool("mkfs.ext4") || !have_tool("mount") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = SmallFs::new(dir.path(), 32);
+    let img = fs.mountpoint.join("disk.cow");
+    create_image(&img, 16 << 20);
+    let arg = format!("disk={}", img.display());
+    let server = Server::start_with(dir.path(), &["--export", &arg]);
+    let mut c = RawClient::connect(&server.socket);
+    c.go_named("disk").unwrap();
+    // Both slots of the first cluster get blocks, and the journal is reserved.
+    for round in 1..=2u8 {
+        assert_eq!(c.call(CMD_WRITE, 0, 0, 65536, &[round; 65536]).error, 0);
+        assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
+    }
+    // Now the file system is full to the last block.
+    let ballast = fs.mountpoint.join("ballast");
+    // Most of it at once (which may fail for the last blocks), the rest block by block.
+    let _ = Command::new("fallocate")
+        .args(["-l", &fs.free_bytes().to_string()])
+        .arg(&ballast)
+        .stderr(std::process::Stdio::null())
+        .status();
+    let mut filler = 0u64;
+    while fs.free_bytes() > 0 && filler < 4096 {
+        let _ = std::fs::write(fs.mountpoint.join(format!("f{filler}")), [0u8; 4096]);
+        filler += 1;
+    }
+    assert_eq!(fs.free_bytes(), 0, "the file system did not fill up");
+    // A rewrite of that cluster goes to blocks the file already has, and its flush appends
+    // a record to the reserved journal: neither needs space.
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 65536, &[3; 65536]).error, 0);
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0, "{}", server.log());
+    assert_eq!(c.call(CMD_READ, 0, 0, 65536, &[]).data, vec![3; 65536]);
+    // A write that needs a new cluster gets ENOSPC, and nothing before it is lost.
+    assert_eq!(
+        c.call(CMD_WRITE, 0, 8 << 20, 65536, &[4; 65536]).error,
+        ENOSPC
+    );
+    assert_eq!(c.call(CMD_READ, 0, 0, 65536, &[]).data, vec![3; 65536]);
+    drop(c);
+    drop(server);
+    assert_eq!(read_image(&img, 0, 65536), vec![3; 65536]);
+}
+
 /// Memory storage that models a disk under a page cache: writes land in the cache, a
 /// sync makes the cache durable, and a sync that fails (once armed) loses what was not yet
 /// durable, though the cache still shows it until it is dropped (`wont_need`), as Linux's

@@ -61,7 +61,7 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Grow or shrink an image's virtual size (like qemu-img resize).
     Resize(resize::ResizeArgs),
-    /// Serve an image over NBD.
+    /// Serve images over NBD: one, or many exports in one process.
     Serve(Box<serve::ServeArgs>),
     /// Serve an image (or use an NBD export) and attach it as a block device; prints the
     /// device (like qemu-nbd -c).

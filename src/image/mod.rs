@@ -160,6 +160,11 @@ struct State {
     /// A resize waiting for its flush: the next snapshot takes the checkpoint path, and
     /// the new header carries this virtual size (see [`Image::resize`]).
     pending_resize: Option<u64>,
+    /// The journal's blocks are reserved in the file, so appending a record cannot fail
+    /// with ENOSPC (which would send the image back to its durable state and lose the
+    /// writes since). Reserved at the first record after an open, a checkpoint or a
+    /// revert, while there is space.
+    journal_reserved: bool,
 }
 
 impl State {
@@ -1137,7 +1142,19 @@ impl Image {
                     &snap.written,
                     digest,
                 );
-                let at = lock(&self.state).journal_position();
+                let (at, reserved, journal) = {
+                    let st = lock(&self.state);
+                    let h = &st.header;
+                    (
+                        st.journal_position(),
+                        st.journal_reserved,
+                        (h.journal_offset, h.journal_capacity),
+                    )
+                };
+                // A failure to reserve is not the flush's: the write below reports what matters.
+                if !reserved && self.storage.reserve(journal.0, journal.1).is_ok() {
+                    lock(&self.state).journal_reserved = true;
+                }
                 self.append_record(&record, at)?;
             }
             Some(c) => {
@@ -1309,6 +1326,8 @@ impl Image {
                 st.journal_tail = 0;
                 st.journal_next_seq = 1;
                 st.last_record_has_data = false;
+                // The new journal was punched clear: the next record reserves it again.
+                st.journal_reserved = false;
             }
             None => {
                 st.journal_tail += JournalRecordHeader::padded_len(snap.written.len() as u64);

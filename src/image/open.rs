@@ -198,6 +198,7 @@ impl Image {
                 snapshots_published: 0,
                 waiters: 0,
                 pending_resize: None,
+                journal_reserved: false,
                 header: loaded.header,
             }),
             committed: Condvar::new(),

@@ -67,6 +67,7 @@ impl Image {
                 snapshots_taken: 0,
                 snapshots_published: 0,
                 waiters: 0,
+                journal_reserved: false,
                 header: loaded.header,
                 pending_resize: None,
             },

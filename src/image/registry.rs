@@ -118,4 +118,18 @@ impl super::Image {
     pub fn attach_shared_backing(&mut self, layer: Arc<Layer>) {
         self.backing = Some(layer);
     }
+
+    /// Turns this image's exclusive lock into a shared one, for an image that will only be
+    /// read from now on (the old top of a live snapshot): other processes may then read
+    /// it, and still none may write it. `flock` converts the lock in place; should it fail,
+    /// the image keeps working and only other readers stay locked out.
+    pub fn share_lock(&self) -> Result<()> {
+        let Some(file) = &self._lock_file else {
+            return Ok(());
+        };
+        file.try_lock_shared().map_err(|_| Error::Locked {
+            path: self.path.clone(),
+            kind: "shared",
+        })
+    }
 }

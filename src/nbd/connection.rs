@@ -373,9 +373,14 @@ impl<'a> Transmission<'a> {
         self.release_buffers();
         let input_end = lock(&self.input).end_reason.take();
         let output_end = lock(&self.output).broken.take();
-        let mut end = output_end
-            .or(input_end)
-            .unwrap_or_else(|| "connection closed".into());
+        // Workers that see the shutdown before any of them reads leave no reason behind.
+        let mut end = output_end.or(input_end).unwrap_or_else(|| {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                "server shutting down".into()
+            } else {
+                "connection closed".into()
+            }
+        });
         let dropped = self.stats.dropped.load(Ordering::Relaxed);
         if dropped > 0 {
             end.push_str(&format!(

@@ -7,7 +7,7 @@
 use super::handshake::{Catalog, ExportInfo};
 use crate::error::{Error, Result};
 use crate::format::BackingFormat;
-use crate::image::{CreateOptions, Image, LayerRegistry, OpenOptions};
+use crate::image::{CreateOptions, Image, Layer, LayerRegistry, OpenOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -105,9 +105,19 @@ impl Export {
         let reverted = matches!(error, Error::Reverted { .. });
         if !self.fault_logged.swap(true, Ordering::Relaxed) || reverted {
             eprintln!(
-                "cowimg: export \"{}\": {error} (further errors are not logged until a request succeeds)",
-                self.name
+                "cowimg: {}{error} (further errors are not logged until a request succeeds)",
+                self.log_prefix()
             );
+        }
+    }
+
+    /// Names the export in log lines; the one export of `serve IMAGE` has no name, and its
+    /// errors name the image file already.
+    fn log_prefix(&self) -> String {
+        if self.name.is_empty() {
+            String::new()
+        } else {
+            format!("export \"{}\": ", self.name)
         }
     }
 
@@ -116,7 +126,7 @@ impl Export {
         if self.fault_logged.load(Ordering::Relaxed)
             && self.fault_logged.swap(false, Ordering::Relaxed)
         {
-            eprintln!("cowimg: export \"{}\": requests succeed again", self.name);
+            eprintln!("cowimg: {}requests succeed again", self.log_prefix());
         }
     }
 }
@@ -183,6 +193,11 @@ impl Exports {
         exports
     }
 
+    /// Exports may appear when clients ask for them (`--dir`, `--overlays`).
+    pub fn grows(&self) -> bool {
+        self.dir.is_some() || self.overlays.is_some()
+    }
+
     pub fn open_options(&self, read_only: bool) -> OpenOptions {
         OpenOptions {
             read_only,
@@ -193,16 +208,6 @@ impl Exports {
 
     /// Opens `path` and adds it as `name`; refuses a name in use.
     pub fn add(
-        &self,
-        name: &str,
-        path: &Path,
-        read_only: bool,
-        description: Option<String>,
-    ) -> Result<Arc<Export>> {
-        self.add_locked(name, path, read_only, description)
-    }
-
-    fn add_locked(
         &self,
         name: &str,
         path: &Path,
@@ -294,39 +299,24 @@ impl Exports {
             without_backing: true,
             ..self.open_options(false)
         };
-        let mut new_image = match Image::open(new_top, &top_only) {
+        let new_image = match Image::open(new_top, &top_only) {
             Ok(i) => i,
             Err(e) => {
                 let _ = std::fs::remove_file(new_top);
                 return Err(e);
             }
         };
-        // The old image must close (and give up its write lock) before it can be opened
-        // again as a shared read-only layer; `image` stays borrowed exclusively meanwhile.
-        let old_path = image.path().to_path_buf();
+        // The old image stays open, as it is, and becomes the new one's backing layer:
+        // nothing is reopened, so nothing can fail once the new file exists. Its write lock
+        // turns shared, so that other processes may read (not change) it from now on.
         new_image.continue_reverts_of(image.reverts());
-        std::mem::swap(&mut *image, &mut new_image);
-        drop(new_image);
-        let layer = self.layers.open(
-            &old_top,
-            BackingFormat::Cowimg,
-            &self.open_options(true),
-            &[],
-        );
-        match layer {
-            Ok(layer) => {
-                image.attach_shared_backing(layer);
-                Ok(old_top)
-            }
-            Err(e) => {
-                // Back to the old image, writable, so the export goes on as before.
-                let reopened = Image::open(&old_path, &self.open_options(false))?;
-                reopened.continue_reverts_of(image.reverts());
-                *image = reopened;
-                let _ = std::fs::remove_file(new_top);
-                Err(e)
-            }
+        let old = std::mem::replace(&mut *image, new_image);
+        if let Err(e) = old.share_lock() {
+            // Only other readers are kept out; the export is unaffected.
+            eprintln!("cowimg: export \"{}\": {e}", export.name);
         }
+        image.attach_shared_backing(Arc::new(Layer::Cowimg(Box::new(old))));
+        Ok(old_top)
     }
 
     /// Takes `name` out of the catalog (its connections are the caller's to end).
@@ -373,7 +363,7 @@ impl Exports {
                 if is_exportable_file(&path) {
                     let read_only = !is_cowimg_file(&path);
                     return self
-                        .add_locked(name, &path, read_only, None)
+                        .add(name, &path, read_only, None)
                         .map_err(|e| open_failed(name, &e));
                 }
             }
@@ -393,7 +383,7 @@ impl Exports {
         }
         create_overlay(&path, spec).map_err(|e| open_failed(name, &e))?;
         let export = self
-            .add_locked(name, &path, false, None)
+            .add(name, &path, false, None)
             .map_err(|e| open_failed(name, &e))?;
         Ok(export)
     }

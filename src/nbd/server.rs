@@ -95,7 +95,7 @@ pub(crate) fn serve(
     })?;
     let all = exports.all();
     let what = match all.as_slice() {
-        [one] => {
+        [one] if !exports.grows() => {
             let image = one.image();
             format!(
                 "{} ({} bytes{})",
@@ -104,6 +104,7 @@ pub(crate) fn serve(
                 if one.read_only { ", read-only" } else { "" },
             )
         }
+        many if exports.grows() => format!("{} exports (more on demand)", many.len()),
         many => format!("{} exports", many.len()),
     };
     eprintln!("cowimg: serving {what} on {}", listener.describe());
