@@ -7,7 +7,7 @@ use super::{backing_option, parse_format};
 use crate::format::BackingFormat;
 use crate::image::ops::{self, CacheMode, ConvertOptions, OutputFormat, DEFAULT_SPARSE_SIZE};
 use crate::image::{resolve_backing_path, CreateOptions, Layer};
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -85,24 +85,6 @@ fn parse_sparse_size(text: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-/// `-o KEY=VALUE,...`: cluster_size only.
-fn cluster_size_option(options: &[String]) -> anyhow::Result<Option<u64>> {
-    let mut cluster_size = None;
-    for item in options.iter().flat_map(|o| o.split(',')) {
-        let (key, value) = item
-            .split_once('=')
-            .with_context(|| format!("-o {item}: expected KEY=VALUE"))?;
-        match key {
-            "cluster_size" => {
-                cluster_size =
-                    Some(parse_cluster_size(value).map_err(|e| anyhow::anyhow!("-o {item}: {e}"))?);
-            }
-            _ => bail!("-o {key}: unknown option; convert takes cluster_size"),
-        }
-    }
-    Ok(cluster_size)
-}
-
 fn parse_output_format(text: &str) -> Result<OutputFormat, String> {
     match text {
         "raw" => Ok(OutputFormat::Raw),
@@ -132,7 +114,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let backing = backing_option(args.backing, args.backing_format)?;
-    let cluster_size = match (args.cluster_size, cluster_size_option(&args.options)?) {
+    let cluster_size = match (
+        args.cluster_size,
+        super::size::cluster_size_option(&args.options, "convert")?,
+    ) {
         (Some(_), Some(_)) => bail!("--cluster-size and -o cluster_size: give one of them"),
         (flag, option) => flag.or(option),
     };

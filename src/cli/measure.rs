@@ -1,10 +1,10 @@
 //! `cowimg measure`: how large a file an image needs, as `qemu-img measure`.
-use super::size::{parse_cluster_size, parse_size};
+use super::size::parse_size;
 use super::source::{self, ImageFormat, Source};
 use super::{print_json, OutputArg};
 use crate::image::ops::{self, Measure};
 use crate::image::{CreateOptions, ExtentKind};
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 use std::io::Write;
@@ -48,25 +48,8 @@ struct MeasureJson {
     fully_allocated: u64,
 }
 
-fn cluster_size_option(options: &[String]) -> anyhow::Result<Option<u64>> {
-    let mut cluster_size = None;
-    for item in options.iter().flat_map(|o| o.split(',')) {
-        let (key, value) = item
-            .split_once('=')
-            .with_context(|| format!("-o {item}: expected KEY=VALUE"))?;
-        match key {
-            "cluster_size" => {
-                cluster_size =
-                    Some(parse_cluster_size(value).map_err(|e| anyhow::anyhow!("-o {item}: {e}"))?);
-            }
-            _ => bail!("-o {key}: unknown option; measure takes cluster_size"),
-        }
-    }
-    Ok(cluster_size)
-}
-
 pub fn run(args: MeasureArgs) -> anyhow::Result<ExitCode> {
-    let cluster_size = cluster_size_option(&args.options)?;
+    let cluster_size = super::size::cluster_size_option(&args.options, "measure")?;
     let measure = match args.output_format {
         ImageFormat::Qcow2 => bail!("measure -O qcow2 is not supported"),
         ImageFormat::Raw if cluster_size.is_some() => {

@@ -147,6 +147,25 @@ fn without_zero_fraction(number: String, unit: &str) -> String {
     }
 }
 
+/// The `-o` options of a command that takes only `cluster_size` (convert, measure).
+pub fn cluster_size_option(options: &[String], command: &str) -> anyhow::Result<Option<u64>> {
+    use anyhow::Context;
+    let mut cluster_size = None;
+    for item in options.iter().flat_map(|o| o.split(',')) {
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("-o {item}: expected KEY=VALUE"))?;
+        match key {
+            "cluster_size" => {
+                cluster_size =
+                    Some(parse_cluster_size(value).map_err(|e| anyhow::anyhow!("-o {item}: {e}"))?);
+            }
+            _ => anyhow::bail!("-o {key}: unknown option; {command} takes cluster_size"),
+        }
+    }
+    Ok(cluster_size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
