@@ -4,7 +4,8 @@
 #   benches/run.sh            full run (about 20 minutes on 2 cores)
 #   QUICK=1 benches/run.sh    one repetition, short runs (about 5 minutes)
 #
-# Steps can be skipped: SKIP_CRITERION=1 SKIP_NBD=1 SKIP_CC=1 SKIP_SCALE=1 SKIP_EXPORTS=1.
+# Steps can be skipped: SKIP_CRITERION=1 SKIP_NBD=1 SKIP_CC=1 SKIP_SCALE=1 SKIP_EXPORTS=1
+# SKIP_TLS=1. benches/ab_server.py (two builds of the server, alternating) is run by hand.
 # Every script's knobs (REPS, RUNTIME, RAMP, SERVERS, WORKLOADS, DIRTY_MIB, SCALE_CLUSTERS,
 # WORK_DIR, ...) are described in its docstring. Scratch files go to target/bench-work
 # (WORK_DIR); results to benches/results/<run id>/.
@@ -20,6 +21,8 @@ command -v qemu-nbd >/dev/null || need+=(qemu-utils)
 [ -x /usr/bin/time ] || need+=(time)
 command -v strace >/dev/null || need+=(strace)
 command -v python3 >/dev/null || need+=(python3)
+/usr/bin/python3 -c "import nbd" 2>/dev/null || need+=(python3-libnbd)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -45,5 +48,6 @@ fi
 [ "${SKIP_CC:-0}" = 0 ] && python3 benches/commit_convert.py
 [ "${SKIP_SCALE:-0}" = 0 ] && python3 benches/scale.py
 [ "${SKIP_EXPORTS:-0}" = 0 ] && python3 benches/exports.py
+[ "${SKIP_TLS:-0}" = 0 ] && python3 benches/tls.py
 python3 benches/report.py
 echo "results: benches/RESULTS.md, benches/results/$BENCH_RUN_ID/" >&2
