@@ -172,35 +172,18 @@ impl Image {
         let loaded = load(storage.as_ref(), name)?;
         let geometry = loaded.header.geometry();
         let free = FreeClusters::from_used(geometry.first_data_cluster(), &loaded.used);
-        let map = loaded.map;
+        let virtual_size = loaded.header.virtual_size;
         Ok(Image {
             path: name.into(),
             storage,
             read_only,
             geometry,
-            virtual_size: loaded.header.virtual_size,
+            virtual_size,
             backing: None,
             _lock_file: None,
             identity: None,
             gate: RwLock::new(()),
-            state: Mutex::new(State {
-                active_slot: loaded.active_slot,
-                map,
-                dirty: Vec::new(),
-                zero_runs: loaded.zero_runs,
-                dirty_runs: Vec::new(),
-                free,
-                journal_tail: loaded.journal_tail,
-                journal_next_seq: loaded.journal_next_seq,
-                commits: 0,
-                last_record_has_data: loaded.last_record_has_data,
-                snapshots_taken: 0,
-                snapshots_published: 0,
-                waiters: 0,
-                pending_resize: None,
-                journal_reserved: false,
-                header: loaded.header,
-            }),
+            state: Mutex::new(State::from_loaded(loaded, free)),
             committed: Condvar::new(),
             flush_serial: Mutex::new(()),
             failed: false.into(),
@@ -777,6 +760,31 @@ pub(crate) fn load(storage: &dyn Storage, path: &Path) -> Result<Loaded> {
         file_length,
         bad_slots,
     })
+}
+
+impl State {
+    /// The state of a freshly loaded image (at open, and after going back to the durable
+    /// state).
+    pub(crate) fn from_loaded(loaded: Loaded, free: FreeClusters) -> State {
+        State {
+            active_slot: loaded.active_slot,
+            map: loaded.map,
+            dirty: Vec::new(),
+            zero_runs: loaded.zero_runs,
+            dirty_runs: Vec::new(),
+            free,
+            journal_tail: loaded.journal_tail,
+            journal_next_seq: loaded.journal_next_seq,
+            commits: 0,
+            last_record_has_data: loaded.last_record_has_data,
+            snapshots_taken: 0,
+            snapshots_published: 0,
+            waiters: 0,
+            pending_resize: None,
+            journal_reserved: false,
+            header: loaded.header,
+        }
+    }
 }
 
 /// Applies one journal item: a cluster item replaces whatever its cluster had, a run replaces

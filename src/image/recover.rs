@@ -51,27 +51,7 @@ impl Image {
             }
         };
         let free = FreeClusters::from_used(self.geometry.first_data_cluster(), &loaded.used);
-        let old = std::mem::replace(
-            &mut *st,
-            State {
-                active_slot: loaded.active_slot,
-                map: loaded.map,
-                dirty: Vec::new(),
-                zero_runs: loaded.zero_runs,
-                dirty_runs: Vec::new(),
-                free,
-                journal_tail: loaded.journal_tail,
-                journal_next_seq: loaded.journal_next_seq,
-                commits: 0,
-                last_record_has_data: loaded.last_record_has_data,
-                snapshots_taken: 0,
-                snapshots_published: 0,
-                waiters: 0,
-                journal_reserved: false,
-                header: loaded.header,
-                pending_resize: None,
-            },
-        );
+        let old = std::mem::replace(&mut *st, State::from_loaded(loaded, free));
         // Threads waiting on `committed` keep waiting correctly: writers waiting for a
         // commit see the count move and plan again against the new map; flushes queued
         // behind this one find their snapshot unpublished and take their own.
