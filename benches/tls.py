@@ -86,18 +86,29 @@ def make_pki():
             os.chmod(PKI / d / f"{f}.pem", 0o600)
 
 
-def setups():
+def fresh_target(path):
+    """For the write workload every server writes into new space: cowimg into a new
+    overlay, the others into a new sparse file (a copy of the base would let them
+    overwrite cached, allocated blocks while cowimg allocates)."""
+    remove(path)
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+
+
+def setups(workload):
     cow = WORK_DIR / "tls-overlay.cow"
     copy = WORK_DIR / "tls-copy.raw"
     server_dir = PKI / "server"
+    make_copy = (lambda: fresh_target(copy)) if workload == "seqwrite-1m" else (
+        lambda: copy_file(BASE, copy))
     return {
         "cowimg": (lambda: (remove(cow), sh([COWIMG, "create", "-b", BASE, "-F", "raw", cow])),
                    [COWIMG, "serve", "--socket", SOCK, "--tls=require", "--tls-certificates",
                     server_dir, cow]),
-        "nbdkit": (lambda: copy_file(BASE, copy),
+        "nbdkit": (make_copy,
                    ["nbdkit", "-f", "--unix", SOCK, "--tls=require",
                     f"--tls-certificates={server_dir}", "file", copy]),
-        "qemu-nbd": (lambda: copy_file(BASE, copy),
+        "qemu-nbd": (make_copy,
                      ["qemu-nbd", "-f", "raw", "-t", "-e", "4", "--socket", SOCK, "--object",
                       f"tls-creds-x509,id=tls0,dir={server_dir},endpoint=server",
                       "--tls-creds", "tls0", copy]),
@@ -112,11 +123,10 @@ def main():
     if not SOURCE.exists() or SOURCE.stat().st_size != SIZE:
         make_random_file(SOURCE, SIZE)
     uri = f"nbds+unix:///?socket={SOCK}&tls-certificates={PKI / 'client'}"
-    servers = setups()
-    results = {w: {s: [] for s in servers} for w in WORKLOADS}
+    results = {w: {s: [] for s in setups(w)} for w in WORKLOADS}
     for rep in range(REPS):
         for w, run in WORKLOADS.items():
-            for name, (make, cmd) in servers.items():
+            for name, (make, cmd) in setups(w).items():
                 make()
                 settle()
                 server = Server(name, cmd, SOCK, env={"TMPDIR": str(WORK_DIR)})
