@@ -18,8 +18,8 @@ issues a flush for every free queue slot while a flush is in flight (see that fi
 Servers alternate within each repetition (round robin), every figure is the median over
 REPS repetitions. Knobs (environment): REPS, RUNTIME, RAMP (seconds), SIZE_MIB, WA_MIB, SKIP_WA,
 SERVERS (comma-separated subset; cowimg-4k, cowimg with 4 KiB clusters, runs only when named
-there, and so does cowimg-prev, the cowimg binary COWIMG_PREV names: a before/after pair in
-one run), WORKLOADS (subset), QUICK=1.
+there, and so does cowimg-prev, the cowimg binary COWIMG_PREV names, labelled
+COWIMG_PREV_LABEL: a before/after pair in one run), WORKLOADS (subset), QUICK=1.
 """
 
 import json
@@ -108,7 +108,7 @@ def servers():
     if prev:
         cow_prev = WORK_DIR / "overlay-prev.cow"
         optional.append(
-            Setup("cowimg-prev", f"cowimg serve, {os.path.basename(os.path.dirname(prev)) or prev} build",
+            Setup("cowimg-prev", os.environ.get("COWIMG_PREV_LABEL", "cowimg serve, COWIMG_PREV build"),
                   lambda: (remove(cow_prev), sh([prev, "create", "-b", BASE, "-F", "raw",
                                                  cow_prev])),
                   [prev, "serve", "--socket", SOCK, cow_prev], cow_prev))
