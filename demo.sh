@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # cowimg demo: a block-level copy-on-write overlay under an overlayfs upper layer.
 #
-#   sudo ./demo.sh            (or: sudo bash demo.sh, from any directory)
+#   bash demo.sh              (as root, from any directory)
 #
 # 1. builds cowimg (cargo build --release) and installs missing tools (Debian packages);
 # 2. makes base.raw, an ext4 file system holding an overlayfs upperdir and workdir;
@@ -123,7 +123,7 @@ trap 'exit 143' TERM
 
 # --- setup -------------------------------------------------------------------------------
 
-[ "$(id -u)" -eq 0 ] || die "run me as root (loop devices, mounts and overlayfs need it): sudo $0"
+[ "$(id -u)" -eq 0 ] || die "run me as root (loop devices, mounts and overlayfs need it)"
 export PATH="$PATH:/usr/sbin:/sbin"
 
 step "Tools"
