@@ -7,15 +7,10 @@
 //! raw image outright and asks for `-f raw`.
 //!
 //! qcow2 images are recognised here; [`open_qcow2`] is the one place that opens them.
-use crate::format::header::MAGIC;
 use crate::format::BackingFormat;
 use crate::image::{Extent, Image, Layer, OpenOptions};
 use anyhow::bail;
-use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-
-/// qcow2's magic, `QFI\xfb`.
-pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// The format of an image given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,47 +58,10 @@ pub fn detect(path: &Path, given: Option<ImageFormat>) -> anyhow::Result<Detecte
             probed: false,
         });
     }
-    // Opening a FIFO for reading waits for a writer: the type is checked first, so that a
-    // probe never hangs.
-    let metadata = std::fs::metadata(path).map_err(|source| crate::Error::File {
-        path: path.into(),
-        op: "opening",
-        source,
-    })?;
-    let kind = metadata.file_type();
-    if !kind.is_file() && !kind.is_block_device() {
-        bail!("{}: not a regular file or block device", path.display());
-    }
-    let file = std::fs::File::open(path).map_err(|source| crate::Error::File {
-        path: path.into(),
-        op: "opening",
-        source,
-    })?;
-    let mut magic = [0u8; MAGIC.len()];
-    let mut read = 0;
-    // A short file is raw; only a read error is an error.
-    while read < magic.len() {
-        match file.read_at(&mut magic[read..], read as u64) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(crate::Error::Io {
-                    path: path.into(),
-                    op: "reading the magic",
-                    offset: 0,
-                    source,
-                }
-                .into())
-            }
-        }
-    }
-    let format = if read == MAGIC.len() && magic == MAGIC {
-        ImageFormat::Cowimg
-    } else if read >= QCOW2_MAGIC.len() && magic[..QCOW2_MAGIC.len()] == QCOW2_MAGIC {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
+    let format = match crate::image::probe_format(path)? {
+        BackingFormat::Cowimg => ImageFormat::Cowimg,
+        BackingFormat::Qcow2 => ImageFormat::Qcow2,
+        BackingFormat::Raw => ImageFormat::Raw,
     };
     Ok(Detected {
         format,
@@ -321,6 +279,7 @@ fn below(layer: &Layer) -> Option<&Layer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::header::MAGIC;
 
     fn probe(bytes: &[u8]) -> Detected {
         let dir = tempfile::tempdir().expect("tempdir");

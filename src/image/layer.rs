@@ -119,6 +119,38 @@ pub fn check_recorded_format(path: &Path, format: BackingFormat) -> Result<Optio
     }
 }
 
+/// The format of a file by its first bytes, as qemu-img probes the image a user names:
+/// cowimg or qcow2 by their magic, raw for anything else (a short file included). The file
+/// type is checked before the file is opened, so that a FIFO cannot make the probe block;
+/// only a read error is an error. Backing files are never probed: their format is recorded.
+pub fn probe_format(path: &Path) -> Result<BackingFormat> {
+    let (file, _) = super::open_checked(path, false)?;
+    let mut start = [0u8; 8];
+    let mut read = 0;
+    while read < start.len() {
+        match file.read_at(&mut start[read..], read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    path: path.into(),
+                    op: "reading the magic",
+                    offset: 0,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(if start[..read] == MAGIC {
+        BackingFormat::Cowimg
+    } else if crate::format::qcow2::has_magic(&start[..read]) {
+        BackingFormat::Qcow2
+    } else {
+        BackingFormat::Raw
+    })
+}
+
 /// Reads what there is of `buf.len()` bytes at `offset` (a short file gives fewer).
 fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> usize {
     let mut done = 0;

@@ -26,7 +26,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
-pub use layer::{check_recorded_format, Layer, RawFile, MAX_CHAIN_DEPTH};
+pub use layer::{check_recorded_format, probe_format, Layer, RawFile, MAX_CHAIN_DEPTH};
 pub use open::resolve_backing_path;
 pub use registry::LayerRegistry;
 

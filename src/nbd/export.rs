@@ -395,24 +395,6 @@ fn open_failed(name: &str, error: &Error) -> String {
     format!("export \"{name}\" could not be opened")
 }
 
-/// The format of an image to export: `format` when given, else cowimg or qcow2 by magic,
-/// and raw for anything else (as qemu-img probes the file it is given).
-pub(crate) fn export_format(path: &Path, format: Option<BackingFormat>) -> BackingFormat {
-    if let Some(f) = format {
-        return f;
-    }
-    let mut start = [0u8; 8];
-    let read = std::fs::File::open(path).and_then(|f| {
-        use std::os::unix::fs::FileExt;
-        f.read_at(&mut start, 0)
-    });
-    match read {
-        Ok(8) if start == crate::format::header::MAGIC => BackingFormat::Cowimg,
-        Ok(n) if crate::format::qcow2::has_magic(&start[..n]) => BackingFormat::Qcow2,
-        _ => BackingFormat::Raw,
-    }
-}
-
 /// Opens an image to export. A cowimg image is served as it is; a raw or qcow2 file only
 /// read-only, through an empty overlay in memory (cowimg writes only its own format).
 pub(crate) fn open_export_image(
@@ -420,9 +402,11 @@ pub(crate) fn open_export_image(
     format: Option<BackingFormat>,
     opts: &OpenOptions,
 ) -> Result<Image> {
-    // The type check comes first: probing a FIFO's content would block.
-    crate::image::stat_openable(path)?;
-    match export_format(path, format) {
+    let format = match format {
+        Some(f) => f,
+        None => crate::image::probe_format(path)?,
+    };
+    match format {
         BackingFormat::Cowimg => Image::open(path, opts),
         other if !opts.read_only => Err(Error::Invalid {
             path: path.into(),
@@ -447,20 +431,9 @@ pub(crate) fn is_exportable_file(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() || m.file_type().is_block_device())
 }
 
-/// True for a regular file that starts with the cowimg magic.
+/// True for a regular file or block device that starts with the cowimg magic.
 pub(crate) fn is_cowimg_file(path: &Path) -> bool {
-    use std::io::Read;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return false;
-    };
-    if !meta.is_file() {
-        return false;
-    }
-    let mut magic = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == crate::format::header::MAGIC
+    matches!(crate::image::probe_format(path), Ok(BackingFormat::Cowimg))
 }
 
 /// Creates `path` as an overlay of `spec.base` unless it exists (another client made it

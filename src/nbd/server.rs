@@ -297,20 +297,20 @@ struct HandshakeChannel<'a> {
 }
 
 impl HandshakeChannel<'_> {
-    fn io(&self) -> io::Result<DeadlineIo<'_>> {
+    fn io(&self) -> DeadlineIo<'_> {
         DeadlineIo::new(self.transport.as_ref(), self.until)
     }
 }
 
 impl Read for HandshakeChannel<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.io()?.read(buf)
+        self.io().read(buf)
     }
 }
 
 impl Write for HandshakeChannel<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.io()?.write(buf)
+        self.io().write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -338,11 +338,15 @@ impl handshake::Channel for HandshakeChannel<'_> {
 fn run_connection(shared: &Shared, id: u64, peer: &str, socket: Socket) -> String {
     socket.tune();
     let config = &shared.config;
+    let transport: Arc<dyn Transport> = match socket
+        .try_clone()
+        .and_then(|s| s.set_read_tick().map(|()| s))
+    {
+        Ok(s) => Arc::new(s),
+        Err(e) => return format!("cannot set up the connection: {e}"),
+    };
     let mut channel = HandshakeChannel {
-        transport: match socket.try_clone() {
-            Ok(s) => Arc::new(s),
-            Err(e) => return format!("cannot set up the connection: {e}"),
-        },
+        transport,
         socket: &socket,
         until: Instant::now() + config.handshake_timeout,
         mode: config.tls_mode,

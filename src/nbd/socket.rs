@@ -468,9 +468,10 @@ pub(crate) struct DeadlineIo<'a> {
 }
 
 impl<'a> DeadlineIo<'a> {
-    pub fn new(transport: &'a dyn Transport, until: Instant) -> io::Result<DeadlineIo<'a>> {
-        transport.set_read_tick()?;
-        Ok(DeadlineIo { transport, until })
+    /// `transport.set_read_tick()` must have been called: each read waits at most a tick
+    /// before the deadline is looked at again.
+    pub fn new(transport: &'a dyn Transport, until: Instant) -> DeadlineIo<'a> {
+        DeadlineIo { transport, until }
     }
 
     fn left(&self) -> io::Result<Duration> {

@@ -246,6 +246,8 @@ pub(crate) struct TlsSocket {
     /// at a time; reading the socket in large pieces keeps a 1 MiB WRITE payload to a few
     /// system calls instead of 256. Only the connection's reader uses it.
     incoming: Mutex<Incoming>,
+    /// Ciphertext on its way out, kept for the next reply.
+    outgoing: Mutex<Vec<u8>>,
     /// The client certificate's subject common name, if it sent one.
     pub identity: Option<String>,
 }
@@ -253,15 +255,6 @@ pub(crate) struct TlsSocket {
 /// Plaintext is encrypted and sent in pieces of this size, so that a 32 MiB reply does not
 /// need a second 32 MiB of ciphertext.
 const SEND_PIECE: usize = 256 << 10;
-
-/// Reads what the socket has into rustls, without blocking.
-struct NonBlocking<'a>(&'a Socket);
-
-impl Read for NonBlocking<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read_available(buf)
-    }
-}
 
 /// The size of the reads of ciphertext from the socket.
 const INCOMING: usize = 256 << 10;
@@ -272,8 +265,8 @@ struct Incoming {
     end: usize,
 }
 
-/// Hands rustls buffered ciphertext, refilling the buffer from the socket (without
-/// blocking) when it is empty.
+/// Reads what the socket has into rustls, without blocking: buffered ciphertext first, and
+/// the buffer refilled from the socket in one large read when it is empty.
 struct BufferedNonBlocking<'a> {
     incoming: &'a mut Incoming,
     socket: &'a Socket,
@@ -307,6 +300,11 @@ impl TlsSocket {
     ) -> io::Result<TlsSocket> {
         let mut conn = rustls::ServerConnection::new(config)
             .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+        let mut incoming = Incoming {
+            buf: vec![0u8; INCOMING].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        };
         let left = || {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -327,7 +325,11 @@ impl TlsSocket {
                 socket.write_all_vectored(&[&out], Some(left()?))?;
                 continue;
             }
-            match conn.read_tls(&mut NonBlocking(&socket)) {
+            let mut source = BufferedNonBlocking {
+                incoming: &mut incoming,
+                socket: &socket,
+            };
+            match conn.read_tls(&mut source) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -368,11 +370,9 @@ impl TlsSocket {
         Ok(TlsSocket {
             socket,
             conn: Mutex::new(conn),
-            incoming: Mutex::new(Incoming {
-                buf: vec![0u8; INCOMING].into_boxed_slice(),
-                start: 0,
-                end: 0,
-            }),
+            // What the handshake read past its last record is the client's first option.
+            incoming: Mutex::new(incoming),
+            outgoing: Mutex::new(Vec::new()),
             identity,
         })
     }
@@ -428,9 +428,12 @@ impl Transport for TlsSocket {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut pending: &[u8] = &[];
         let mut rest = parts.iter();
+        // Replies are written one at a time (under the connection's output lock), so one
+        // buffer of ciphertext serves them all instead of an allocation per reply.
+        let mut out = self.outgoing.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             // Encrypt up to SEND_PIECE bytes of plaintext, under the lock.
-            let mut out = Vec::new();
+            out.clear();
             {
                 let mut conn = self.lock();
                 let mut taken = 0;
@@ -451,7 +454,7 @@ impl Transport for TlsSocket {
                     taken += written;
                 }
                 while conn.wants_write() {
-                    conn.write_tls(&mut out)?;
+                    conn.write_tls(&mut *out)?;
                 }
             }
             if out.is_empty() && pending.is_empty() && rest.len() == 0 {
