@@ -65,6 +65,7 @@ fn create_image(path: &Path, size: u64, backing: Option<&Path>) -> Image {
         size: Some(size),
         cluster_size: CLUSTER,
         backing: backing.map(|b| (b.display().to_string(), BackingFormat::Raw)),
+        ..Default::default()
     };
     Image::create(path, &opts).expect("creating the bench image");
     Image::open(path, &OpenOptions::default()).expect("opening the bench image")

@@ -29,6 +29,7 @@ fn create(path: &Path, size: u64) -> f64 {
         size: Some(size),
         cluster_size: CLUSTER,
         backing: None,
+        ..Default::default()
     };
     let t = Instant::now();
     Image::create(path, &opts).unwrap_or_else(|e| fail(e.to_string()));

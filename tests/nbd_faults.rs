@@ -266,6 +266,7 @@ fn a_failed_fdatasync_sends_the_image_back_to_its_last_flush_and_it_takes_writes
         size: Some(1 << 20),
         cluster_size: 64 * 1024,
         backing: None,
+        ..Default::default()
     };
     Image::create_on(&mem, Path::new("fsync.cow"), &opts).unwrap();
     let storage = Arc::new(FailingSync {

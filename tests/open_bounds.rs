@@ -27,6 +27,7 @@ fn create(path: &Path, size: u64, cluster_size: u64, backing: Option<(&str, &str
             size: Some(size),
             cluster_size,
             backing,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
@@ -252,6 +253,7 @@ fn a_two_image_loop_is_refused_naming_both_files() {
                 size: None,
                 cluster_size: 65536,
                 backing: Some(("a.cow".into(), cowimg::format::BackingFormat::Cowimg)),
+                ..Default::default()
             },
         )
         .map_err(|e| e.to_string())

@@ -38,6 +38,10 @@ pub struct ConvertArgs {
     /// 64K); also -o cluster_size=SIZE.
     #[arg(long = "cluster-size", value_name = "CLUSTER_SIZE", value_parser = parse_cluster_size)]
     pub cluster_size: Option<u64>,
+    /// For cowimg output: the format version of DST, 1 (the default) or 2.
+    #[arg(long = "format-version", value_name = "N",
+          value_parser = super::create::parse_version)]
+    pub format_version: Option<u32>,
     /// Options of the output format: cluster_size=SIZE (cowimg).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
@@ -121,6 +125,12 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         (Some(_), Some(_)) => bail!("--cluster-size and -o cluster_size: give one of them"),
         (flag, option) => flag.or(option),
     };
+    if args.format_version.is_some() && args.output_format != OutputFormat::Cowimg {
+        bail!("--format-version needs -O cowimg");
+    }
+    if args.format_version == Some(2) && cluster_size.is_some_and(|c| c != 4096) {
+        bail!("a version 2 image maps 4 KiB blocks: a cluster size does not apply to it");
+    }
     if args.output_format == OutputFormat::Raw {
         if backing.is_some() {
             bail!("-B needs -O cowimg or -O qcow2: a raw file has no backing file");
@@ -150,6 +160,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         cache: args.cache,
         sparse_size: args.sparse_size.unwrap_or(DEFAULT_SPARSE_SIZE),
         existing_target: args.no_create,
+        version: args.format_version.unwrap_or(1),
     };
     let mut progress = Progress::new(args.progress && !args.quiet);
     ops::convert(&source, &args.destination, &opts, &mut |done, total| {

@@ -21,6 +21,10 @@ const OPTIONS: &[(&str, &str)] = &[
         "File name of a base image (relative to the new image's directory)",
     ),
     ("backing_fmt", "Format of the backing file: raw or cowimg"),
+    (
+        "version",
+        "Format version: 1, or 2 (a paged map, data placed in write order; 4 KiB blocks)",
+    ),
 ];
 
 #[derive(Args, Debug)]
@@ -53,6 +57,9 @@ pub struct CreateArgs {
           value_parser = parse_cluster_size)]
     pub cluster_size: Option<u64>,
     /// Print nothing on success.
+    /// Format version of the new image: 1 (the default) or 2 (FORMAT-v2.md).
+    #[arg(long = "format-version", value_name = "N", value_parser = parse_version)]
+    pub format_version: Option<u32>,
     #[arg(short = 'q', long)]
     pub quiet: bool,
     /// The image file to create (an existing file is not overwritten).
@@ -70,6 +77,7 @@ struct FormatOptions {
     cluster_size: Option<u64>,
     backing_file: Option<String>,
     backing_fmt: Option<BackingFormat>,
+    version: Option<u32>,
 }
 
 fn parse_options(list: &[String]) -> anyhow::Result<Option<FormatOptions>> {
@@ -87,6 +95,7 @@ fn parse_options(list: &[String]) -> anyhow::Result<Option<FormatOptions>> {
             "cluster_size" => opts.cluster_size = Some(parse_cluster_size(value).map_err(bad)?),
             "backing_file" => opts.backing_file = Some(value.to_string()),
             "backing_fmt" => opts.backing_fmt = Some(parse_format(value).map_err(bad)?),
+            "version" => opts.version = Some(parse_version(value).map_err(bad)?),
             _ => bail!(
                 "-o {key}: unknown option; cowimg create takes {} (see -o help)",
                 OPTIONS
@@ -155,10 +164,20 @@ pub fn run(args: CreateArgs) -> anyhow::Result<ExitCode> {
         }
         _ => {}
     }
+    let version = one_of(
+        args.format_version,
+        options.version,
+        "--format-version and -o version",
+    )?
+    .unwrap_or(1);
+    if version == 2 && cluster_size.is_some_and(|c| c != 4096) {
+        bail!("a version 2 image maps 4 KiB blocks: a cluster size does not apply to it");
+    }
     let opts = CreateOptions {
         size,
         cluster_size: cluster_size.unwrap_or(CreateOptions::default().cluster_size),
         backing: backing.clone(),
+        version,
     };
     Image::create(&image, &opts)?;
     if args.quiet {
@@ -173,6 +192,9 @@ pub fn run(args: CreateArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some((path, format)) = &backing {
         line += &format!(" backing_file={path} backing_fmt={}", format.name());
+    }
+    if version != 1 {
+        line += &format!(" version={version}");
     }
     line += &format!(" size={}", created.virtual_size());
     writeln!(std::io::stdout().lock(), "{line}")?;
@@ -253,4 +275,13 @@ fn create_raw(
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A format version: 1 or 2.
+pub fn parse_version(text: &str) -> Result<u32, String> {
+    match text {
+        "1" => Ok(1),
+        "2" => Ok(2),
+        _ => Err(format!("'{text}' is not a format version: expected 1 or 2")),
+    }
 }

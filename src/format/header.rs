@@ -43,27 +43,27 @@ pub const MAX_BACKING_PATH: usize = 2048;
 /// would go past it (FORMAT.md, "Header slots"), so the image stays openable.
 pub const MAX_GENERATION: u64 = 1 << 62;
 
-const OFF_MAGIC: usize = 0x000;
-const OFF_VERSION: usize = OFF_MAGIC + 8;
-const OFF_HEADER_SIZE: usize = OFF_VERSION + 4;
-const OFF_INCOMPAT: usize = OFF_HEADER_SIZE + 4;
-const OFF_COMPAT: usize = OFF_INCOMPAT + 8;
-const OFF_GENERATION: usize = OFF_COMPAT + 8;
-const OFF_CLUSTER_BITS: usize = OFF_GENERATION + 8;
-const OFF_BACKING_FORMAT: usize = OFF_CLUSTER_BITS + 1;
-const OFF_BACKING_LEN: usize = OFF_BACKING_FORMAT + 1;
-const OFF_RESERVED0: usize = OFF_BACKING_LEN + 2;
-const OFF_VIRTUAL_SIZE: usize = OFF_RESERVED0 + 4;
-const OFF_CKPT_OFFSET: usize = OFF_VIRTUAL_SIZE + 8;
-const OFF_CKPT_ENTRIES: usize = OFF_CKPT_OFFSET + 8;
-const OFF_CKPT_CRC: usize = OFF_CKPT_ENTRIES + 8;
-const OFF_RESERVED1: usize = OFF_CKPT_CRC + 4;
-const OFF_JOURNAL_OFFSET: usize = OFF_RESERVED1 + 4;
-const OFF_JOURNAL_CAPACITY: usize = OFF_JOURNAL_OFFSET + 8;
-const OFF_JOURNAL_EPOCH: usize = OFF_JOURNAL_CAPACITY + 8;
-const OFF_RESERVED2: usize = OFF_JOURNAL_EPOCH + 8;
-const OFF_BACKING_PATH: usize = 0x080;
-const OFF_CRC: usize = HEADER_SLOT_SIZE - 4;
+pub(crate) const OFF_MAGIC: usize = 0x000;
+pub(crate) const OFF_VERSION: usize = OFF_MAGIC + 8;
+pub(crate) const OFF_HEADER_SIZE: usize = OFF_VERSION + 4;
+pub(crate) const OFF_INCOMPAT: usize = OFF_HEADER_SIZE + 4;
+pub(crate) const OFF_COMPAT: usize = OFF_INCOMPAT + 8;
+pub(crate) const OFF_GENERATION: usize = OFF_COMPAT + 8;
+pub(crate) const OFF_CLUSTER_BITS: usize = OFF_GENERATION + 8;
+pub(crate) const OFF_BACKING_FORMAT: usize = OFF_CLUSTER_BITS + 1;
+pub(crate) const OFF_BACKING_LEN: usize = OFF_BACKING_FORMAT + 1;
+pub(crate) const OFF_RESERVED0: usize = OFF_BACKING_LEN + 2;
+pub(crate) const OFF_VIRTUAL_SIZE: usize = OFF_RESERVED0 + 4;
+pub(crate) const OFF_CKPT_OFFSET: usize = OFF_VIRTUAL_SIZE + 8;
+pub(crate) const OFF_CKPT_ENTRIES: usize = OFF_CKPT_OFFSET + 8;
+pub(crate) const OFF_CKPT_CRC: usize = OFF_CKPT_ENTRIES + 8;
+pub(crate) const OFF_RESERVED1: usize = OFF_CKPT_CRC + 4;
+pub(crate) const OFF_JOURNAL_OFFSET: usize = OFF_RESERVED1 + 4;
+pub(crate) const OFF_JOURNAL_CAPACITY: usize = OFF_JOURNAL_OFFSET + 8;
+pub(crate) const OFF_JOURNAL_EPOCH: usize = OFF_JOURNAL_CAPACITY + 8;
+pub(crate) const OFF_RESERVED2: usize = OFF_JOURNAL_EPOCH + 8;
+pub(crate) const OFF_BACKING_PATH: usize = 0x080;
+pub(crate) const OFF_CRC: usize = HEADER_SLOT_SIZE - 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackingFormat {
@@ -177,123 +177,22 @@ impl Header {
         if version != VERSION {
             return Err(FormatError::UnsupportedVersion(version, VERSION));
         }
-        let header_size = LE::read_u32(&b[OFF_HEADER_SIZE..]);
-        if header_size as usize != HEADER_SLOT_SIZE {
-            return Err(invalid(
-                "header_size",
-                OFF_HEADER_SIZE,
-                format!("{header_size} is not 4096"),
-            ));
-        }
-        let incompatible = LE::read_u64(&b[OFF_INCOMPAT..]);
-        if incompatible & !SUPPORTED_INCOMPATIBLE != 0 {
-            return Err(FormatError::UnknownIncompatibleFeatures(
-                incompatible & !SUPPORTED_INCOMPATIBLE,
-            ));
-        }
-        let cluster_bits = b[OFF_CLUSTER_BITS] as u32;
-        let geometry = Geometry::checked(cluster_bits).ok_or_else(|| {
-            invalid(
-                "cluster_bits",
-                OFF_CLUSTER_BITS,
-                format!("{cluster_bits} is outside 12..=21"),
-            )
-        })?;
-        let path_len = LE::read_u16(&b[OFF_BACKING_LEN..]) as usize;
-        if path_len > MAX_BACKING_PATH {
-            return Err(invalid(
-                "backing_path_len",
-                OFF_BACKING_LEN,
-                format!("{path_len} exceeds {MAX_BACKING_PATH}"),
-            ));
-        }
-        let path_bytes = &b[OFF_BACKING_PATH..OFF_BACKING_PATH + path_len];
-        let backing = match b[OFF_BACKING_FORMAT] {
-            0 if path_len == 0 && incompatible & INCOMPAT_QCOW2_BACKING != 0 => {
-                return Err(invalid(
-                    "incompatible_features",
-                    OFF_INCOMPAT,
-                    "bit 0 (qcow2 backing file) is set without a backing file",
-                ))
-            }
-            0 if path_len == 0 => None,
-            0 => {
-                return Err(invalid(
-                    "backing_format",
-                    OFF_BACKING_FORMAT,
-                    "none, but a backing path is set",
-                ))
-            }
-            f @ (1..=3) => {
-                if path_len == 0 {
-                    return Err(invalid(
-                        "backing_path_len",
-                        OFF_BACKING_LEN,
-                        "a backing format is set but the path is empty",
-                    ));
-                }
-                let path = std::str::from_utf8(path_bytes)
-                    .map_err(|_| invalid("backing_path", OFF_BACKING_PATH, "not UTF-8"))?;
-                if path.contains('\0') {
-                    return Err(invalid("backing_path", OFF_BACKING_PATH, "contains NUL"));
-                }
-                let fmt = match f {
-                    1 => BackingFormat::Raw,
-                    2 => BackingFormat::Cowimg,
-                    _ => BackingFormat::Qcow2,
-                };
-                if (fmt == BackingFormat::Qcow2) != (incompatible & INCOMPAT_QCOW2_BACKING != 0) {
-                    return Err(invalid(
-                        "incompatible_features",
-                        OFF_INCOMPAT,
-                        "bit 0 (qcow2 backing file) is set exactly when backing_format is 3",
-                    ));
-                }
-                Some((path.to_string(), fmt))
-            }
-            f => {
-                return Err(invalid(
-                    "backing_format",
-                    OFF_BACKING_FORMAT,
-                    format!("unknown value {f}"),
-                ))
-            }
-        };
-        for (field, off, len) in [
-            ("reserved", OFF_RESERVED0, 4),
-            ("reserved", OFF_RESERVED1, 4),
-            ("reserved", OFF_RESERVED2, OFF_BACKING_PATH - OFF_RESERVED2),
-        ] {
-            if b[off..off + len].iter().any(|&x| x != 0) {
-                return Err(invalid(field, off, "must be zero"));
-            }
-        }
-        if b[OFF_BACKING_PATH + path_len..OFF_CRC]
-            .iter()
-            .any(|&x| x != 0)
-        {
-            return Err(invalid(
-                "padding",
-                OFF_BACKING_PATH + path_len,
-                "must be zero",
-            ));
-        }
-        let generation = LE::read_u64(&b[OFF_GENERATION..]);
-        if generation > MAX_GENERATION {
-            return Err(invalid(
-                "generation",
-                OFF_GENERATION,
-                format!("{generation} exceeds 2^62"),
-            ));
-        }
-        let virtual_size = LE::read_u64(&b[OFF_VIRTUAL_SIZE..]);
-        if virtual_size > MAX_VIRTUAL_SIZE {
-            return Err(invalid(
-                "virtual_size",
-                OFF_VIRTUAL_SIZE,
-                format!("{virtual_size} exceeds 2^60"),
-            ));
-        }
+        let Common {
+            cluster_bits,
+            backing,
+            generation,
+            virtual_size,
+            compatible_features,
+        } = decode_common(
+            b,
+            &[
+                (OFF_RESERVED0, 4),
+                (OFF_RESERVED1, 4),
+                (OFF_RESERVED2, OFF_BACKING_PATH - OFF_RESERVED2),
+            ],
+            MAX_VIRTUAL_SIZE,
+        )?;
+        let geometry = Geometry::new(cluster_bits);
         let cs = geometry.cluster_size();
         let checkpoint_offset = LE::read_u64(&b[OFF_CKPT_OFFSET..]);
         let checkpoint_entries = LE::read_u64(&b[OFF_CKPT_ENTRIES..]);
@@ -328,7 +227,7 @@ impl Header {
         }
         Ok(Header {
             generation,
-            compatible_features: LE::read_u64(&b[OFF_COMPAT..]),
+            compatible_features,
             cluster_bits,
             backing,
             virtual_size,
@@ -340,6 +239,148 @@ impl Header {
             journal_epoch: LE::read_u64(&b[OFF_JOURNAL_EPOCH..]),
         })
     }
+}
+
+/// The fields every version's slot shares, decoded and checked (FORMAT.md, "Header slots",
+/// checks 4 to 10 and 15; FORMAT-v2.md, "Header slot").
+pub(crate) struct Common {
+    pub cluster_bits: u32,
+    pub backing: Option<(String, BackingFormat)>,
+    pub generation: u64,
+    pub virtual_size: u64,
+    pub compatible_features: u64,
+}
+
+/// Decodes the shared fields of a slot whose magic, checksum and version were checked.
+/// `reserved` lists the version's reserved byte ranges.
+pub(crate) fn decode_common(
+    b: &[u8],
+    reserved: &[(usize, usize)],
+    max_virtual_size: u64,
+) -> Result<Common, FormatError> {
+    let header_size = LE::read_u32(&b[OFF_HEADER_SIZE..]);
+    if header_size as usize != HEADER_SLOT_SIZE {
+        return Err(invalid(
+            "header_size",
+            OFF_HEADER_SIZE,
+            format!("{header_size} is not 4096"),
+        ));
+    }
+    let incompatible = LE::read_u64(&b[OFF_INCOMPAT..]);
+    if incompatible & !SUPPORTED_INCOMPATIBLE != 0 {
+        return Err(FormatError::UnknownIncompatibleFeatures(
+            incompatible & !SUPPORTED_INCOMPATIBLE,
+        ));
+    }
+    let cluster_bits = b[OFF_CLUSTER_BITS] as u32;
+    Geometry::checked(cluster_bits).ok_or_else(|| {
+        invalid(
+            "cluster_bits",
+            OFF_CLUSTER_BITS,
+            format!("{cluster_bits} is outside 12..=21"),
+        )
+    })?;
+    let path_len = LE::read_u16(&b[OFF_BACKING_LEN..]) as usize;
+    if path_len > MAX_BACKING_PATH {
+        return Err(invalid(
+            "backing_path_len",
+            OFF_BACKING_LEN,
+            format!("{path_len} exceeds {MAX_BACKING_PATH}"),
+        ));
+    }
+    let path_bytes = &b[OFF_BACKING_PATH..OFF_BACKING_PATH + path_len];
+    let backing = match b[OFF_BACKING_FORMAT] {
+        0 if path_len == 0 && incompatible & INCOMPAT_QCOW2_BACKING != 0 => {
+            return Err(invalid(
+                "incompatible_features",
+                OFF_INCOMPAT,
+                "bit 0 (qcow2 backing file) is set without a backing file",
+            ))
+        }
+        0 if path_len == 0 => None,
+        0 => {
+            return Err(invalid(
+                "backing_format",
+                OFF_BACKING_FORMAT,
+                "none, but a backing path is set",
+            ))
+        }
+        f @ (1..=3) => {
+            if path_len == 0 {
+                return Err(invalid(
+                    "backing_path_len",
+                    OFF_BACKING_LEN,
+                    "a backing format is set but the path is empty",
+                ));
+            }
+            let path = std::str::from_utf8(path_bytes)
+                .map_err(|_| invalid("backing_path", OFF_BACKING_PATH, "not UTF-8"))?;
+            if path.contains('\0') {
+                return Err(invalid("backing_path", OFF_BACKING_PATH, "contains NUL"));
+            }
+            let fmt = match f {
+                1 => BackingFormat::Raw,
+                2 => BackingFormat::Cowimg,
+                _ => BackingFormat::Qcow2,
+            };
+            if (fmt == BackingFormat::Qcow2) != (incompatible & INCOMPAT_QCOW2_BACKING != 0) {
+                return Err(invalid(
+                    "incompatible_features",
+                    OFF_INCOMPAT,
+                    "bit 0 (qcow2 backing file) is set exactly when backing_format is 3",
+                ));
+            }
+            Some((path.to_string(), fmt))
+        }
+        f => {
+            return Err(invalid(
+                "backing_format",
+                OFF_BACKING_FORMAT,
+                format!("unknown value {f}"),
+            ))
+        }
+    };
+    for &(off, len) in reserved {
+        if b[off..off + len].iter().any(|&x| x != 0) {
+            return Err(invalid("reserved", off, "must be zero"));
+        }
+    }
+    if b[OFF_BACKING_PATH + path_len..OFF_CRC]
+        .iter()
+        .any(|&x| x != 0)
+    {
+        return Err(invalid(
+            "padding",
+            OFF_BACKING_PATH + path_len,
+            "must be zero",
+        ));
+    }
+    let generation = LE::read_u64(&b[OFF_GENERATION..]);
+    if generation > MAX_GENERATION {
+        return Err(invalid(
+            "generation",
+            OFF_GENERATION,
+            format!("{generation} exceeds 2^62"),
+        ));
+    }
+    let virtual_size = LE::read_u64(&b[OFF_VIRTUAL_SIZE..]);
+    if virtual_size > max_virtual_size {
+        return Err(invalid(
+            "virtual_size",
+            OFF_VIRTUAL_SIZE,
+            format!(
+                "{virtual_size} exceeds 2^{}",
+                max_virtual_size.trailing_zeros()
+            ),
+        ));
+    }
+    Ok(Common {
+        cluster_bits,
+        backing,
+        generation,
+        virtual_size,
+        compatible_features: LE::read_u64(&b[OFF_COMPAT..]),
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod header;
 pub mod journal;
 pub mod map_entry;
 pub mod qcow2;
+pub mod v2;
 
 pub use header::{BackingFormat, Header, HEADER_SLOT_SIZE};
 pub use journal::{JournalRecordHeader, JOURNAL_ITEM_SIZE, JOURNAL_RECORD_HEADER_SIZE};
@@ -15,6 +16,9 @@ pub use map_entry::{MapEntry, MapItem, MAP_ENTRY_SIZE};
 /// Alignment of journal records and header slots (FORMAT.md, "Blocks"). Writes of this size
 /// and alignment are the unit the crash protocol reasons about.
 pub const BLOCK_SIZE: u64 = 4096;
+
+/// The magic of a version-2 journal record (FORMAT-v2.md, "Journal").
+pub const MAGIC_V2_RECORD: [u8; 4] = *b"CIJ2";
 
 /// Smallest and largest cluster (FORMAT.md, "Geometry").
 pub const MIN_CLUSTER_BITS: u32 = 12;

@@ -25,10 +25,13 @@ mod recover;
 mod registry;
 #[cfg(test)]
 mod tests;
+pub mod v2;
+mod versions;
 
 pub use layer::{check_recorded_format, probe_format, Layer, RawFile, MAX_CHAIN_DEPTH};
 pub use open::resolve_backing_path;
 pub use registry::LayerRegistry;
+pub use versions::Image;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -44,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Options for [`Image::create`].
+/// Options for [`ImageV1::create`].
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
     /// Virtual size; `None` takes the backing file's size.
@@ -53,6 +56,8 @@ pub struct CreateOptions {
     /// Backing path as it is to be recorded (relative paths resolve against the new image's
     /// directory) and its format.
     pub backing: Option<(String, BackingFormat)>,
+    /// Format version: 1, or 2 (FORMAT-v2.md).
+    pub version: u32,
 }
 
 impl Default for CreateOptions {
@@ -61,11 +66,12 @@ impl Default for CreateOptions {
             size: None,
             cluster_size: 1 << crate::format::DEFAULT_CLUSTER_BITS,
             backing: None,
+            version: 1,
         }
     }
 }
 
-/// Options for [`Image::open`].
+/// Options for [`ImageV1::open`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     pub read_only: bool,
@@ -80,6 +86,8 @@ pub struct OpenOptions {
     /// Share read-only backing layers with the other images opened through this registry
     /// (a server's exports over one base).
     pub layers: Option<Arc<LayerRegistry>>,
+    /// The page cache of a version-2 image, in bytes (default 32 MiB).
+    pub cache_size: Option<u64>,
 }
 
 /// What a range of the merged image is.
@@ -93,7 +101,7 @@ pub enum ExtentKind {
     Unallocated,
 }
 
-/// One run of [`Image::block_status`]: `depth` is the layer that decides it (0 is this
+/// One run of [`ImageV1::block_status`]: `depth` is the layer that decides it (0 is this
 /// image), `host_offset` where its bytes lie in that layer's file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -128,7 +136,7 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
 
 /// Where the bytes of a unit, or a run of units, come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(crate) enum Source {
     Host(u64),
     Zero,
     Backing,
@@ -158,7 +166,7 @@ struct State {
     /// Threads waiting on `committed`.
     waiters: u32,
     /// A resize waiting for its flush: the next snapshot takes the checkpoint path, and
-    /// the new header carries this virtual size (see [`Image::resize`]).
+    /// the new header carries this virtual size (see [`ImageV1::resize`]).
     pending_resize: Option<u64>,
     /// The journal's blocks are reserved in the file, so appending a record cannot fail
     /// with ENOSPC (which would send the image back to its durable state and lose the
@@ -173,7 +181,7 @@ impl State {
     }
 }
 
-pub struct Image {
+pub struct ImageV1 {
     path: PathBuf,
     storage: Arc<dyn Storage>,
     read_only: bool,
@@ -400,7 +408,7 @@ struct PlannedCheckpoint {
     old_regions: Vec<(u64, u64)>,
 }
 
-impl Image {
+impl ImageV1 {
     /// The image's file, as it was opened.
     pub fn path(&self) -> &Path {
         &self.path
@@ -706,7 +714,7 @@ impl Image {
         self.committed.notify_all();
     }
 
-    /// Writes `buf` at `offset`. The data is durable after the next [`Image::flush`].
+    /// Writes `buf` at `offset`. The data is durable after the next [`ImageV1::flush`].
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
@@ -822,7 +830,7 @@ impl Image {
         self.zero_range(offset, len, false)
     }
 
-    /// Like [`Image::write_zeroes`], and frees the space the range held.
+    /// Like [`ImageV1::write_zeroes`], and frees the space the range held.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.zero_range(offset, len, true)
     }
@@ -1370,6 +1378,17 @@ impl Image {
         runs
     }
 
+    /// This layer's own ranges as `(offset, length, host offset, or None for zeros)`.
+    pub(crate) fn own_host_runs(&self) -> Vec<(u64, u64, Option<u64>)> {
+        self.own_runs()
+            .into_iter()
+            .map(|(s, l, src)| match src {
+                Source::Host(h) => (s, l, Some(h)),
+                _ => (s, l, None),
+            })
+            .collect()
+    }
+
     /// The ranges that fall through to the backing file, in order.
     fn fall_through_runs(&self) -> Vec<(u64, u64)> {
         let mut runs = Vec::new();
@@ -1613,9 +1632,9 @@ impl Image {
     }
 }
 
-impl Drop for Image {
+impl Drop for ImageV1 {
     /// Closing flushes, as qemu does: a dropped image is not a crash. Errors cannot be
-    /// reported here; callers that care call [`Image::flush`] first.
+    /// reported here; callers that care call [`ImageV1::flush`] first.
     fn drop(&mut self) {
         if !self.read_only && !self.failed.load(Ordering::Acquire) && self.flush().is_ok() {
             let _ = self.seal();

@@ -1,8 +1,8 @@
 //! Creating and opening images: choosing the header slot, loading the checkpoint, replaying
 //! the journal, and checking that no two things claim the same host cluster.
 use super::cluster_runs::ClusterRuns;
-use super::layer::{check_chain, ChainAbove, Layer};
-use super::{open_locked, CreateOptions, Entry, FreeClusters, Image, OpenOptions, State};
+use super::layer::Layer;
+use super::{CreateOptions, Entry, FreeClusters, ImageV1, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
     self, FormatError, Geometry, Header, JournalRecordHeader, MapItem, HEADER_SLOT_SIZE,
@@ -22,7 +22,7 @@ pub(crate) struct Loaded {
     pub zero_runs: ClusterRuns,
     pub journal_tail: u64,
     pub journal_next_seq: u64,
-    /// The last record published data and no record seals it (see `Image::seal`).
+    /// The last record published data and no record seals it (see `ImageV1::seal`).
     pub last_record_has_data: bool,
     /// Every host cluster in use, sorted.
     pub used: Vec<u64>,
@@ -70,7 +70,7 @@ pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
     }
 }
 
-impl Image {
+impl ImageV1 {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         // The format given is recorded, never probed; content that contradicts it is
@@ -112,6 +112,9 @@ impl Image {
                 op: "creating",
                 source,
             })?;
+        if opts.version == 2 {
+            return super::v2::create_on(&FileStorage::new(file), path, &header);
+        }
         format_storage(&FileStorage::new(file), path, &header)
     }
 
@@ -122,58 +125,25 @@ impl Image {
             path: name.into(),
             reason: "a size is needed".into(),
         })?;
-        format_storage(storage, name, &new_header(name, opts, size)?)
-    }
-
-    /// Opens an image file and its backing chain.
-    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        Self::open_in_chain(path, opts, &[])
-    }
-
-    /// Opens an image below the files `above` (top first): a file that is already in the
-    /// chain is refused by its identity before it is opened, so a loop is never loaded.
-    pub(crate) fn open_in_chain(
-        path: &Path,
-        opts: &OpenOptions,
-        above: &ChainAbove,
-    ) -> Result<Image> {
-        check_chain(path, super::stat_openable(path)?, above)?;
-        let (file, id) = open_locked(path, !opts.read_only, opts.force_share)?;
-        check_chain(path, id, above)?;
-        refuse_a_qcow2(path, &file)?;
-        let lock_holder = file.try_clone().map_err(|source| Error::File {
-            path: path.into(),
-            op: "opening",
-            source,
-        })?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
-        let mut image = Self::open_storage(storage, path, opts.read_only)?;
-        image._lock_file = Some(lock_holder);
-        image.identity = Some(id);
-        if let Some((recorded, fmt)) = image.header().backing.filter(|_| !opts.without_backing) {
-            let backing_opts = OpenOptions {
-                read_only: !opts.writable_backing,
-                ..opts.clone()
-            };
-            let resolved = resolve_backing_path(path, &recorded);
-            let mut chain = above.to_vec();
-            chain.push((path.to_path_buf(), id));
-            image.backing = Some(match &opts.layers {
-                Some(shared) => shared.open(&resolved, fmt, &backing_opts, &chain)?,
-                None => Arc::new(Layer::open_below(&resolved, fmt, &backing_opts, &chain)?),
-            });
+        let header = new_header(name, opts, size)?;
+        if opts.version == 2 {
+            return super::v2::create_on(storage, name, &header);
         }
-        Ok(image)
+        format_storage(storage, name, &header)
     }
 
     /// Opens an image over any storage, without its backing file (tests attach one with
-    /// [`Image::attach_backing`]). `name` is used in messages.
-    pub fn open_storage(storage: Arc<dyn Storage>, name: &Path, read_only: bool) -> Result<Image> {
+    /// [`ImageV1::attach_backing`]). `name` is used in messages.
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        name: &Path,
+        read_only: bool,
+    ) -> Result<ImageV1> {
         let loaded = load(storage.as_ref(), name)?;
         let geometry = loaded.header.geometry();
         let free = FreeClusters::from_used(geometry.first_data_cluster(), &loaded.used);
         let virtual_size = loaded.header.virtual_size;
-        Ok(Image {
+        Ok(ImageV1 {
             path: name.into(),
             storage,
             read_only,
@@ -193,14 +163,14 @@ impl Image {
 
     /// A read-only image that reads `layer` (a raw or qcow2 file, say) through an empty
     /// overlay kept in memory: how a server exports a file of another format, read-only.
-    pub fn read_only_over(layer: Layer, name: &Path) -> Result<Image> {
+    pub fn read_only_over(layer: Layer, name: &Path) -> Result<ImageV1> {
         let storage = Arc::new(crate::storage::MemStorage::new(Vec::new()));
         let create = CreateOptions {
             size: Some(layer.size()),
             ..Default::default()
         };
-        Image::create_on(storage.as_ref(), name, &create)?;
-        let mut overlay = Image::open_storage(storage, name, true)?;
+        ImageV1::create_on(storage.as_ref(), name, &create)?;
+        let mut overlay = ImageV1::open_storage(storage, name, true)?;
         overlay.attach_backing(layer);
         Ok(overlay)
     }
@@ -216,7 +186,7 @@ impl Image {
 /// qcow2) is named for what it is, not reported as a cowimg image with a corrupt header.
 /// Only the qcow2 magic at offset 0 with no cowimg magic in the second header slot counts:
 /// any other damage to a cowimg header stays corruption.
-fn refuse_a_qcow2(path: &Path, file: &std::fs::File) -> Result<()> {
+pub(super) fn refuse_a_qcow2(path: &Path, file: &std::fs::File) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let mut start = [0u8; 4];
     let mut second = [0u8; 8];

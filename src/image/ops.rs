@@ -49,7 +49,7 @@ pub fn commit(image: &Image, keep_overlay: bool, progress: Progress) -> Result<C
             ),
         });
     }
-    let mut runs = image.own_runs();
+    let mut runs = image.own_runs()?;
     // Data is copied in the order it lies in the image file, so that reading it streams
     // (the kernel reads ahead) however scattered the guest wrote it; the backing file takes
     // the writes in its page cache in any order. Zero runs go first, in virtual order.
@@ -255,7 +255,7 @@ pub fn rebase(
         None => None,
     };
     if !pointer_only {
-        let runs = image.fall_through_runs();
+        let runs = image.fall_through_runs()?;
         let total: u64 = runs.iter().map(|r| r.1).sum();
         let mut done = 0;
         let mut old = vec![0u8; COPY_CHUNK];
@@ -332,6 +332,8 @@ pub struct ConvertOptions {
     /// be at least as large as the source, and every range the source reads as zeros is
     /// zeroed in it.
     pub existing_target: bool,
+    /// For cowimg output: the format version of the new image.
+    pub version: u32,
 }
 
 /// qemu-img convert's default `-S`.
@@ -606,6 +608,7 @@ fn convert_to_cowimg(
             size: Some(size),
             cluster_size: opts.cluster_size,
             backing: opts.backing.clone(),
+            version: opts.version,
         };
         Image::create(dst, &create)?;
     }
@@ -700,6 +703,42 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     pub total_clusters: u64,
     pub image_end_offset: u64,
+    /// Version 2: bytes of header slots, map pages and the journal, apart from the data.
+    pub metadata_bytes: u64,
+    /// The format version checked.
+    pub version: u32,
+}
+
+/// `check` of a version-2 image: its tree walked, its space split into data, metadata and
+/// leaks (FORMAT-v2.md, "Opening").
+fn check_v2(storage: FileStorage, path: &Path, repair: bool) -> Result<CheckReport> {
+    let mut report = CheckReport {
+        filename: path.display().to_string(),
+        version: 2,
+        ..Default::default()
+    };
+    let image = match super::v2::ImageV2::open_storage(
+        std::sync::Arc::new(storage),
+        path,
+        !repair,
+        super::v2::DEFAULT_CACHE_SIZE,
+    ) {
+        Ok(image) => image,
+        Err(e @ (Error::Corrupt { .. } | Error::Inconsistent { .. })) => {
+            report.corruptions.push(e.to_string());
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
+    let r = super::v2::check(&image, repair)?;
+    report.corruptions = r.corruptions;
+    report.leaks = r.leaked_blocks;
+    report.leaks_fixed = r.leaks_fixed;
+    report.allocated_clusters = r.data_blocks;
+    report.total_clusters = r.virtual_blocks;
+    report.image_end_offset = r.file_length;
+    report.metadata_bytes = r.metadata_blocks * crate::format::v2::BLOCK;
+    Ok(report)
 }
 
 /// Verifies every checksum and every map entry of the image at `path`. With `repair`,
@@ -712,8 +751,12 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
 pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckReport> {
     let (file, _) = super::open_locked(path, repair, force_share && !repair)?;
     let storage = FileStorage::new(file);
+    if let Ok((_, super::v2::Slot::V2(_))) = super::v2::current_slot(&storage, path) {
+        return check_v2(storage, path, repair);
+    }
     let mut report = CheckReport {
         filename: path.display().to_string(),
+        version: 1,
         ..Default::default()
     };
     let loaded = match load(&storage, path) {

@@ -6,15 +6,15 @@
 //! them (the "fsyncgate" behaviour of Linux). Retrying would report success for data that
 //! was lost. So the image forgets its cached view of the file, loads its durable state
 //! from the disk as an open does, and carries on from there: the failed flush returns the
-//! error, and [`Image::reverts`] tells each client whose writes were undone. Nothing a
+//! error, and [`ImageV1::reverts`] tells each client whose writes were undone. Nothing a
 //! completed flush made durable is touched: the journal and checkpoint it points at are
 //! only ever written beside it.
 use super::free_clusters::FreeClusters;
-use super::{exclusive, lock, open, Image, State};
+use super::{exclusive, lock, open, ImageV1, State};
 use crate::error::Error;
 use std::sync::atomic::Ordering;
 
-impl Image {
+impl ImageV1 {
     /// How many times this image went back to its durable state after a failed flush.
     /// A client that wrote since its last flush, and sees this change before its next
     /// flush, lost those writes and must be told so.

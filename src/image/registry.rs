@@ -113,7 +113,7 @@ fn check_format(layer: Arc<Layer>, path: &Path, format: BackingFormat) -> Result
     Ok(layer)
 }
 
-impl super::Image {
+impl super::ImageV1 {
     /// Attaches a backing layer that other images may share (see [`LayerRegistry`]).
     pub fn attach_shared_backing(&mut self, layer: Arc<Layer>) {
         self.backing = Some(layer);

@@ -293,6 +293,7 @@ impl Exports {
                 old_top.to_string_lossy().into_owned(),
                 BackingFormat::Cowimg,
             )),
+            version: image.version(),
         };
         create_whole(new_top, &opts)?;
         let top_only = OpenOptions {

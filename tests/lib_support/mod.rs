@@ -55,10 +55,21 @@ pub fn create_image(
             size: Some(size),
             cluster_size,
             backing,
+            version: format_version(),
         },
     )
     .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
     path
+}
+
+/// The format version the tests create images in: 1, or what `COWIMG_TEST_FORMAT_VERSION`
+/// says, so that the same tests run over both versions (scripts/test.sh runs the model and
+/// crash tests a second time with version 2).
+pub fn format_version() -> u32 {
+    match std::env::var("COWIMG_TEST_FORMAT_VERSION").as_deref() {
+        Ok("2") => 2,
+        _ => 1,
+    }
 }
 
 /// The bytes of a freshly created image without a backing file, for in-memory storage.

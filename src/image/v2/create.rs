@@ -1,0 +1,187 @@
+//! New version-2 images, and the upgrade of a version-1 image in place (FORMAT-v2.md,
+//! "Upgrade").
+use super::extents::ExtentMap;
+use super::load::{current_slot, Slot};
+use super::tree::{PageCache, Tree, TreeRoot};
+use crate::error::{Error, Result};
+use crate::format::v2::{HeaderV2, Mapping, BLOCK, FIRST_HOST_BLOCK, MAX_V2_VIRTUAL_SIZE};
+use crate::format::{Header, HEADER_SLOT_SIZE};
+use crate::storage::Storage;
+use std::path::Path;
+
+/// A random identity for pages (never zero).
+fn new_image_id() -> u64 {
+    loop {
+        let id = crate::image::random_epoch();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// Writes a new, empty version-2 image with the size and backing file of `fields` (a
+/// version-1 header as `create` builds it) onto `storage`.
+pub fn create_on(storage: &dyn Storage, path: &Path, fields: &Header) -> Result<()> {
+    if fields.virtual_size > MAX_V2_VIRTUAL_SIZE {
+        return Err(Error::Invalid {
+            path: path.into(),
+            reason: format!(
+                "size {} exceeds the maximum of a version 2 image (2^52 bytes)",
+                fields.virtual_size
+            ),
+        });
+    }
+    let header = HeaderV2 {
+        generation: 1,
+        compatible_features: 0,
+        backing: fields.backing.clone(),
+        virtual_size: fields.virtual_size,
+        map_root: 0,
+        map_height: 0,
+        map_extents: 0,
+        journal_offset: FIRST_HOST_BLOCK * BLOCK,
+        journal_capacity: super::journal_capacity_for(fields.virtual_size),
+        journal_epoch: crate::image::random_epoch(),
+        image_id: new_image_id(),
+    };
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    let mut slots = vec![0u8; 2 * HEADER_SLOT_SIZE];
+    slots[..HEADER_SLOT_SIZE].copy_from_slice(&header.to_bytes());
+    storage
+        .write_at(&slots, 0)
+        .map_err(|e| io("writing the header", 0, e))?;
+    let end = header.journal_offset + header.journal_capacity;
+    storage
+        .set_len(end)
+        .map_err(|e| io("extending the file over the journal", end, e))?;
+    storage.sync().map_err(|e| io("syncing", 0, e))
+}
+
+/// Converts the version-1 image on `storage` (locked by the caller) to version 2 in place:
+/// its data stays where it is; a tree of its map and an empty journal are written past the
+/// end of the file, then one header-slot write switches versions. A crash before that
+/// write leaves the version-1 image as it was.
+pub fn upgrade(storage: std::sync::Arc<dyn Storage>, path: &Path) -> Result<UpgradeReport> {
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    if let (_, Slot::V2(_)) = current_slot(storage.as_ref(), path)? {
+        return Err(Error::Invalid {
+            path: path.into(),
+            reason: "is already a version 2 image".into(),
+        });
+    }
+    let runs = {
+        // Flushing and closing may write a checkpoint or a seal: both happen before the
+        // header slots are read again below.
+        let v1 = crate::image::ImageV1::open_storage(storage.clone(), path, false)?;
+        v1.flush()?;
+        v1.own_host_runs()
+    };
+    let (active_slot, slot) = current_slot(storage.as_ref(), path)?;
+    let Slot::V1(old) = slot else {
+        return Err(Error::Invalid {
+            path: path.into(),
+            reason: "changed version while it was upgraded".into(),
+        });
+    };
+    let cs = old.geometry().cluster_size();
+    let checkpoint_len =
+        (old.checkpoint_entries * crate::format::MAP_ENTRY_SIZE as u64).next_multiple_of(cs);
+    let old_regions = [
+        (old.checkpoint_offset, checkpoint_len),
+        (old.journal_offset, old.journal_capacity),
+    ];
+    let header = v2_header_for(path, &old)?;
+    let mut updates = ExtentMap::default();
+    for &(offset, len, host) in &runs {
+        let mapping = match host {
+            Some(h) => Mapping::Data(h / BLOCK),
+            None => Mapping::Zero,
+        };
+        updates.set(offset / BLOCK, len.div_ceil(BLOCK), mapping);
+    }
+    let file_len = storage.len().map_err(|e| io("reading length", 0, e))?;
+    let mut next = file_len.div_ceil(BLOCK).max(FIRST_HOST_BLOCK);
+    let cache = PageCache::new(1 << 20);
+    let tree = Tree {
+        storage: storage.as_ref(),
+        cache: &cache,
+        path,
+        root: TreeRoot::default(),
+        image_id: header.image_id,
+        generation: header.generation,
+        virtual_blocks: header.virtual_blocks(),
+    };
+    let mut alloc = || {
+        let at = next * BLOCK;
+        next += 1;
+        Ok(at)
+    };
+    let updated = tree.update(&updates, header.generation, &mut alloc)?;
+    let mut new = header;
+    new.map_root = updated.root.root;
+    new.map_height = updated.root.height;
+    new.map_extents = updated.root.extents;
+    new.journal_offset = next * BLOCK;
+    let end = new.journal_offset + new.journal_capacity;
+    storage
+        .set_len(end)
+        .map_err(|e| io("extending the file over the new journal", end, e))?;
+    storage.sync().map_err(|e| io("syncing", 0, e))?;
+    let slot_at = ((1 - active_slot) * HEADER_SLOT_SIZE) as u64;
+    storage
+        .write_at(&new.to_bytes(), slot_at)
+        .map_err(|e| io("writing the header", slot_at, e))?;
+    storage.sync().map_err(|e| io("syncing", 0, e))?;
+    // Version 1's checkpoint and journal are leaks now; give them back.
+    for (offset, len) in old_regions {
+        if offset != 0 && len != 0 {
+            let _ = storage.punch_hole(offset, len);
+        }
+    }
+    Ok(UpgradeReport {
+        extents: new.map_extents,
+        pages: updated.written_pages.len() as u64,
+    })
+}
+
+/// The version-2 header that replaces `current`, one generation later.
+fn v2_header_for(path: &Path, current: &Header) -> Result<HeaderV2> {
+    if current.virtual_size > MAX_V2_VIRTUAL_SIZE {
+        return Err(Error::Invalid {
+            path: path.into(),
+            reason: format!(
+                "its size {} exceeds the maximum of a version 2 image (2^52 bytes)",
+                current.virtual_size
+            ),
+        });
+    }
+    Ok(HeaderV2 {
+        generation: current.generation + 1,
+        compatible_features: current.compatible_features,
+        backing: current.backing.clone(),
+        virtual_size: current.virtual_size,
+        map_root: 0,
+        map_height: 0,
+        map_extents: 0,
+        journal_offset: 0,
+        journal_capacity: super::journal_capacity_for(current.virtual_size),
+        journal_epoch: crate::image::random_epoch(),
+        image_id: new_image_id(),
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UpgradeReport {
+    pub extents: u64,
+    pub pages: u64,
+}

@@ -1,0 +1,184 @@
+//! An in-memory map of virtual block ranges to mappings: the changes not yet in the tree
+//! (pending, in flight, journaled; FORMAT-v2.md, "The flush protocol").
+use crate::format::v2::{Extent, Mapping};
+use std::collections::BTreeMap;
+
+/// Non-overlapping extents keyed by their first block. A range no extent covers is not
+/// changed at this level: a lookup goes on to the level below.
+#[derive(Debug, Clone, Default)]
+pub struct ExtentMap {
+    by_start: BTreeMap<u64, (u64, Mapping)>,
+}
+
+impl ExtentMap {
+    pub fn is_empty(&self) -> bool {
+        self.by_start.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// The extents overlapping `[start, end)`, clipped to it, in order.
+    pub fn overlapping(&self, start: u64, end: u64) -> Vec<Extent> {
+        let mut out = Vec::new();
+        self.for_each_overlapping(start, end, |e| out.push(e));
+        out
+    }
+
+    fn for_each_overlapping(&self, start: u64, end: u64, mut f: impl FnMut(Extent)) {
+        if start >= end {
+            return;
+        }
+        // The extent that starts before `start` may reach into the range.
+        if let Some((&s, &(len, m))) = self.by_start.range(..start).next_back() {
+            if s + len > start {
+                f(clip(s, len, m, start, end));
+            }
+        }
+        for (&s, &(len, m)) in self.by_start.range(start..end) {
+            f(clip(s, len, m, start, end));
+        }
+    }
+
+    /// Maps `[start, start + len)` to `mapping` and returns what it replaced here, in order.
+    pub fn set(&mut self, start: u64, len: u64, mapping: Mapping) -> Vec<Extent> {
+        let replaced = self.remove(start, start + len);
+        self.by_start.insert(start, (len, mapping));
+        self.join_neighbours(start);
+        replaced
+    }
+
+    /// Forgets `[start, end)` at this level and returns what it held.
+    pub fn remove(&mut self, start: u64, end: u64) -> Vec<Extent> {
+        let replaced = self.overlapping(start, end);
+        if replaced.is_empty() {
+            return replaced;
+        }
+        // Split the extent that straddles `start`, then the one that straddles `end`.
+        if let Some((&s, &(len, m))) = self.by_start.range(..start).next_back() {
+            if s + len > start {
+                self.by_start.insert(s, (start - s, m));
+                self.by_start
+                    .insert(start, (s + len - start, m.advanced(start - s)));
+            }
+        }
+        if let Some((&s, &(len, m))) = self.by_start.range(..end).next_back() {
+            if s + len > end {
+                self.by_start.insert(s, (end - s, m));
+                self.by_start
+                    .insert(end, (s + len - end, m.advanced(end - s)));
+            }
+        }
+        let inside: Vec<u64> = self.by_start.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            self.by_start.remove(&s);
+        }
+        replaced
+    }
+
+    /// Merges the extent at `start` with the ones before and after it when they continue
+    /// it, so that sequential writes make one extent.
+    fn join_neighbours(&mut self, start: u64) {
+        let (mut s, (mut len, m)) = match self.by_start.get(&start) {
+            Some(&v) => (start, v),
+            None => return,
+        };
+        if let Some((&ps, &(plen, pm))) = self.by_start.range(..s).next_back() {
+            if ps + plen == s && pm.advanced(plen) == m && plen + len <= MAX_JOINED {
+                self.by_start.remove(&s);
+                s = ps;
+                len += plen;
+                self.by_start.insert(s, (len, pm));
+            }
+        }
+        let m = self.by_start[&s].1;
+        if let Some(&(nlen, nm)) = self.by_start.get(&(s + len)) {
+            if m.advanced(len) == nm && len + nlen <= MAX_JOINED {
+                self.by_start.remove(&(s + len));
+                self.by_start.insert(s, (len + nlen, m));
+            }
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Extent> + '_ {
+        self.by_start
+            .iter()
+            .map(|(&start, &(len, mapping))| Extent {
+                start,
+                len,
+                mapping,
+            })
+    }
+
+    /// Applies every extent of `other` over this map, later ones winning.
+    pub fn apply(&mut self, other: &ExtentMap) {
+        for e in other.iter() {
+            self.set(e.start, e.len, e.mapping);
+        }
+    }
+}
+
+/// Extents in memory may grow this long; items on disk are split at 2^24 blocks.
+const MAX_JOINED: u64 = 1 << 40;
+
+fn clip(s: u64, len: u64, m: Mapping, start: u64, end: u64) -> Extent {
+    let from = s.max(start);
+    let to = (s + len).min(end);
+    Extent {
+        start: from,
+        len: to - from,
+        mapping: m.advanced(from - s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(start: u64, len: u64, mapping: Mapping) -> Extent {
+        Extent {
+            start,
+            len,
+            mapping,
+        }
+    }
+
+    #[test]
+    fn setting_a_range_splits_what_it_overlaps_and_returns_it() {
+        let mut m = ExtentMap::default();
+        m.set(0, 10, Mapping::Data(100));
+        let replaced = m.set(3, 2, Mapping::Zero);
+        assert_eq!(replaced, vec![e(3, 2, Mapping::Data(103))]);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![
+                e(0, 3, Mapping::Data(100)),
+                e(3, 2, Mapping::Zero),
+                e(5, 5, Mapping::Data(105)),
+            ]
+        );
+        assert_eq!(
+            m.overlapping(2, 6),
+            vec![
+                e(2, 1, Mapping::Data(102)),
+                e(3, 2, Mapping::Zero),
+                e(5, 1, Mapping::Data(105)),
+            ]
+        );
+    }
+
+    #[test]
+    fn sequential_writes_join_into_one_extent() {
+        let mut m = ExtentMap::default();
+        for i in 0..8 {
+            m.set(i, 1, Mapping::Data(50 + i));
+        }
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![e(0, 8, Mapping::Data(50))]
+        );
+        m.set(8, 1, Mapping::Data(7));
+        assert_eq!(m.len(), 2);
+    }
+}

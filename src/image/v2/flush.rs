@@ -1,0 +1,436 @@
+//! The flush protocol (FORMAT-v2.md, "The flush protocol"): a snapshot, then a journal
+//! record (one barrier) or a copy-on-write tree update and a header slot (two barriers),
+//! then the publish that makes the new state current and frees what it no longer needs.
+//! A failed flush goes back to the durable state, as an open would find it.
+use super::extents::ExtentMap;
+use super::tree::{TreeRoot, Updated};
+use super::{exclusive, load, lock, ImageV2, State};
+use crate::error::{Error, Result};
+use crate::format::header::MAX_GENERATION;
+use crate::format::v2::{
+    encode_record, record_len, Extent, HeaderV2, Mapping, BLOCK, MAX_EXTENT_BLOCKS,
+};
+use crate::format::HEADER_SLOT_SIZE;
+use std::sync::atomic::Ordering;
+
+/// A tree flush rewrites at most about this many leaves (and the pages above them).
+const LEAF_BUDGET: usize = 1024;
+
+struct Snapshot {
+    number: u64,
+    items: Vec<Extent>,
+    path: Path,
+}
+
+enum Path {
+    Journal {
+        at: u64,
+        epoch: u64,
+        sequence: u64,
+        reserve: Option<(u64, u64)>,
+    },
+    Tree {
+        updates: ExtentMap,
+        header: HeaderV2,
+        active_slot: usize,
+    },
+}
+
+/// What a completed flush publishes.
+enum Done {
+    Journal {
+        len: u64,
+        has_data: bool,
+    },
+    Tree {
+        updated: Updated,
+        header: HeaderV2,
+        old_journal: (u64, u64),
+    },
+}
+
+impl ImageV2 {
+    /// Makes every write that completed before the call durable.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
+        }
+        let _serial = lock(&self.flush_serial);
+        let snapshot = {
+            let _pause = exclusive(&self.gate);
+            let mut st = lock(&self.state);
+            self.snapshot(&mut st)?
+        };
+        let Some(snapshot) = snapshot else {
+            return Ok(());
+        };
+        let done = match &snapshot.path {
+            Path::Journal { .. } => self.write_record(&snapshot),
+            Path::Tree { .. } => self.write_tree(&snapshot),
+        };
+        match done {
+            Ok(done) => {
+                self.publish(snapshot.number, done);
+                Ok(())
+            }
+            Err(e) => Err(self.revert_to_durable(e)),
+        }
+    }
+
+    fn snapshot(&self, st: &mut State) -> Result<Option<Snapshot>> {
+        if st.pending.is_empty() && st.pending_resize.is_none() {
+            return Ok(None);
+        }
+        st.snapshots_taken += 1;
+        st.in_flight = std::mem::take(&mut st.pending);
+        let items: Vec<Extent> = st.in_flight.iter().flat_map(split_for_disk).collect();
+        let len = record_len(items.len() as u64);
+        let fits = st.journal_tail + len <= st.header.journal_capacity;
+        let path = if fits && st.touched_leaves.len() < LEAF_BUDGET && st.pending_resize.is_none() {
+            let reserve = (!st.journal_reserved)
+                .then_some((st.header.journal_offset, st.header.journal_capacity));
+            Path::Journal {
+                at: st.header.journal_offset + st.journal_tail,
+                epoch: st.header.journal_epoch,
+                sequence: st.journal_next_seq,
+                reserve,
+            }
+        } else {
+            let mut updates = st.journaled.clone();
+            updates.apply(&st.in_flight);
+            if st.header.generation >= MAX_GENERATION {
+                return Err(Error::Invalid {
+                    path: self.path.clone(),
+                    reason: "the header generation reached its limit (2^62)".into(),
+                });
+            }
+            let mut header = st.header.clone();
+            header.generation += 1;
+            if let Some(size) = st.pending_resize {
+                header.virtual_size = size;
+            }
+            Path::Tree {
+                updates,
+                header,
+                active_slot: st.active_slot,
+            }
+        };
+        Ok(Some(Snapshot {
+            number: st.snapshots_taken,
+            items,
+            path,
+        }))
+    }
+
+    fn write_record(&self, s: &Snapshot) -> Result<Done> {
+        let Path::Journal {
+            at,
+            epoch,
+            sequence,
+            reserve,
+        } = s.path
+        else {
+            unreachable!("called for the journal path");
+        };
+        if let Some((offset, len)) = reserve {
+            // Reserving the region once means appending a record never needs new space.
+            if self.storage.reserve(offset, len).is_ok() {
+                lock(&self.state).journal_reserved = true;
+            }
+        }
+        let digest = super::digest_extents(self.storage.as_ref(), &s.items)
+            .map_err(|(at, e)| self.io_err("reading back data to flush", at, e))?;
+        let record = encode_record(epoch, sequence, &s.items, digest);
+        self.storage
+            .write_at(&record, at)
+            .map_err(|e| self.io_err("writing a journal record", at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing", 0, e))?;
+        Ok(Done::Journal {
+            len: record.len() as u64,
+            has_data: s
+                .items
+                .iter()
+                .any(|e| matches!(e.mapping, Mapping::Data(_))),
+        })
+    }
+
+    fn write_tree(&self, s: &Snapshot) -> Result<Done> {
+        let Path::Tree {
+            updates,
+            header,
+            active_slot,
+        } = &s.path
+        else {
+            unreachable!("called for the tree path");
+        };
+        let (tree_root, old_header) = {
+            let st = lock(&self.state);
+            (st.tree, st.header.clone())
+        };
+        let mut claimed = Vec::new();
+        let updated = {
+            let st = lock(&self.state);
+            let mut tree = self.tree(&st);
+            tree.root = tree_root;
+            drop(st);
+            let mut alloc = || {
+                let (h, _) = lock(&self.state).alloc.allocate(self.storage.as_ref(), 1);
+                claimed.push(h);
+                Ok(h * BLOCK)
+            };
+            tree.update(updates, header.generation, &mut alloc)
+        };
+        let journal = {
+            let mut st = lock(&self.state);
+            for h in claimed.drain(..) {
+                st.alloc.release(h);
+            }
+            st.alloc
+                .allocate_at_end(super::journal_capacity_for(header.virtual_size) / BLOCK)
+        };
+        let updated = updated?;
+        let result = self.write_tree_header(&updated, header, *active_slot, journal);
+        {
+            let mut st = lock(&self.state);
+            st.alloc.release(journal.0);
+        }
+        let new_header = result?;
+        Ok(Done::Tree {
+            updated,
+            header: new_header,
+            old_journal: (
+                old_header.journal_offset / BLOCK,
+                old_header.journal_capacity / BLOCK,
+            ),
+        })
+    }
+
+    /// Steps T1 (the new journal region) to T4 once the pages are written.
+    fn write_tree_header(
+        &self,
+        updated: &Updated,
+        header: &HeaderV2,
+        active_slot: usize,
+        journal: (u64, u64),
+    ) -> Result<HeaderV2> {
+        let (js, jl) = journal;
+        let journal_end = (js + jl) * BLOCK;
+        let len = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("reading length", 0, e))?;
+        if len < journal_end {
+            self.storage
+                .set_len(journal_end)
+                .map_err(|e| self.io_err("extending the file over a new journal", len, e))?;
+        }
+        // A new region reads as zeros wherever holes can be punched (it was past the end).
+        let _ = self.storage.punch_hole(js * BLOCK, jl * BLOCK);
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing", 0, e))?;
+        let mut new_header = header.clone();
+        let TreeRoot {
+            root,
+            height,
+            extents,
+        } = updated.root;
+        new_header.map_root = root;
+        new_header.map_height = height;
+        new_header.map_extents = extents;
+        new_header.journal_offset = js * BLOCK;
+        new_header.journal_capacity = jl * BLOCK;
+        new_header.journal_epoch = crate::image::random_epoch();
+        let slot_at = ((1 - active_slot) * HEADER_SLOT_SIZE) as u64;
+        self.storage
+            .write_at(&new_header.to_bytes(), slot_at)
+            .map_err(|e| self.io_err("writing the header", slot_at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing", 0, e))?;
+        Ok(new_header)
+    }
+
+    fn publish(&self, number: u64, done: Done) {
+        let mut freed: Vec<(u64, u64)> = Vec::new();
+        let mut forgotten_pages = Vec::new();
+        {
+            let _pause = exclusive(&self.gate);
+            let mut guard = lock(&self.state);
+            let st = &mut *guard;
+            match done {
+                Done::Journal { len, has_data } => {
+                    let in_flight = std::mem::take(&mut st.in_flight);
+                    st.journaled.apply(&in_flight);
+                    st.journal_tail += len;
+                    st.journal_next_seq += 1;
+                    st.last_record_has_data = has_data;
+                }
+                Done::Tree {
+                    updated,
+                    header,
+                    old_journal,
+                } => {
+                    st.in_flight = ExtentMap::default();
+                    st.journaled = ExtentMap::default();
+                    st.tree = updated.root;
+                    st.alloc.set_reserved(vec![(
+                        header.journal_offset / BLOCK,
+                        header.journal_capacity / BLOCK,
+                    )]);
+                    st.header = header;
+                    st.active_slot = 1 - st.active_slot;
+                    st.journal_tail = 0;
+                    st.journal_next_seq = 1;
+                    st.last_record_has_data = false;
+                    st.journal_reserved = false;
+                    st.pending_resize = None;
+                    // Leaves the pending changes fall in are looked up again when they flush.
+                    st.touched_leaves.clear();
+                    freed.push(old_journal);
+                    for page in updated.replaced_pages {
+                        freed.push((page / BLOCK, 1));
+                        forgotten_pages.push(page);
+                    }
+                }
+            }
+            st.snapshots_published = number;
+            st.to_free.retain(|&(at, h, n)| {
+                if at <= number {
+                    freed.push((h, n));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        for page in forgotten_pages {
+            self.cache.forget(page);
+        }
+        // Freed blocks are data until punched, so the allocator cannot hand them out early;
+        // a punch that fails leaves a leak, never a problem.
+        freed.sort_unstable();
+        let mut i = 0;
+        while i < freed.len() {
+            let (start, mut len) = freed[i];
+            let mut j = i + 1;
+            while j < freed.len() && freed[j].0 == start + len {
+                len += freed[j].1;
+                j += 1;
+            }
+            let _ = self.storage.punch_hole(start * BLOCK, len * BLOCK);
+            i = j;
+        }
+    }
+
+    /// Called by a failed flush holding `flush_serial`: loads the durable state from the
+    /// disk, as an open does, and returns the error to report (FORMAT.md, "Crash safety").
+    fn revert_to_durable(&self, cause: Error) -> Error {
+        let _pause = exclusive(&self.gate);
+        let mut st = lock(&self.state);
+        self.storage.wont_need(0, 0);
+        match load::load(self.storage.as_ref(), &self.path) {
+            Ok(loaded) => {
+                let old = std::mem::replace(&mut *st, State::from_loaded(loaded));
+                st.snapshots_taken = old.snapshots_taken;
+                st.snapshots_published = old.snapshots_taken;
+                self.cache.clear();
+                self.reverts.fetch_add(1, Ordering::AcqRel);
+                eprintln!(
+                    "cowimg: {}: a flush failed ({cause}); went back to the last durable state",
+                    self.path.display()
+                );
+                Error::Reverted {
+                    path: self.path.clone(),
+                    source: Box::new(cause),
+                }
+            }
+            Err(reload) => {
+                self.failed.store(true, Ordering::Release);
+                Error::Invalid {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "{cause}; going back to the last durable state failed too ({reload}): the image refuses changes until it is reopened"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// After the closing flush: an empty record, so that the next open need not read the
+    /// last record's data back.
+    pub(super) fn seal(&self) -> Result<()> {
+        let (at, epoch, sequence) = {
+            let st = lock(&self.state);
+            if !st.last_record_has_data
+                || st.journal_tail + record_len(0) > st.header.journal_capacity
+            {
+                return Ok(());
+            }
+            (
+                st.header.journal_offset + st.journal_tail,
+                st.header.journal_epoch,
+                st.journal_next_seq,
+            )
+        };
+        let digest = super::digest_extents(self.storage.as_ref(), &[])
+            .map_err(|(at, e)| self.io_err("hashing", at, e))?;
+        let record = encode_record(epoch, sequence, &[], digest);
+        self.storage
+            .write_at(&record, at)
+            .map_err(|e| self.io_err("writing a journal record", at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing", 0, e))?;
+        let mut st = lock(&self.state);
+        st.journal_tail += record.len() as u64;
+        st.journal_next_seq += 1;
+        st.last_record_has_data = false;
+        Ok(())
+    }
+
+    /// Records a new backing file (rebase): a flush, then one header-slot write.
+    pub fn set_backing(&mut self, backing: Option<(String, crate::image::Layer)>) -> Result<()> {
+        self.check_writable()?;
+        self.flush()?;
+        let _serial = lock(&self.flush_serial);
+        let mut st = lock(&self.state);
+        let mut header = st.header.clone();
+        header.generation += 1;
+        header.backing = backing
+            .as_ref()
+            .map(|(path, layer)| (path.clone(), layer.format()));
+        let slot_at = ((1 - st.active_slot) * HEADER_SLOT_SIZE) as u64;
+        self.storage
+            .write_at(&header.to_bytes(), slot_at)
+            .map_err(|e| self.io_err("writing the header", slot_at, e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing", 0, e))?;
+        st.header = header;
+        st.active_slot = 1 - st.active_slot;
+        drop(st);
+        self.backing = backing.map(|(_, layer)| std::sync::Arc::new(layer));
+        Ok(())
+    }
+}
+
+/// Items on disk are at most 2^24 blocks long.
+fn split_for_disk(e: Extent) -> impl Iterator<Item = Extent> {
+    let pieces = e.len.div_ceil(MAX_EXTENT_BLOCKS);
+    (0..pieces).map(move |i| {
+        let off = i * MAX_EXTENT_BLOCKS;
+        Extent {
+            start: e.start + off,
+            len: (e.len - off).min(MAX_EXTENT_BLOCKS),
+            mapping: e.mapping.advanced(off),
+        }
+    })
+}

@@ -1,0 +1,507 @@
+//! A version-2 image (format-spec/FORMAT-v2.md): a copy-on-write B+tree of extents paged
+//! from disk through a bounded cache, changes since the tree was written kept in memory and
+//! in the journal, and new data placed at the end of the file in write order.
+//!
+//! Files by responsibility: `extents` (the in-memory change maps), `tree` (pages, the
+//! cache, lookups and the copy-on-write update), `alloc` (where blocks go), `load` (the
+//! header slots and journal replay at open), `write` (the write path), `flush` (the flush
+//! protocol, publishing and going back to the durable state), `create` (new images and
+//! upgrades), `check` (walking everything).
+//!
+//! Concurrency, as in version 1: `gate` is held shared by every read and write for its whole
+//! duration and exclusively by a flush while it takes its snapshot and while it publishes,
+//! which is also the only time blocks are freed; `state` guards the maps and the allocator
+//! and is held for bookkeeping and cached page lookups, never across data I/O.
+
+mod alloc;
+mod check;
+mod create;
+mod extents;
+mod flush;
+mod load;
+mod tree;
+mod write;
+
+pub use check::{check, CheckV2};
+pub use create::{create_on, upgrade};
+pub use load::{current_slot, Slot};
+
+use super::{push_extent, Extent as StatusExtent, ExtentKind, FileId, Layer};
+use crate::error::{Error, Result};
+use crate::format::v2::{Extent, HeaderV2, Mapping, BLOCK};
+use crate::storage::Storage;
+use alloc::Allocator;
+use extents::ExtentMap;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tree::{PageCache, Tree, TreeRoot};
+
+/// The page cache's size unless a setting says otherwise: qcow2's default L2 cache.
+pub const DEFAULT_CACHE_SIZE: u64 = 32 << 20;
+/// A journal region's size: a 64th of the disk, from 256 KiB to 2 MiB, so that a small
+/// disk writes its tree now and then instead of replaying a journal larger than itself.
+pub fn journal_capacity_for(virtual_size: u64) -> u64 {
+    (virtual_size / 64)
+        .clamp(256 << 10, 2 << 20)
+        .next_multiple_of(BLOCK)
+}
+
+pub struct ImageV2 {
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    read_only: bool,
+    virtual_size: u64,
+    backing: Option<Arc<Layer>>,
+    lock_file: Option<std::fs::File>,
+    identity: Option<FileId>,
+    gate: RwLock<()>,
+    state: Mutex<State>,
+    cache: PageCache,
+    flush_serial: Mutex<()>,
+    failed: AtomicBool,
+    reverts: AtomicU64,
+    /// Striped by virtual block: held while a partial block is copied, changed and written.
+    partial_blocks: Vec<Mutex<()>>,
+}
+
+struct State {
+    header: HeaderV2,
+    active_slot: usize,
+    tree: TreeRoot,
+    /// Changes since the last snapshot: every data extent here points at blocks written
+    /// since then, which a write may change in place.
+    pending: ExtentMap,
+    /// The changes of the flush in progress.
+    in_flight: ExtentMap,
+    /// Changes in journal records since the tree was written.
+    journaled: ExtentMap,
+    /// `(snapshot, first host block, blocks)`: no longer referenced by the current map;
+    /// freed when that snapshot is published.
+    to_free: Vec<(u64, u64, u64)>,
+    journal_tail: u64,
+    journal_next_seq: u64,
+    last_record_has_data: bool,
+    journal_reserved: bool,
+    snapshots_taken: u64,
+    snapshots_published: u64,
+    /// Leaves of the tree that the journaled and pending changes fall in: the tree flush
+    /// rewrites them, so their number bounds its size.
+    touched_leaves: HashSet<u64>,
+    alloc: Allocator,
+    /// A resize waiting for its flush, which then takes the tree path.
+    pending_resize: Option<u64>,
+}
+
+impl State {
+    fn from_loaded(l: load::Loaded) -> State {
+        let journal = (
+            l.header.journal_offset / BLOCK,
+            l.header.journal_capacity / BLOCK,
+        );
+        State {
+            tree: TreeRoot {
+                root: l.header.map_root,
+                height: l.header.map_height,
+                extents: l.header.map_extents,
+            },
+            header: l.header,
+            active_slot: l.active_slot,
+            pending: ExtentMap::default(),
+            in_flight: ExtentMap::default(),
+            journaled: l.journaled,
+            to_free: Vec::new(),
+            journal_tail: l.journal_tail,
+            journal_next_seq: l.journal_next_seq,
+            last_record_has_data: l.last_record_has_data,
+            journal_reserved: false,
+            snapshots_taken: 0,
+            snapshots_published: 0,
+            touched_leaves: HashSet::new(),
+            alloc: Allocator::new(l.file_length, vec![journal]),
+            pending_resize: None,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn shared(g: &RwLock<()>) -> RwLockReadGuard<'_, ()> {
+    g.read().unwrap_or_else(|e| e.into_inner())
+}
+fn exclusive(g: &RwLock<()>) -> RwLockWriteGuard<'_, ()> {
+    g.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// xxh3-64 over the host blocks of the data extents, in order (FORMAT-v2.md, "Journal").
+pub(crate) fn digest_extents(
+    storage: &dyn Storage,
+    items: &[Extent],
+) -> std::result::Result<u64, (u64, std::io::Error)> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for e in items {
+        let Mapping::Data(h) = e.mapping else {
+            continue;
+        };
+        let mut at = h * BLOCK;
+        let end = (h + e.len) * BLOCK;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            storage.read_at(&mut buf[..n], at).map_err(|e| (at, e))?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+    }
+    Ok(hasher.digest())
+}
+
+impl ImageV2 {
+    /// Opens a version-2 image over any storage, without its backing file.
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        name: &Path,
+        read_only: bool,
+        cache_size: u64,
+    ) -> Result<ImageV2> {
+        let loaded = load::load(storage.as_ref(), name)?;
+        Ok(ImageV2 {
+            path: name.into(),
+            virtual_size: loaded.header.virtual_size,
+            storage,
+            read_only,
+            backing: None,
+            lock_file: None,
+            identity: None,
+            gate: RwLock::new(()),
+            state: Mutex::new(State::from_loaded(loaded)),
+            cache: PageCache::new(cache_size),
+            flush_serial: Mutex::new(()),
+            failed: false.into(),
+            reverts: 0.into(),
+            partial_blocks: (0..64).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// Attaches what opening a file adds: its lock, identity and backing layer.
+    pub(crate) fn attach_file(
+        &mut self,
+        lock_file: std::fs::File,
+        identity: FileId,
+        backing: Option<Arc<Layer>>,
+    ) {
+        self.lock_file = Some(lock_file);
+        self.identity = Some(identity);
+        self.backing = backing;
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn backing(&self) -> Option<&Layer> {
+        self.backing.as_deref()
+    }
+    pub fn set_backing_layer(&mut self, layer: Option<Arc<Layer>>) {
+        self.backing = layer;
+    }
+    pub fn header(&self) -> HeaderV2 {
+        lock(&self.state).header.clone()
+    }
+    pub fn identity(&self) -> Option<FileId> {
+        self.identity
+    }
+    pub fn lock_file(&self) -> Option<&std::fs::File> {
+        self.lock_file.as_ref()
+    }
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+    pub fn reverts(&self) -> u64 {
+        self.reverts.load(Ordering::Acquire)
+    }
+    pub fn continue_reverts_of(&self, earlier: u64) {
+        self.reverts.fetch_max(earlier, Ordering::AcqRel);
+    }
+
+    pub(crate) fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
+        Error::Io {
+            path: self.path.clone(),
+            op,
+            offset,
+            source,
+        }
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.virtual_size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                length,
+                size: self.virtual_size,
+            }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn tree<'a>(&'a self, st: &State) -> Tree<'a> {
+        Tree {
+            storage: self.storage.as_ref(),
+            cache: &self.cache,
+            path: &self.path,
+            root: st.tree,
+            image_id: st.header.image_id,
+            generation: st.header.generation,
+            virtual_blocks: st.header.virtual_blocks(),
+        }
+    }
+
+    /// What virtual blocks `[start, end)` read as, in order and covering the range: the
+    /// in-memory changes first, then the tree; what none of them maps is `Unmapped`.
+    /// Leaves of the tree that were consulted are passed to `leaf`.
+    fn resolve(
+        &self,
+        st: &State,
+        start: u64,
+        end: u64,
+        leaf: &mut dyn FnMut(u64),
+    ) -> Result<Vec<Extent>> {
+        let mut found = Vec::new();
+        let mut gaps = vec![(start, end)];
+        for level in [&st.pending, &st.in_flight, &st.journaled] {
+            if level.is_empty() {
+                continue;
+            }
+            let mut next = Vec::new();
+            for (gs, ge) in gaps {
+                let mut p = gs;
+                for e in level.overlapping(gs, ge) {
+                    if e.start > p {
+                        next.push((p, e.start));
+                    }
+                    p = e.end();
+                    found.push(e);
+                }
+                if p < ge {
+                    next.push((p, ge));
+                }
+            }
+            gaps = next;
+        }
+        let tree = self.tree(st);
+        for (gs, ge) in gaps {
+            let mut p = gs;
+            tree.lookup(
+                gs,
+                ge,
+                &mut |e| {
+                    if e.start > p {
+                        found.push(unmapped(p, e.start));
+                    }
+                    p = e.end();
+                    found.push(e);
+                },
+                leaf,
+            )?;
+            if p < ge {
+                found.push(unmapped(p, ge));
+            }
+        }
+        found.sort_unstable_by_key(|e| e.start);
+        Ok(found)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the merged chain.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _io = shared(&self.gate);
+        self.read_held(buf, offset)
+    }
+
+    /// A read with the gate held.
+    fn read_held(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let pieces = {
+            let st = lock(&self.state);
+            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK), &mut |_| {})?
+        };
+        for p in pieces {
+            let from = (p.start * BLOCK).max(offset);
+            let to = (p.end() * BLOCK).min(end);
+            let b = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match p.mapping {
+                Mapping::Data(h) => {
+                    let at = h * BLOCK + (from - p.start * BLOCK);
+                    self.storage
+                        .read_at(b, at)
+                        .map_err(|e| self.io_err("reading", at, e))?;
+                }
+                Mapping::Zero => b.fill(0),
+                Mapping::Unmapped => match &self.backing {
+                    Some(layer) => layer.read_at(b, from)?,
+                    None => b.fill(0),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// The allocation status of `[offset, offset+len)` through the whole chain.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusExtent>> {
+        self.check_range(offset, len)?;
+        let mut out = Vec::new();
+        if len > 0 {
+            self.status_at_depth(offset, len, 0, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn status_at_depth(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        out: &mut Vec<StatusExtent>,
+    ) -> Result<()> {
+        let end = offset + len;
+        let pieces = {
+            let _io = shared(&self.gate);
+            let st = lock(&self.state);
+            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK), &mut |_| {})?
+        };
+        for p in pieces {
+            let from = (p.start * BLOCK).max(offset);
+            let to = (p.end() * BLOCK).min(end);
+            let (kind, host_offset) = match p.mapping {
+                Mapping::Data(h) => (ExtentKind::Data, Some(h * BLOCK + from - p.start * BLOCK)),
+                Mapping::Zero => (ExtentKind::Zero, None),
+                Mapping::Unmapped => match &self.backing {
+                    Some(b) => {
+                        b.status(from, to - from, depth + 1, out)?;
+                        continue;
+                    }
+                    None => (ExtentKind::Unallocated, None),
+                },
+            };
+            push_extent(
+                out,
+                StatusExtent {
+                    offset: from,
+                    length: to - from,
+                    depth,
+                    kind,
+                    host_offset,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// This layer's own ranges: `(offset, length, host offset or None for zeros)`.
+    pub(crate) fn own_ranges(&self) -> Result<Vec<(u64, u64, Option<u64>)>> {
+        let vb = self.virtual_size.div_ceil(BLOCK);
+        let st = lock(&self.state);
+        let mut out = Vec::new();
+        for p in self.resolve(&st, 0, vb, &mut |_| {})? {
+            let from = p.start * BLOCK;
+            let to = (p.end() * BLOCK).min(self.virtual_size);
+            match p.mapping {
+                Mapping::Data(h) => out.push((from, to - from, Some(h * BLOCK))),
+                Mapping::Zero => out.push((from, to - from, None)),
+                Mapping::Unmapped => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ranges that fall through to the backing file.
+    pub(crate) fn fall_through_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let vb = self.virtual_size.div_ceil(BLOCK);
+        let st = lock(&self.state);
+        Ok(self
+            .resolve(&st, 0, vb, &mut |_| {})?
+            .into_iter()
+            .filter(|p| p.mapping == Mapping::Unmapped)
+            .map(|p| {
+                let from = p.start * BLOCK;
+                (from, (p.end() * BLOCK).min(self.virtual_size) - from)
+            })
+            .collect())
+    }
+
+    pub fn stats(&self) -> StatsV2 {
+        let st = lock(&self.state);
+        let (cached_pages, cache_hits, cache_misses) = self.cache.stats();
+        StatsV2 {
+            tree_extents: st.tree.extents,
+            tree_height: st.tree.height,
+            changed_extents: (st.journaled.len() + st.in_flight.len() + st.pending.len()) as u64,
+            file_length: self.storage.len().unwrap_or(0),
+            allocated_bytes: self.storage.allocated_bytes().unwrap_or(0),
+            journal_used: st.journal_tail,
+            journal_capacity: st.header.journal_capacity,
+            generation: st.header.generation,
+            cached_pages: cached_pages as u64,
+            cache_hits,
+            cache_misses,
+        }
+    }
+}
+
+/// What `info` shows of a version-2 image, without walking the tree.
+#[derive(Debug, Clone, Default)]
+pub struct StatsV2 {
+    pub tree_extents: u64,
+    pub tree_height: u8,
+    pub changed_extents: u64,
+    pub file_length: u64,
+    pub allocated_bytes: u64,
+    pub journal_used: u64,
+    pub journal_capacity: u64,
+    pub generation: u64,
+    pub cached_pages: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+fn unmapped(start: u64, end: u64) -> Extent {
+    Extent {
+        start,
+        len: end - start,
+        mapping: Mapping::Unmapped,
+    }
+}
+
+impl Drop for ImageV2 {
+    /// Closing flushes, as qemu does, and seals the journal.
+    fn drop(&mut self) {
+        if !self.read_only && !self.failed.load(Ordering::Acquire) && self.flush().is_ok() {
+            let _ = self.seal();
+        }
+    }
+}
