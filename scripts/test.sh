@@ -73,6 +73,16 @@ export COWIMG_SKIP_LOG="$skips"
 status=0
 cargo test --no-fail-fast "$@" 2>&1 </dev/null | tee "$log" || status=$?
 
+# The model, crash and server tests once more over format version 2 (FORMAT-v2.md): the
+# tests create their images in the version COWIMG_TEST_FORMAT_VERSION names. Only for the
+# whole suite; a filtered run tests what it names.
+if [ "$#" -eq 0 ]; then
+    echo "== cargo test, images in format version 2"
+    v2_suites=(model crash nbd_server nbd_clients nbd_exports nbd_faults nbd_control nbd_crash nbd_overlayfs)
+    COWIMG_TEST_FORMAT_VERSION=2 cargo test --no-fail-fast "${v2_suites[@]/#/--test=}" 2>&1 </dev/null |
+        tee -a "$log" || status=$?
+fi
+
 echo
 echo "== summary"
 # `Running`/`Doc-tests` name each suite; `test result:` is its outcome.

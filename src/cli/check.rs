@@ -140,6 +140,15 @@ fn print_human(
             100.0 * report.allocated_clusters as f64 / report.total_clusters as f64
         )?;
     }
+    if report.version == 2 {
+        // Data alone never exceeds the disk: metadata and leaks are counted apart.
+        writeln!(
+            out,
+            "Metadata: {} bytes (header slots, map pages, journal); leaked: {} bytes",
+            report.metadata_bytes,
+            report.leaks.saturating_sub(report.leaks_fixed) * crate::format::v2::BLOCK
+        )?;
+    }
     if report.image_end_offset > 0 {
         writeln!(out, "Image end offset: {}", report.image_end_offset)?;
     }

@@ -91,6 +91,8 @@ pub struct Qcow2Details {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CowimgDetails {
+    /// The format version: 1, or 2 (FORMAT-v2.md).
+    pub format_version: u32,
     /// Copy-on-write granularity inside a cluster.
     pub sub_cluster_size: u64,
     pub generation: u64,
@@ -101,6 +103,12 @@ pub struct CowimgDetails {
     /// Whole clusters that read as zeros without a map entry (discarded or zeroed).
     pub zero_clusters: u64,
     pub file_length: u64,
+    /// Version 2: the map's extents (in its tree and its journal) and the tree's height,
+    /// from the header, without reading the tree.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map_extents: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map_height: Option<u8>,
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
@@ -221,6 +229,9 @@ pub fn cowimg_info(image: &Image) -> LayerInfo {
         format_specific: Some(FormatSpecific {
             kind: "cowimg",
             data: FormatDetails::Cowimg(CowimgDetails {
+                format_version: image.version(),
+                map_extents: (image.version() == 2).then_some(stats.mapped_clusters),
+                map_height: image.map_height(),
                 sub_cluster_size: image.geometry().unit_size(),
                 generation: stats.generation,
                 journal_used: stats.journal_used,
@@ -309,6 +320,10 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
     }) = &layer.format_specific
     {
         writeln!(out, "Format specific information:")?;
+        writeln!(out, "    format version: {}", d.format_version)?;
+        if let (Some(extents), Some(height)) = (d.map_extents, d.map_height) {
+            writeln!(out, "    map: {extents} extents, a tree of height {height}")?;
+        }
         writeln!(out, "    sub-cluster size: {}", d.sub_cluster_size)?;
         writeln!(out, "    generation: {}", d.generation)?;
         writeln!(
@@ -316,8 +331,10 @@ fn print_human(out: &mut impl Write, layer: &LayerInfo) -> std::io::Result<()> {
             "    journal usage: {}/{} bytes",
             d.journal_used, d.journal_capacity
         )?;
-        writeln!(out, "    mapped clusters: {}", d.mapped_clusters)?;
-        writeln!(out, "    zero clusters: {}", d.zero_clusters)?;
+        if d.map_extents.is_none() {
+            writeln!(out, "    mapped clusters: {}", d.mapped_clusters)?;
+            writeln!(out, "    zero clusters: {}", d.zero_clusters)?;
+        }
         writeln!(out, "    file length: {} bytes", d.file_length)?;
     }
     Ok(())

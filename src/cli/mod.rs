@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::Path;
 use std::process::ExitCode;
 
+pub mod amend;
 pub mod attach;
 pub mod check;
 pub mod commit;
@@ -61,6 +62,9 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Grow or shrink an image's virtual size (like qemu-img resize).
     Resize(resize::ResizeArgs),
+    /// Change an image's format options in place: --upgrade to format version 2 (like
+    /// qemu-img amend).
+    Amend(amend::AmendArgs),
     /// Serve images over NBD: one, or many exports in one process.
     Serve(Box<serve::ServeArgs>),
     /// Serve an image (or use an NBD export) and attach it as a block device; prints the
@@ -149,6 +153,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Compare(args) => compare::run(args),
         Command::Measure(args) => measure::run(args),
         Command::Resize(args) => resize::run(args),
+        Command::Amend(args) => amend::run(args),
         Command::Serve(args) => serve::run(*args),
         Command::Attach(args) => attach::attach(args),
         Command::Detach(args) => attach::detach(args),

@@ -45,6 +45,13 @@ pub struct ServeArgs {
     /// The format of --base: raw or cowimg (never probed).
     #[arg(short = 'F', long, value_name = "FMT", value_parser = super::parse_format, requires = "base")]
     pub base_format: Option<BackingFormat>,
+    /// The format version of overlays made in --overlays: 1 (the default) or 2.
+    #[arg(long = "format-version", value_name = "N", requires = "overlays",
+          value_parser = super::create::parse_version)]
+    pub format_version: Option<u32>,
+    /// The map page cache of each version-2 image (default 32M, like qcow2's L2 cache).
+    #[arg(long = "cache-size", value_name = "SIZE", value_parser = super::size::parse_size)]
+    pub cache_size: Option<u64>,
     /// Create no overlay in --overlays once the server has this many exports.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_exports: u32,
@@ -243,6 +250,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             base,
             format,
             max_exports: args.max_exports as usize,
+            version: args.format_version.unwrap_or(1),
         }),
         _ => None,
     };
@@ -251,6 +259,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         dir: args.dir,
         overlays,
         control: args.control,
+        cache_size: args.cache_size,
     };
     let listen = if socket_activated() {
         Listen::Systemd

@@ -133,6 +133,14 @@ impl Image {
         }
     }
 
+    /// The height of a version-2 image's map tree (0 when empty).
+    pub fn map_height(&self) -> Option<u8> {
+        match &self.0 {
+            Engine::V2(v2) => Some(v2.stats().tree_height),
+            Engine::V1(_) => None,
+        }
+    }
+
     /// Page-cache figures of a version-2 image: `(pages held, hits, misses)`.
     pub fn cache_stats(&self) -> Option<(u64, u64, u64)> {
         match &self.0 {

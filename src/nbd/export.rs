@@ -140,6 +140,8 @@ pub struct OverlaySpec {
     /// No overlay is created once the server has this many exports: every client may make
     /// one, and each costs a file, memory and two descriptors.
     pub max_exports: usize,
+    /// The format version of new overlays.
+    pub version: u32,
 }
 
 /// All exports of a server.
@@ -160,6 +162,8 @@ pub(crate) struct Exports {
     snapshotting: Mutex<()>,
     /// Who may use which export.
     pub access: super::Access,
+    /// The page cache of each version-2 image (`serve --cache-size`).
+    pub cache_size: Option<u64>,
 }
 
 impl Exports {
@@ -177,6 +181,7 @@ impl Exports {
             opening: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(()),
             access: super::Access::default(),
+            cache_size: None,
         }
     }
 
@@ -202,6 +207,7 @@ impl Exports {
         OpenOptions {
             read_only,
             layers: Some(Arc::clone(&self.layers)),
+            cache_size: self.cache_size,
             ..Default::default()
         }
     }
@@ -450,6 +456,7 @@ pub(crate) fn create_overlay(path: &Path, spec: &OverlaySpec) -> Result<()> {
     })?;
     let opts = CreateOptions {
         backing: Some((base.to_string_lossy().into_owned(), spec.format)),
+        version: spec.version,
         ..Default::default()
     };
     match create_whole(path, &opts) {

@@ -107,6 +107,8 @@ pub struct ServerSpec {
     pub overlays: Option<OverlaySpec>,
     /// The control socket (`format-spec/CONTROL.md`).
     pub control: Option<PathBuf>,
+    /// The page cache of each version-2 image, in bytes (default 32 MiB).
+    pub cache_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +189,7 @@ pub fn serve(spec: ServerSpec, config: ServeConfig) -> crate::Result<()> {
             let opts = crate::image::OpenOptions {
                 read_only: one.read_only,
                 layers: Some(std::sync::Arc::clone(&layers)),
+                cache_size: spec.cache_size,
                 ..Default::default()
             };
             let image = export::open_export_image(&one.image, one.format, &opts)?;
@@ -194,7 +197,9 @@ pub fn serve(spec: ServerSpec, config: ServeConfig) -> crate::Result<()> {
             export::Exports::single(layers, export)
         }
         named => {
-            let exports = export::Exports::new(layers, spec.dir.clone(), spec.overlays.clone());
+            let mut exports =
+                export::Exports::new(layers, spec.dir.clone(), spec.overlays.clone());
+            exports.cache_size = spec.cache_size;
             // A name is a file name only where files are found or made by name; the one
             // export of `serve --export-name NAME IMAGE` may be called anything, as before.
             let names_are_paths = named.len() > 1 || spec.dir.is_some() || spec.overlays.is_some();

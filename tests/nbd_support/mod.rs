@@ -46,16 +46,26 @@ pub fn create_image(path: &Path, size: u64) {
         path,
         &CreateOptions {
             size: Some(size),
+            version: format_version(),
             ..Default::default()
         },
     )
     .expect("create image");
 }
 
+/// The format version the tests create images in: 1, or `COWIMG_TEST_FORMAT_VERSION`.
+pub fn format_version() -> u32 {
+    match std::env::var("COWIMG_TEST_FORMAT_VERSION").as_deref() {
+        Ok("2") => 2,
+        _ => 1,
+    }
+}
+
 pub fn create_overlay(path: &Path, backing: &Path, format: BackingFormat) {
     let opts = CreateOptions {
         size: None,
         backing: Some((backing.to_string_lossy().into_owned(), format)),
+        version: format_version(),
         ..Default::default()
     };
     Image::create(path, &opts).expect("create overlay");

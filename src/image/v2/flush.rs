@@ -196,12 +196,9 @@ impl ImageV2 {
                 .allocate_at_end(super::journal_capacity_for(header.virtual_size) / BLOCK)
         };
         let updated = updated?;
-        let result = self.write_tree_header(&updated, header, *active_slot, journal);
-        {
-            let mut st = lock(&self.state);
-            st.alloc.release(journal.0);
-        }
-        let new_header = result?;
+        // The new journal region stays claimed until publish reserves it: it is a hole
+        // until records fill it, and writes go on while this flush runs.
+        let new_header = self.write_tree_header(&updated, header, *active_slot, journal)?;
         Ok(Done::Tree {
             updated,
             header: new_header,
@@ -285,6 +282,7 @@ impl ImageV2 {
                         header.journal_offset / BLOCK,
                         header.journal_capacity / BLOCK,
                     )]);
+                    st.alloc.release(header.journal_offset / BLOCK);
                     st.header = header;
                     st.active_slot = 1 - st.active_slot;
                     st.journal_tail = 0;

@@ -141,7 +141,12 @@ pub(crate) fn digest_extents(
     items: &[Extent],
 ) -> std::result::Result<u64, (u64, std::io::Error)> {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let blocks: u64 = items
+        .iter()
+        .filter(|e| matches!(e.mapping, Mapping::Data(_)))
+        .map(|e| e.len)
+        .sum();
+    let mut buf = vec![0u8; (blocks * BLOCK).min(1 << 20) as usize];
     for e in items {
         let Mapping::Data(h) = e.mapping else {
             continue;

@@ -115,6 +115,15 @@ impl ImageV2 {
                 break;
             }
         }
+        if result.is_err() {
+            // A failed write may have stored part of its blocks; nothing references them,
+            // so they are given back now rather than left as leaks.
+            for &(_, n, h, new) in &plan {
+                if new {
+                    let _ = self.storage.punch_hole(h * BLOCK, n * BLOCK);
+                }
+            }
+        }
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         for &(_, _, h, new) in &plan {
