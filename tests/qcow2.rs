@@ -195,9 +195,9 @@ fn each_kind_of_qcow2_converts_to_the_bytes_that_qemu_img_convert_reads() {
     }
 }
 
-/// (depth, present, zero, data) of every 512-byte sector, from a `map --json` output
-/// (cowimg's or qemu-img's), with `depth_offset` added to each depth.
-fn sectors(map_json: &str, depth_offset: i64) -> Vec<(i64, bool, bool, bool)> {
+/// (depth, present, zero, data, compressed) of every 512-byte sector, from a `map --json`
+/// output (cowimg's or qemu-img's), with `depth_offset` added to each depth.
+fn sectors(map_json: &str, depth_offset: i64) -> Vec<(i64, bool, bool, bool, bool)> {
     let mut out = Vec::new();
     let extents = json(map_json);
     for e in extents.as_array().expect("a JSON array") {
@@ -207,9 +207,10 @@ fn sectors(map_json: &str, depth_offset: i64) -> Vec<(i64, bool, bool, bool)> {
             e["present"].as_bool().expect("present"),
             e["zero"].as_bool().expect("zero"),
             e["data"].as_bool().expect("data"),
+            e["compressed"].as_bool().expect("compressed"),
         );
         for _ in 0..length / 512 {
-            out.push((depth, flags.0, flags.1, flags.2));
+            out.push((depth, flags.0, flags.1, flags.2, flags.3));
         }
     }
     out
@@ -769,4 +770,70 @@ fn opening_a_qcow2_as_a_cowimg_image_names_it_as_qcow2_not_as_corrupt() {
     );
     assert!(message.contains("-F qcow2"), "{message}");
     assert!(!message.contains("corrupt"), "{message}");
+}
+
+#[test]
+fn map_json_marks_the_compressed_clusters_of_a_qcow2_as_qemu_img_map_does() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    // Clusters that compress (a repeated pattern), clusters that do not (random bytes, which
+    // qemu stores uncompressed even with -c), and zeros (not stored at all).
+    let mut bytes = vec![0u8; 4 * MIB];
+    for (i, b) in bytes[..128 * 1024].iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    bytes[128 * 1024..320 * 1024].copy_from_slice(&random_bytes(192 * 1024, 14));
+    for (i, b) in bytes[MIB + 4096..2 * MIB].iter_mut().enumerate() {
+        *b = b"compressible text "[i % 18];
+    }
+    bytes[4 * MIB - 64 * 1024..].copy_from_slice(&random_bytes(64 * 1024, 15));
+    write_file(&d.join("disk.raw"), &bytes);
+    for kind in ["zlib", "zstd"] {
+        let name = format!("{kind}.qcow2");
+        let option = format!("compression_type={kind}");
+        qemu_img(
+            d,
+            &[
+                "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &option, "disk.raw", &name,
+            ],
+        );
+        let ours = json(&cowimg_in(d, &["map", "--output=json", &name]).ok());
+        let theirs = json(&qemu_img(d, &["map", "--output=json", &name]));
+        let flags = |map: &serde_json::Value| -> Vec<(u64, u64, bool, bool)> {
+            map.as_array()
+                .expect("a JSON array")
+                .iter()
+                .map(|e| {
+                    (
+                        e["start"].as_u64().expect("start"),
+                        e["length"].as_u64().expect("length"),
+                        e["data"].as_bool().expect("data"),
+                        e["compressed"].as_bool().expect("compressed"),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(flags(&ours), flags(&theirs), "{name}: compressed flags");
+        // Every field, offsets included (a compressed cluster has none).
+        assert_eq!(ours, theirs, "{name}");
+        let kinds = flags(&theirs);
+        assert!(
+            kinds.iter().any(|&(_, _, data, c)| data && c)
+                && kinds.iter().any(|&(_, _, data, c)| data && !c),
+            "{name}: the image should hold compressed and uncompressed data: {kinds:?}"
+        );
+        // The human format shows where data lies in the file, and a compressed cluster
+        // has no such place: qemu-img refuses, and so does cowimg.
+        let run = qemu_in(d, "qemu-img", &["map", &name]);
+        assert_eq!(run.code, Some(1), "{}", run.stderr);
+        assert!(run.stderr.contains("compressed clusters"), "{}", run.stderr);
+        assert_fails(
+            &cowimg_in(d, &["map", &name]),
+            1,
+            &[name.as_str(), "compressed clusters", "--output=json"],
+        );
+    }
 }

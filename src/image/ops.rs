@@ -393,6 +393,7 @@ pub fn convert(src: &Layer, dst: &Path, opts: &ConvertOptions, progress: Progres
             depth: 0,
             kind: ExtentKind::Data,
             host_offset: Some(0),
+            compressed: false,
         }];
         extents.retain(|e| e.length > 0);
     }
