@@ -38,7 +38,7 @@ pub struct ConvertArgs {
     /// 64K); also -o cluster_size=SIZE.
     #[arg(long = "cluster-size", value_name = "CLUSTER_SIZE", value_parser = parse_cluster_size)]
     pub cluster_size: Option<u64>,
-    /// Options of the output format: cluster_size=SIZE (cowimg).
+    /// Options of the output format: cluster_size=SIZE (cowimg and qcow2).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Compress (qemu-img's -c): not supported; refused with a message.
