@@ -274,6 +274,94 @@ fn progress_into_a_pipe_prints_qemu_img_lines() {
     );
 }
 
+/// Splits the stdout of a `-p` run into the figures of its qemu-img progress lines and what
+/// follows them, asserting qemu-img's form: lines `    (N.NN/100%)` each ended by `\r`,
+/// from 0.00, never going down, to 100.00, then a newline.
+fn progress_then_rest(out: &str) -> (Vec<f64>, &str) {
+    let (progress, rest) = out
+        .split_once('\n')
+        .unwrap_or_else(|| panic!("no newline after the progress lines: {out:?}"));
+    let lines: Vec<&str> = progress
+        .strip_suffix('\r')
+        .unwrap_or_else(|| panic!("the last progress line is not ended by \\r: {out:?}"))
+        .split('\r')
+        .collect();
+    let figures: Vec<f64> = lines
+        .iter()
+        .map(|line| {
+            line.strip_prefix("    (")
+                .and_then(|l| l.strip_suffix("/100%)"))
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_else(|| panic!("not a progress line: {line:?} in {out:?}"))
+        })
+        .collect();
+    assert_eq!(lines[0], "    (0.00/100%)", "{out:?}");
+    assert_eq!(lines[lines.len() - 1], "    (100.00/100%)", "{out:?}");
+    assert!(
+        figures.windows(2).all(|w| w[0] <= w[1]),
+        "progress went down: {out:?}"
+    );
+    (figures, rest)
+}
+
+/// Appends `clusters` blocks of 64 KiB that nothing references past the end of `image`:
+/// leaked clusters for check (written in place, so that no hole of the file is filled).
+fn leak_clusters(d: &Path, image: &str, clusters: usize) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join(image))
+        .expect("opening");
+    let end = file.metadata().expect("stat").len().next_multiple_of(65536);
+    std::os::unix::fs::FileExt::write_all_at(&file, &random_bytes(clusters * 65536, 3), end)
+        .expect("appending");
+}
+
+#[test]
+fn check_repair_with_p_prints_progress_lines_up_to_100_percent_then_the_repair_report() {
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "64M", "img.cow"]).ok();
+    cowimg_io(d, "img.cow", &["write -P 1 0 20M", "flush"]).ok();
+    leak_clusters(d, "img.cow", 3);
+    let before = contents(d, "img.cow");
+    assert_eq!(cowimg_in(d, &["check", "img.cow"]).code, Some(3));
+
+    let run = cowimg_in(d, &["check", "--repair", "-p", "img.cow"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let (figures, report) = progress_then_rest(&run.stdout);
+    // 20 MiB of data in 1% steps: the scan is shown as it goes, not only at its end.
+    assert!(figures.len() > 20, "{figures:?}");
+    assert!(
+        report.starts_with(
+            "The following inconsistencies were found and repaired:\n\n    3 leaked clusters\n"
+        ),
+        "{report:?}"
+    );
+    assert!(
+        report.contains("No errors were found on the image.\n"),
+        "{report:?}"
+    );
+    assert_eq!(cowimg_in(d, &["check", "img.cow"]).code, Some(0));
+    assert_same_bytes(&contents(d, "img.cow"), &before, "repair changes no data");
+
+    // A check without --repair shows its scan the same way; -q silences it; JSON, which
+    // is alone on stdout, is not mixed with it.
+    let out = cowimg_in(d, &["check", "-p", "img.cow"]).ok();
+    let (_, report) = progress_then_rest(&out);
+    assert!(report.starts_with("No errors were found"), "{report:?}");
+    leak_clusters(d, "img.cow", 1);
+    let run = cowimg_in(d, &["check", "-r", "-p", "-q", "img.cow"]);
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (Some(0), ""),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(cowimg_in(d, &["check", "img.cow"]).code, Some(0));
+    let run = cowimg_in(d, &["check", "-p", "--output=json", "img.cow"]);
+    assert_fails(&run, 1, &["-p", "--output=json"]);
+}
+
 #[test]
 fn quiet_leaves_stdout_empty() {
     let dir = tempdir();

@@ -706,11 +706,17 @@ pub struct CheckReport {
 /// Verifies every checksum and every map entry of the image at `path`. With `repair`,
 /// punches leaked clusters. Errors are only for files that cannot be read at all.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    check_with(path, repair, false)
+    check_with(path, repair, false, &mut |_, _| {})
 }
 
-/// [`check`], optionally without taking the file lock (`qemu-img check -U`).
-pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckReport> {
+/// [`check`], optionally without taking the file lock (`qemu-img check -U`), calling
+/// `progress(bytes scanned, file length)` as the scan for leaks goes through the file.
+pub fn check_with(
+    path: &Path,
+    repair: bool,
+    force_share: bool,
+    progress: Progress,
+) -> Result<CheckReport> {
     let (file, _) = super::open_locked(path, repair, force_share && !repair)?;
     let storage = FileStorage::new(file);
     let mut report = CheckReport {
@@ -769,6 +775,8 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
         offset,
         source,
     };
+    // Progress is the scan through the file (holes are skipped at once).
+    progress(0, loaded.file_length);
     while pos < loaded.file_length {
         let Some(data) = storage
             .next_data(pos)
@@ -793,10 +801,12 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
             }
         }
         pos = (cluster + 1) * cs;
+        progress(pos.min(loaded.file_length), loaded.file_length);
     }
     if repair && report.leaks_fixed > 0 {
         storage.sync().map_err(|e| io("syncing", 0, e))?;
     }
+    progress(loaded.file_length, loaded.file_length);
     Ok(report)
 }
 
