@@ -363,6 +363,132 @@ fn check_repair_with_p_prints_progress_lines_up_to_100_percent_then_the_repair_r
 }
 
 #[test]
+fn p_shows_progress_on_every_long_operation_and_q_silences_it() {
+    let dir = tempdir();
+    let d = dir.path();
+    cowimg_in(d, &["create", "-s", "4M", "other.cow"]).ok();
+    cowimg_io(d, "other.cow", &["write -P 9 0 4M"]).ok();
+    // A fresh disk.cow (commit writes into it) and top.cow over it for each run.
+    let top = |d: &Path| {
+        raw_and_cowimg(d);
+        let _ = std::fs::remove_file(d.join("top.cow"));
+        cowimg_in(d, &["create", "-b", "disk.cow", "-F", "cowimg", "top.cow"]).ok();
+        cowimg_io(d, "top.cow", &["write -P 5 2M 1M"]).ok();
+    };
+    // Each operation with -p, what it prints after its progress, and with -q added.
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["commit", "-p", "top.cow"], "Image committed.\n"),
+        (vec!["convert", "-p", "-O", "raw", "top.cow", "out.raw"], ""),
+        (
+            vec!["convert", "-p", "-O", "qcow2", "top.cow", "out.qcow2"],
+            "",
+        ),
+        (
+            vec!["convert", "-p", "-O", "cowimg", "top.cow", "out.cow"],
+            "",
+        ),
+        (
+            vec!["rebase", "-p", "-b", "other.cow", "-F", "cowimg", "top.cow"],
+            "",
+        ),
+        (
+            vec!["compare", "-p", "top.cow", "disk.cow"],
+            "Content mismatch at offset 2097152!\n",
+        ),
+        (
+            vec!["check", "-r", "-p", "top.cow"],
+            "No errors were found on the image.\n",
+        ),
+    ];
+    for (args, after) in &cases {
+        top(d);
+        let run = cowimg_in(d, args);
+        let expected_code = if args[0] == "compare" { 1 } else { 0 };
+        assert_eq!(run.code, Some(expected_code), "{args:?}: {}", run.stderr);
+        let (_, rest) = progress_then_rest(&run.stdout);
+        assert!(rest.starts_with(after), "{args:?}: {rest:?}");
+
+        top(d);
+        let mut quiet = args.clone();
+        quiet.insert(1, "-q");
+        let run = cowimg_in(d, &quiet);
+        assert_eq!(
+            (run.code, run.stdout.as_str()),
+            (Some(expected_code), ""),
+            "{quiet:?}: {}",
+            run.stderr
+        );
+    }
+    // -q silences the progress, not the work: a rebase with -p -q moves top.cow onto
+    // other.cow and it reads what it read before.
+    top(d);
+    let before = contents(d, "top.cow");
+    cowimg_in(
+        d,
+        &[
+            "rebase",
+            "-p",
+            "-q",
+            "-b",
+            "other.cow",
+            "-F",
+            "cowimg",
+            "top.cow",
+        ],
+    )
+    .ok();
+    assert_same_bytes(&contents(d, "top.cow"), &before, "rebase -p -q");
+    let info = json(&cowimg_in(d, &["info", "--output=json", "top.cow"]).ok());
+    assert_eq!(info["backing-filename"], "other.cow");
+}
+
+/// Runs `cowimg ARGS` in `dir` under a pseudo-terminal (`script`), returning what the
+/// terminal showed.
+fn on_a_terminal(dir: &Path, args: &[&str]) -> String {
+    let line = std::iter::once(env!("CARGO_BIN_EXE_cowimg"))
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running script");
+    assert!(output.status.success(), "{line}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn p_on_a_terminal_draws_a_bar_instead_of_lines_and_q_hides_it() {
+    if !have_tool("script") {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    raw_and_cowimg(d);
+    cowimg_in(d, &["create", "-b", "disk.cow", "-F", "cowimg", "top.cow"]).ok();
+    cowimg_io(d, "top.cow", &["write -P 5 2M 1M"]).ok();
+    leak_clusters(d, "disk.cow", 1);
+    let full_bar = format!("{} 100%", "\u{2588}".repeat(40));
+    for args in [
+        &["convert", "-p", "-O", "raw", "top.cow", "out.raw"][..],
+        &["compare", "-p", "disk.cow", "disk.raw"],
+        &["check", "-r", "-p", "disk.cow"],
+        &["rebase", "-p", "-b", "disk.raw", "-F", "raw", "top.cow"],
+        &["commit", "-p", "top.cow"],
+    ] {
+        let screen = on_a_terminal(d, args);
+        assert!(screen.contains(&full_bar), "{args:?}: {screen:?}");
+        assert!(!screen.contains("/100%)"), "{args:?}: {screen:?}");
+        let mut quiet = args.to_vec();
+        quiet.insert(1, "-q");
+        let screen = on_a_terminal(d, &quiet);
+        assert!(!screen.contains('\u{2588}'), "{quiet:?}: {screen:?}");
+    }
+}
+
+#[test]
 fn quiet_leaves_stdout_empty() {
     let dir = tempdir();
     let d = dir.path();
