@@ -195,9 +195,9 @@ fn each_kind_of_qcow2_converts_to_the_bytes_that_qemu_img_convert_reads() {
     }
 }
 
-/// (depth, present, zero, data) of every 512-byte sector, from a `map --json` output
-/// (cowimg's or qemu-img's), with `depth_offset` added to each depth.
-fn sectors(map_json: &str, depth_offset: i64) -> Vec<(i64, bool, bool, bool)> {
+/// (depth, present, zero, data, compressed) of every 512-byte sector, from a `map --json`
+/// output (cowimg's or qemu-img's), with `depth_offset` added to each depth.
+fn sectors(map_json: &str, depth_offset: i64) -> Vec<(i64, bool, bool, bool, bool)> {
     let mut out = Vec::new();
     let extents = json(map_json);
     for e in extents.as_array().expect("a JSON array") {
@@ -207,9 +207,10 @@ fn sectors(map_json: &str, depth_offset: i64) -> Vec<(i64, bool, bool, bool)> {
             e["present"].as_bool().expect("present"),
             e["zero"].as_bool().expect("zero"),
             e["data"].as_bool().expect("data"),
+            e["compressed"].as_bool().expect("compressed"),
         );
         for _ in 0..length / 512 {
-            out.push((depth, flags.0, flags.1, flags.2));
+            out.push((depth, flags.0, flags.1, flags.2, flags.3));
         }
     }
     out
@@ -769,4 +770,274 @@ fn opening_a_qcow2_as_a_cowimg_image_names_it_as_qcow2_not_as_corrupt() {
     );
     assert!(message.contains("-F qcow2"), "{message}");
     assert!(!message.contains("corrupt"), "{message}");
+}
+
+/// (required, fully allocated) from a `measure --output=json`, cowimg's or qemu-img's.
+fn measured(text: &str) -> (u64, u64) {
+    let m = json(text);
+    let field = |name: &str| {
+        m[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    (field("required"), field("fully-allocated"))
+}
+
+/// Every figure is qemu-img's exactly, with no tolerance: cowimg counts the clusters that
+/// qemu counts (any byte of data through the whole chain; zero flags and holes are not
+/// data), and the metadata by qemu's own formula.
+#[test]
+fn measure_o_qcow2_gives_qemu_img_measures_figures_for_every_kind_of_source() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let mut sources: Vec<(String, String)> = make_qcow2_images(d)
+        .into_iter()
+        .map(|image| (image.to_string(), image.to_string()))
+        .collect();
+    sources.push(("base.raw".into(), "base.raw".into()));
+    // A cowimg overlay and a qcow2 overlay given the same writes: the same clusters hold
+    // data in both, so qemu-img's figure for the qcow2 is the one for the cowimg image.
+    cowimg_in(d, &["create", "-b", "base.raw", "-F", "raw", "over.cow"]).ok();
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "over.qcow2",
+        ],
+    );
+    let writes = [
+        "write -P 0x21 0 100k",
+        "write -z 2M 1M",
+        "write -P 0x22 8188k 4k",
+    ];
+    cowimg_io(d, "over.cow", &writes).ok();
+    qemu_io(d, "over.qcow2", &writes);
+    sources.push(("over.cow".into(), "over.qcow2".into()));
+    // A file with no backing file and holes: only its data clusters are required. Written
+    // in place, so that nothing but the data is allocated (qemu-img convert -O raw would
+    // allocate the first block, zeros and all).
+    let sparse = std::fs::File::create(d.join("sparse.raw")).expect("creating");
+    sparse.set_len(5 * MIB as u64 + 3000).expect("sizing");
+    let at = |bytes: &[u8], offset: usize| {
+        std::os::unix::fs::FileExt::write_all_at(&sparse, bytes, offset as u64).expect("writing")
+    };
+    at(&random_bytes(75_000, 12), MIB + 5000);
+    at(&[9; 10], 4 * MIB);
+    drop(sparse);
+    sources.push(("sparse.raw".into(), "sparse.raw".into()));
+    cowimg_in(d, &["convert", "-O", "cowimg", "sparse.raw", "sparse.cow"]).ok();
+    sources.push(("sparse.cow".into(), "sparse.raw".into()));
+
+    for (ours, theirs) in &sources {
+        for options in [
+            &[][..],
+            &["-o", "cluster_size=4K"],
+            &["-o", "cluster_size=2M"],
+        ] {
+            let mut args = vec!["measure", "--output=json", "-O", "qcow2"];
+            args.extend(options);
+            let mut qemu_args = args.clone();
+            qemu_args.extend(["-f", qemu_format(theirs), theirs.as_str()]);
+            args.push(ours);
+            let expected = measured(&qemu_img(d, &qemu_args));
+            let got = measured(&cowimg_in(d, &args).ok());
+            assert_eq!(got, expected, "{args:?}");
+        }
+    }
+
+    // The human format is qemu-img's, less its "bitmaps size" line (convert copies no
+    // bitmaps).
+    let human = cowimg_in(d, &["measure", "-O", "qcow2", "top.qcow2"]).ok();
+    let qemu_human = qemu_img(d, &["measure", "-O", "qcow2", "top.qcow2"]);
+    let without_bitmaps: String = qemu_human
+        .lines()
+        .filter(|l| !l.starts_with("bitmaps size:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(human, without_bitmaps);
+
+    // Sizes alone, up to the largest that 64 KiB clusters allow (2 PiB), and past it.
+    for (size, cluster) in [
+        ("0", "64K"),
+        ("1", "64K"),
+        ("1G", "64K"),
+        ("1G", "4K"),
+        ("1G", "2M"),
+        ("1T", "64K"),
+        ("2P", "64K"),
+    ] {
+        let option = format!("cluster_size={cluster}");
+        let args = [
+            "measure",
+            "--output=json",
+            "-O",
+            "qcow2",
+            "-o",
+            &option,
+            "--size",
+            size,
+        ];
+        assert_eq!(
+            measured(&cowimg_in(d, &args).ok()),
+            measured(&qemu_img(d, &args)),
+            "{args:?}"
+        );
+    }
+    for args in [
+        &["measure", "-O", "qcow2", "--size", "3P"][..],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4K",
+            "--size",
+            "16T",
+        ],
+    ] {
+        let qemu = qemu_in(d, "qemu-img", args);
+        assert_eq!(qemu.code, Some(1), "{}", qemu.stderr);
+        assert_fails(
+            &cowimg_in(d, args),
+            1,
+            &["too large", "larger cluster size"],
+        );
+    }
+}
+
+/// `-f` for qemu-img: the test's files are named by their format.
+fn qemu_format(name: &str) -> &'static str {
+    if name.ends_with(".raw") {
+        "raw"
+    } else {
+        "qcow2"
+    }
+}
+
+#[test]
+fn measure_o_qcow2_bounds_what_convert_o_qcow2_writes_and_equals_it_when_every_cluster_holds_data()
+{
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let mut sources: Vec<String> = make_qcow2_images(d).into_iter().map(String::from).collect();
+    // Every cluster holds data, and the size is not a whole number of clusters.
+    write_file(&d.join("full.raw"), &random_bytes(8 * MIB + 3000, 13));
+    sources.extend(["base.raw".into(), "full.raw".into()]);
+    for source in &sources {
+        for cluster in ["4K", "64K", "2M"] {
+            let option = format!("cluster_size={cluster}");
+            let (required, fully) = measured(
+                &cowimg_in(
+                    d,
+                    &[
+                        "measure",
+                        "--output=json",
+                        "-O",
+                        "qcow2",
+                        "-o",
+                        &option,
+                        source,
+                    ],
+                )
+                .ok(),
+            );
+            cowimg_in(
+                d,
+                &["convert", "-O", "qcow2", "-o", &option, source, "out.qcow2"],
+            )
+            .ok();
+            let written = std::fs::metadata(d.join("out.qcow2")).expect("stat").len();
+            assert!(
+                written <= required,
+                "{source} ({cluster}): convert wrote {written} bytes, measure required {required}"
+            );
+            assert!(required <= fully, "{source} ({cluster})");
+            if source == "full.raw" {
+                assert_eq!(written, fully, "{source} ({cluster}): fully allocated");
+            }
+            if (source.as_str(), cluster) == ("base.raw", "64K") {
+                // The 1 MiB hole at 6M: 16 clusters that need no room.
+                assert_eq!(fully - required, 16 << 16, "{source} ({cluster})");
+            }
+            assert_qemu_check_clean(d, "out.qcow2");
+        }
+    }
+}
+
+#[test]
+fn map_json_marks_the_compressed_clusters_of_a_qcow2_as_qemu_img_map_does() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    // Clusters that compress (a repeated pattern), clusters that do not (random bytes, which
+    // qemu stores uncompressed even with -c), and zeros (not stored at all).
+    let mut bytes = vec![0u8; 4 * MIB];
+    for (i, b) in bytes[..128 * 1024].iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    bytes[128 * 1024..320 * 1024].copy_from_slice(&random_bytes(192 * 1024, 14));
+    for (i, b) in bytes[MIB + 4096..2 * MIB].iter_mut().enumerate() {
+        *b = b"compressible text "[i % 18];
+    }
+    bytes[4 * MIB - 64 * 1024..].copy_from_slice(&random_bytes(64 * 1024, 15));
+    write_file(&d.join("disk.raw"), &bytes);
+    for kind in ["zlib", "zstd"] {
+        let name = format!("{kind}.qcow2");
+        let option = format!("compression_type={kind}");
+        qemu_img(
+            d,
+            &[
+                "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &option, "disk.raw", &name,
+            ],
+        );
+        let ours = json(&cowimg_in(d, &["map", "--output=json", &name]).ok());
+        let theirs = json(&qemu_img(d, &["map", "--output=json", &name]));
+        let flags = |map: &serde_json::Value| -> Vec<(u64, u64, bool, bool)> {
+            map.as_array()
+                .expect("a JSON array")
+                .iter()
+                .map(|e| {
+                    (
+                        e["start"].as_u64().expect("start"),
+                        e["length"].as_u64().expect("length"),
+                        e["data"].as_bool().expect("data"),
+                        e["compressed"].as_bool().expect("compressed"),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(flags(&ours), flags(&theirs), "{name}: compressed flags");
+        // Every field, offsets included (a compressed cluster has none).
+        assert_eq!(ours, theirs, "{name}");
+        let kinds = flags(&theirs);
+        assert!(
+            kinds.iter().any(|&(_, _, data, c)| data && c)
+                && kinds.iter().any(|&(_, _, data, c)| data && !c),
+            "{name}: the image should hold compressed and uncompressed data: {kinds:?}"
+        );
+        // The human format shows where data lies in the file, and a compressed cluster
+        // has no such place: qemu-img refuses, and so does cowimg.
+        let run = qemu_in(d, "qemu-img", &["map", &name]);
+        assert_eq!(run.code, Some(1), "{}", run.stderr);
+        assert!(run.stderr.contains("compressed clusters"), "{}", run.stderr);
+        assert_fails(
+            &cowimg_in(d, &["map", &name]),
+            1,
+            &[name.as_str(), "compressed clusters", "--output=json"],
+        );
+    }
 }

@@ -1,8 +1,10 @@
 //! `cowimg check`: qemu-img check's output and exit codes (0 clean, 2 corruption, 3 leaks
 //! only, 1 when the check itself could not run, 63 when the format has no checks).
+use super::progress::Progress;
 use super::source::{self, ImageFormat};
 use super::{print_json, OutputArg};
 use crate::image::ops::{self, CheckReport};
+use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 use std::io::Write;
@@ -24,9 +26,13 @@ pub struct CheckArgs {
     /// have checks.
     #[arg(short = 'f', value_name = "FMT", value_parser = source::parse_image_format)]
     pub format: Option<ImageFormat>,
-    /// Print nothing but errors; the exit status tells the result.
+    /// Print nothing but errors; the exit status tells the result (overrides -p).
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// Show progress through the file (the scan for leaks, and their repair with -r). Not
+    /// with --output=json, which is alone on stdout.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
     /// Free leaked clusters (corruption is reported, never \"repaired\" by guessing).
     #[arg(short = 'r', long)]
     pub repair: bool,
@@ -68,7 +74,17 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(EXIT_NO_CHECKS));
     }
-    let report = ops::check_with(&args.image, args.repair, args.force_share)?;
+    if args.progress && args.output.is_json() && !args.quiet {
+        bail!("-p and --output=json both write to stdout: give one of them");
+    }
+    let mut progress = Progress::new(args.progress && !args.quiet);
+    let report = ops::check_with(
+        &args.image,
+        args.repair,
+        args.force_share,
+        &mut |done, total| progress.update(done, total),
+    )?;
+    progress.finish();
     let remaining_leaks = report.leaks.saturating_sub(report.leaks_fixed);
     let mut out = std::io::stdout().lock();
     if args.output.is_json() {

@@ -42,7 +42,7 @@ pub struct ConvertArgs {
     #[arg(long = "format-version", value_name = "N",
           value_parser = super::create::parse_version)]
     pub format_version: Option<u32>,
-    /// Options of the output format: cluster_size=SIZE (cowimg).
+    /// Options of the output format: cluster_size=SIZE (cowimg and qcow2).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Compress (qemu-img's -c): not supported; refused with a message.

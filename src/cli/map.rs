@@ -3,6 +3,7 @@ use super::size::parse_size;
 use super::source::{self, ImageFormat, Source};
 use super::OutputArg;
 use crate::image::{Extent, ExtentKind};
+use anyhow::bail;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
@@ -43,6 +44,16 @@ pub fn run(args: MapArgs) -> anyhow::Result<ExitCode> {
     if args.output.is_json() {
         write_json(&mut out, &extents)?;
     } else {
+        // qemu-img refuses too: a compressed cluster has no place in the file to show, and
+        // leaving it out would list less data than the image holds.
+        if let Some(e) = extents.iter().find(|e| e.compressed) {
+            bail!(
+                "{}: contains compressed clusters (the first at {:#x}), which have no \
+                 offset to show; use --output=json",
+                args.image.display(),
+                e.offset
+            );
+        }
         write_human(&mut out, &extents, &names)?;
     }
     out.flush()?;
@@ -50,8 +61,9 @@ pub fn run(args: MapArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One object per line, fields in qemu-img's order. `present` says whether some layer
-/// decides the range; `offset` is given wherever the bytes have a place in a file (a hole
-/// of a raw backing file has one too, as with qemu-img).
+/// decides the range; `compressed` marks a qcow2's compressed clusters, which have no
+/// `offset`; `offset` is given wherever the bytes have a place in a file (a hole of a raw
+/// backing file has one too, as with qemu-img).
 fn write_json(out: &mut impl Write, extents: &[Extent]) -> std::io::Result<()> {
     write!(out, "[")?;
     for (i, e) in extents.iter().enumerate() {
@@ -66,8 +78,8 @@ fn write_json(out: &mut impl Write, extents: &[Extent]) -> std::io::Result<()> {
         write!(
             out,
             "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {present}, \
-             \"zero\": {zero}, \"data\": {data}, \"compressed\": false",
-            e.offset, e.length, e.depth
+             \"zero\": {zero}, \"data\": {data}, \"compressed\": {}",
+            e.offset, e.length, e.depth, e.compressed
         )?;
         if let Some(offset) = e.host_offset {
             write!(out, ", \"offset\": {offset}")?;

@@ -1,4 +1,4 @@
-//! The `-p` progress of the long operations (commit, convert, rebase, compare, resize).
+//! The `-p` progress of the long operations (commit, convert, rebase, compare, check).
 //!
 //! On a terminal (stderr), an indicatif bar. Otherwise qemu-img's own format on stdout, so
 //! that scripts and logs that parse `qemu-img -p` read cowimg the same: `    (12.34/100%)`

@@ -236,6 +236,7 @@ impl Source {
                         depth: 0,
                         kind: crate::image::ExtentKind::Data,
                         host_offset: Some(offset),
+                        compressed: false,
                     });
                 }
             }

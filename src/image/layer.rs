@@ -466,6 +466,7 @@ impl Layer {
                         depth,
                         kind: ExtentKind::Data,
                         host_offset: Some(offset),
+                        compressed: false,
                     },
                 );
             }
@@ -484,6 +485,7 @@ impl Layer {
                                 depth,
                                 kind: ExtentKind::Zero,
                                 host_offset: Some(pos),
+                                compressed: false,
                             },
                         );
                         pos = data;
@@ -500,6 +502,7 @@ impl Layer {
                             depth,
                             kind: ExtentKind::Data,
                             host_offset: Some(pos),
+                            compressed: false,
                         },
                     );
                     pos = hole;
@@ -515,6 +518,7 @@ impl Layer {
                     depth,
                     kind: ExtentKind::Unallocated,
                     host_offset: None,
+                    compressed: false,
                 },
             );
         }

@@ -110,6 +110,9 @@ pub struct Extent {
     pub depth: u32,
     pub kind: ExtentKind,
     pub host_offset: Option<u64>,
+    /// Data stored compressed (a qcow2's compressed clusters): it has no host offset, as
+    /// its bytes are not in the file as they read.
+    pub compressed: bool,
 }
 
 pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
@@ -125,6 +128,7 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
         if last.offset + last.length == e.offset
             && last.depth == e.depth
             && last.kind == e.kind
+            && last.compressed == e.compressed
             && host_follows
         {
             last.length += e.length;
@@ -1440,6 +1444,7 @@ impl ImageV1 {
                         depth,
                         kind: ExtentKind::Data,
                         host_offset: Some(h),
+                        compressed: false,
                     },
                 ),
                 Source::Zero => push_extent(
@@ -1450,6 +1455,7 @@ impl ImageV1 {
                         depth,
                         kind: ExtentKind::Zero,
                         host_offset: None,
+                        compressed: false,
                     },
                 ),
                 Source::Backing => match &self.backing {
@@ -1462,6 +1468,7 @@ impl ImageV1 {
                             depth,
                             kind: ExtentKind::Unallocated,
                             host_offset: None,
+                            compressed: false,
                         },
                     ),
                 },

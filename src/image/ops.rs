@@ -395,6 +395,7 @@ pub fn convert(src: &Layer, dst: &Path, opts: &ConvertOptions, progress: Progres
             depth: 0,
             kind: ExtentKind::Data,
             host_offset: Some(0),
+            compressed: false,
         }];
         extents.retain(|e| e.length > 0);
     }
@@ -744,11 +745,17 @@ fn check_v2(storage: FileStorage, path: &Path, repair: bool) -> Result<CheckRepo
 /// Verifies every checksum and every map entry of the image at `path`. With `repair`,
 /// punches leaked clusters. Errors are only for files that cannot be read at all.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    check_with(path, repair, false)
+    check_with(path, repair, false, &mut |_, _| {})
 }
 
-/// [`check`], optionally without taking the file lock (`qemu-img check -U`).
-pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckReport> {
+/// [`check`], optionally without taking the file lock (`qemu-img check -U`), calling
+/// `progress(bytes scanned, file length)` as the scan for leaks goes through the file.
+pub fn check_with(
+    path: &Path,
+    repair: bool,
+    force_share: bool,
+    progress: Progress,
+) -> Result<CheckReport> {
     let (file, _) = super::open_locked(path, repair, force_share && !repair)?;
     let storage = FileStorage::new(file);
     if let Ok((_, super::v2::Slot::V2(_))) = super::v2::current_slot(&storage, path) {
@@ -811,6 +818,8 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
         offset,
         source,
     };
+    // Progress is the scan through the file (holes are skipped at once).
+    progress(0, loaded.file_length);
     while pos < loaded.file_length {
         let Some(data) = storage
             .next_data(pos)
@@ -835,16 +844,51 @@ pub fn check_with(path: &Path, repair: bool, force_share: bool) -> Result<CheckR
             }
         }
         pos = (cluster + 1) * cs;
+        progress(pos.min(loaded.file_length), loaded.file_length);
     }
     if repair && report.leaks_fixed > 0 {
         storage.sync().map_err(|e| io("syncing", 0, e))?;
     }
+    progress(loaded.file_length, loaded.file_length);
     Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn measure_qcow2_gives_the_figures_qemu_img_measure_prints() {
+        const K: u64 = 1 << 10;
+        let m = |size, cluster, data| {
+            let m = measure_qcow2(size, cluster, data).expect("measurable");
+            (m.required, m.fully_allocated)
+        };
+        // qemu-img 10.0 measure -O qcow2 --size SIZE -o cluster_size=CLUSTER.
+        assert_eq!(m(0, 64 * K, 0), (196_608, 196_608));
+        assert_eq!(m(1, 64 * K, 0), (327_680, 393_216));
+        assert_eq!(m(1 << 30, 64 * K, 0), (393_216, 1_074_135_040));
+        assert_eq!(m(1 << 30, 4 * K, 0), (2_637_824, 1_076_379_648));
+        assert_eq!(m(1 << 30, 2048 * K, 0), (10_485_760, 1_084_227_584));
+        assert_eq!(m(1 << 40, 64 * K, 0), (168_034_304, 1_099_679_662_080));
+        // Data clusters add to the required size, up to the fully allocated one.
+        assert_eq!(
+            m(1 << 30, 64 * K, 10),
+            (393_216 + 10 * 64 * K, 1_074_135_040)
+        );
+        assert_eq!(m(1 << 30, 64 * K, u64::MAX), (1_074_135_040, 1_074_135_040));
+        // 2 PiB is the most an L1 table of 32 MiB maps with 64 KiB clusters.
+        assert!(measure_qcow2(1 << 51, 64 * K, 0).is_ok());
+        for (size, cluster) in [
+            ((1 << 51) + 1, 64 * K),
+            (16 << 40, 4 * K),
+            (u64::MAX, 64 * K),
+        ] {
+            let e = measure_qcow2(size, cluster, 0).expect_err("too large");
+            assert!(e.to_string().contains("larger cluster size"), "{e}");
+        }
+        assert!(measure_qcow2(1 << 20, 3 * K, 0).is_err());
+    }
 
     fn chunks(n: u64) -> Vec<CopyChunk> {
         split_copy(0, 1 << 30, n * COPY_CHUNK as u64).collect()
@@ -967,6 +1011,74 @@ pub struct Measure {
     pub required: u64,
     /// The file needed when every cluster holds data.
     pub fully_allocated: u64,
+}
+
+/// What `qemu-img measure -O qcow2` reports for a qcow2 image of `virtual_size` bytes with
+/// `cluster_size` clusters (version 3, 16-bit refcounts, standard L2 entries: what
+/// `convert -O qcow2` writes), `data_clusters` of which hold data. qemu's figures, by its
+/// own formula (`qcow2_measure` and `qcow2_calc_prealloc_size`): the fully allocated size
+/// counts the header cluster, every L2 table, the L1 table (whole clusters), the refcount
+/// table and blocks that count all of it, themselves included, and every data cluster;
+/// the required size is the same metadata with only the clusters that hold data. Both are
+/// upper bounds for what `convert -O qcow2` writes (it writes only the L2 tables in use).
+pub fn measure_qcow2(virtual_size: u64, cluster_size: u64, data_clusters: u64) -> Result<Measure> {
+    let invalid = |reason: String| Error::Invalid {
+        path: std::path::PathBuf::from("measure"),
+        reason,
+    };
+    if !cluster_size.is_power_of_two()
+        || !(crate::format::MIN_CLUSTER_BITS..=crate::format::MAX_CLUSTER_BITS)
+            .contains(&cluster_size.trailing_zeros())
+    {
+        return Err(invalid(format!(
+            "cluster size {cluster_size} is not a power of two from 4 KiB to 2 MiB"
+        )));
+    }
+    const ENTRY: u64 = 8; // L1, L2 and refcount table entries
+    let too_large = || {
+        invalid(format!(
+            "a virtual size of {virtual_size} bytes is too large for a qcow2 image with \
+             {cluster_size}-byte clusters (its L1 table would exceed qemu's 32 MiB); use a \
+             larger cluster size"
+        ))
+    };
+    let size = virtual_size
+        .checked_next_multiple_of(cluster_size)
+        .ok_or_else(too_large)?;
+    let clusters = size / cluster_size;
+    let per_table = cluster_size / ENTRY;
+    if clusters.div_ceil(per_table) * ENTRY > crate::format::qcow2::MAX_L1_BYTES {
+        return Err(too_large());
+    }
+    // The header: one cluster.
+    let mut meta = cluster_size;
+    // L2 tables: enough entries for every cluster, in whole tables.
+    let l2_entries = clusters.next_multiple_of(per_table);
+    meta += l2_entries * ENTRY;
+    // The L1 table: an entry per L2 table, in whole clusters.
+    let l1_entries = (l2_entries * ENTRY / cluster_size).next_multiple_of(per_table);
+    meta += l1_entries * ENTRY;
+    // Refcount blocks and table, for every cluster so far and for themselves: qemu's fixed
+    // point (qcow2_refcount_metadata_size).
+    let counted = (meta + size) / cluster_size;
+    let per_block = cluster_size * 8 / 16;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    let mut last = None;
+    loop {
+        blocks = (counted + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table);
+        let n = counted + blocks + table;
+        if last == Some(n) {
+            break;
+        }
+        last = Some(n);
+    }
+    meta += (blocks + table) * cluster_size;
+    let fully_allocated = meta + size;
+    Ok(Measure {
+        required: fully_allocated - size + data_clusters.min(clusters) * cluster_size,
+        fully_allocated,
+    })
 }
 
 /// The file size a cowimg image of `virtual_size` bytes needs. The figures are upper bounds

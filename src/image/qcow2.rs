@@ -513,15 +513,15 @@ impl Qcow2 {
     /// `depth` this image's index in the chain; its backing file is `depth + 1`.
     pub fn status(&self, offset: u64, len: u64, depth: u32, out: &mut Vec<Extent>) -> Result<()> {
         self.for_each_piece(offset, len, |start, length, piece| {
-            let (kind, host_offset) = match piece {
-                Piece::Data(h) => (ExtentKind::Data, Some(h)),
-                Piece::Compressed { .. } => (ExtentKind::Data, None),
-                Piece::Zero => (ExtentKind::Zero, None),
+            let (kind, host_offset, compressed) = match piece {
+                Piece::Data(h) => (ExtentKind::Data, Some(h), false),
+                Piece::Compressed { .. } => (ExtentKind::Data, None, true),
+                Piece::Zero => (ExtentKind::Zero, None, false),
                 Piece::Backing => {
                     if let Some(b) = &self.backing {
                         return b.status(start, length, depth + 1, out);
                     }
-                    (ExtentKind::Unallocated, None)
+                    (ExtentKind::Unallocated, None, false)
                 }
             };
             push_extent(
@@ -532,6 +532,7 @@ impl Qcow2 {
                     depth,
                     kind,
                     host_offset,
+                    compressed,
                 },
             );
             Ok(())

@@ -1081,6 +1081,7 @@ mod tests {
             depth,
             kind,
             host_offset: None,
+            compressed: false,
         };
         assert_eq!(layer_value(&e(ExtentKind::Data, 0)), 1);
         assert_eq!(layer_value(&e(ExtentKind::Zero, 1)), 2);
