@@ -47,7 +47,16 @@ fn a_version_2_overlay_reads_like_the_writes_made_to_it_and_checks_clean() {
     let mut expected = base(d);
     let out = cowimg_in(
         d,
-        &["create", "--format-version", "2", "-b", "base.raw", "-F", "raw", "top.cow"],
+        &[
+            "create",
+            "--format-version",
+            "2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.cow",
+        ],
     )
     .ok();
     assert!(out.contains("version=2"), "{out}");
@@ -83,7 +92,11 @@ fn amend_upgrade_keeps_every_byte_and_makes_the_image_version_2() {
     let again = cowimg_in(d, &["amend", "-o", "version=2", "old.cow"]).ok();
     assert!(again.contains("already format version 2"), "{again}");
     let back = cowimg_in(d, &["amend", "-o", "version=1", "old.cow"]);
-    assert_fails(&back, 1, &["old.cow", "cannot be made version 1", "convert"]);
+    assert_fails(
+        &back,
+        1,
+        &["old.cow", "cannot be made version 1", "convert"],
+    );
 }
 
 #[test]
@@ -92,7 +105,15 @@ fn options_that_do_not_apply_to_version_2_are_refused() {
     let d = dir.path();
     let run = cowimg_in(
         d,
-        &["create", "--format-version", "2", "-c", "64K", "x.cow", "1M"],
+        &[
+            "create",
+            "--format-version",
+            "2",
+            "-c",
+            "64K",
+            "x.cow",
+            "1M",
+        ],
     );
     assert_fails(&run, 1, &["4 KiB blocks"]);
     let run = cowimg_in(d, &["create", "-o", "version=3", "x.cow", "1M"]);
@@ -111,7 +132,15 @@ fn convert_writes_a_version_2_image_that_qemu_img_compare_finds_identical() {
     let expected = base(d);
     cowimg_in(
         d,
-        &["convert", "-O", "cowimg", "--format-version", "2", "base.raw", "copy.cow"],
+        &[
+            "convert",
+            "-O",
+            "cowimg",
+            "--format-version",
+            "2",
+            "base.raw",
+            "copy.cow",
+        ],
     )
     .ok();
     let info = json(&cowimg_in(d, &["info", "--output=json", "copy.cow"]).ok());
@@ -133,7 +162,16 @@ fn commit_of_a_version_2_overlay_into_its_raw_base_writes_what_it_held() {
     let mut expected = base(d);
     cowimg_in(
         d,
-        &["create", "--format-version", "2", "-b", "base.raw", "-F", "raw", "top.cow"],
+        &[
+            "create",
+            "--format-version",
+            "2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.cow",
+        ],
     )
     .ok();
     change(d, "top.cow", &mut expected);

@@ -197,8 +197,7 @@ pub fn serve(spec: ServerSpec, config: ServeConfig) -> crate::Result<()> {
             export::Exports::single(layers, export)
         }
         named => {
-            let mut exports =
-                export::Exports::new(layers, spec.dir.clone(), spec.overlays.clone());
+            let mut exports = export::Exports::new(layers, spec.dir.clone(), spec.overlays.clone());
             exports.cache_size = spec.cache_size;
             // A name is a file name only where files are found or made by name; the one
             // export of `serve --export-name NAME IMAGE` may be called anything, as before.

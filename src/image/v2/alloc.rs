@@ -4,9 +4,11 @@ use crate::format::v2::{BLOCK, FIRST_HOST_BLOCK};
 use crate::storage::Storage;
 use std::collections::BTreeMap;
 
-/// Holes are reused once the file's length exceeds its allocated bytes by a quarter plus
-/// this much.
-const REUSE_SLACK: u64 = 64 << 20;
+/// Holes are reused once the file's length exceeds its allocated bytes by a quarter plus a
+/// slack: a sixteenth of the disk, from 1 MiB to 64 MiB.
+fn reuse_slack(virtual_size: u64) -> u64 {
+    (virtual_size / 16).clamp(1 << 20, 64 << 20)
+}
 /// How many allocations pass between two looks at the file's allocated bytes.
 const RECHECK_EVERY: u32 = 256;
 
@@ -21,10 +23,11 @@ pub struct Allocator {
     scan_from: u64,
     reusing: bool,
     until_recheck: u32,
+    slack: u64,
 }
 
 impl Allocator {
-    pub fn new(file_len: u64, reserved: Vec<(u64, u64)>) -> Allocator {
+    pub fn new(file_len: u64, virtual_size: u64, reserved: Vec<(u64, u64)>) -> Allocator {
         let end = file_len
             .div_ceil(BLOCK)
             .max(FIRST_HOST_BLOCK)
@@ -33,6 +36,7 @@ impl Allocator {
             end,
             reserved,
             scan_from: FIRST_HOST_BLOCK,
+            slack: reuse_slack(virtual_size),
             ..Default::default()
         }
     }
@@ -50,7 +54,7 @@ impl Allocator {
         if self.until_recheck == 0 {
             self.until_recheck = RECHECK_EVERY;
             self.reusing = match (storage.len(), storage.allocated_bytes()) {
-                (Ok(len), Ok(allocated)) => len > allocated + allocated / 4 + REUSE_SLACK,
+                (Ok(len), Ok(allocated)) => len > allocated + allocated / 4 + self.slack,
                 _ => false,
             };
         }
@@ -60,6 +64,7 @@ impl Allocator {
                 self.claims.insert(run.0, run.1);
                 return run;
             }
+
             self.reusing = false;
         }
         let start = self.end;
@@ -112,9 +117,14 @@ impl Allocator {
                 pos = FIRST_HOST_BLOCK;
                 continue;
             }
-            let hole = storage
+            let Some(hole) = storage
                 .first_hole_in(pos * BLOCK, (file_blocks - pos) * BLOCK)
-                .ok()??;
+                .ok()?
+            else {
+                // No hole from here to the end: look again from the start, once.
+                pos = file_blocks;
+                continue;
+            };
             let hole_start = hole.div_ceil(BLOCK);
             let data = storage.next_data(hole).ok()?.unwrap_or(file_blocks * BLOCK);
             let hole_end = (data / BLOCK).min(file_blocks);

@@ -100,6 +100,7 @@ impl State {
             l.header.journal_offset / BLOCK,
             l.header.journal_capacity / BLOCK,
         );
+        let alloc = Allocator::new(l.file_length, l.header.virtual_size, vec![journal]);
         State {
             tree: TreeRoot {
                 root: l.header.map_root,
@@ -119,7 +120,7 @@ impl State {
             snapshots_taken: 0,
             snapshots_published: 0,
             touched_leaves: HashSet::new(),
-            alloc: Allocator::new(l.file_length, vec![journal]),
+            alloc,
             pending_resize: None,
         }
     }
@@ -421,6 +422,7 @@ impl ImageV2 {
                     depth,
                     kind,
                     host_offset,
+                    compressed: false,
                 },
             );
         }
