@@ -390,61 +390,74 @@ pub fn decode_page(b: &[u8], cx: &PageContext) -> Result<PageBody, FormatError> 
     if let Some(p) = b[items_end..].iter().position(|&x| x != 0) {
         return Err(invalid("padding", items_end + p, "must be zero"));
     }
-    let hi = cx.hi.min(cx.virtual_blocks.max(cx.lo + 1));
     if cx.level == 0 {
-        let mut extents = Vec::with_capacity(count);
-        let mut prev_end = cx.lo;
-        for i in 0..count {
-            let at = PAGE_HEADER + ITEM_SIZE * i;
-            let e = Extent::decode(b, at, false)?;
-            if e.start < prev_end || e.end() > cx.hi || e.end() > cx.virtual_blocks {
-                return Err(invalid(
-                    "extent",
-                    at,
-                    format!(
-                        "blocks {:#x}..{:#x} are out of order or outside the page's range {:#x}..{:#x}",
-                        e.start,
-                        e.end(),
-                        cx.lo,
-                        hi
-                    ),
-                ));
-            }
-            prev_end = e.end();
-            extents.push(e);
-        }
-        Ok(PageBody::Leaf(extents))
+        decode_leaf(b, count, cx).map(PageBody::Leaf)
     } else {
-        let mut children = Vec::with_capacity(count);
-        for i in 0..count {
-            let at = PAGE_HEADER + ITEM_SIZE * i;
-            let key = LE::read_u64(&b[at..]);
-            let child = LE::read_u64(&b[at + 8..]);
-            let in_order = match children.last() {
-                None => key >= cx.lo && key < cx.hi,
-                Some(&(k, _)) => key > k && key < cx.hi,
-            };
-            if !in_order {
-                return Err(invalid(
-                    "key",
-                    at,
-                    format!(
-                        "{key:#x} is out of order or outside the page's range {:#x}..{:#x}",
-                        cx.lo, cx.hi
-                    ),
-                ));
-            }
-            if !is_page_offset(child) || child + BLOCK > cx.file_len {
-                return Err(invalid(
-                    "child",
-                    at + 8,
-                    format!("{child:#x} is not a block inside the file"),
-                ));
-            }
-            children.push((key, child));
-        }
-        Ok(PageBody::Internal(children))
+        decode_children(b, count, cx).map(PageBody::Internal)
     }
+}
+
+/// A leaf's extents: kinds 1 and 2, sorted, inside the page's range and the disk.
+fn decode_leaf(b: &[u8], count: usize, cx: &PageContext) -> Result<Vec<Extent>, FormatError> {
+    let hi = cx.hi.min(cx.virtual_blocks.max(cx.lo + 1));
+    let mut extents = Vec::with_capacity(count);
+    let mut prev_end = cx.lo;
+    for i in 0..count {
+        let at = PAGE_HEADER + ITEM_SIZE * i;
+        let e = Extent::decode(b, at, false)?;
+        if e.start < prev_end || e.end() > cx.hi || e.end() > cx.virtual_blocks {
+            return Err(invalid(
+                "extent",
+                at,
+                format!(
+                    "blocks {:#x}..{:#x} are out of order or outside the page's range {:#x}..{hi:#x}",
+                    e.start,
+                    e.end(),
+                    cx.lo,
+                ),
+            ));
+        }
+        prev_end = e.end();
+        extents.push(e);
+    }
+    Ok(extents)
+}
+
+/// An internal page's children: keys increasing inside the range, pages inside the file.
+fn decode_children(
+    b: &[u8],
+    count: usize,
+    cx: &PageContext,
+) -> Result<Vec<(u64, u64)>, FormatError> {
+    let mut children: Vec<(u64, u64)> = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = PAGE_HEADER + ITEM_SIZE * i;
+        let key = LE::read_u64(&b[at..]);
+        let child = LE::read_u64(&b[at + 8..]);
+        let in_order = match children.last() {
+            None => key >= cx.lo && key < cx.hi,
+            Some(&(k, _)) => key > k && key < cx.hi,
+        };
+        if !in_order {
+            return Err(invalid(
+                "key",
+                at,
+                format!(
+                    "{key:#x} is out of order or outside the page's range {:#x}..{:#x}",
+                    cx.lo, cx.hi
+                ),
+            ));
+        }
+        if !is_page_offset(child) || child + BLOCK > cx.file_len {
+            return Err(invalid(
+                "child",
+                at + 8,
+                format!("{child:#x} is not a block inside the file"),
+            ));
+        }
+        children.push((key, child));
+    }
+    Ok(children)
 }
 
 /// A version-2 journal record (FORMAT-v2.md, "Journal"): the framing of version 1's with

@@ -67,12 +67,6 @@ pub fn create_on(storage: &dyn Storage, path: &Path, fields: &Header) -> Result<
 /// end of the file, then one header-slot write switches versions. A crash before that
 /// write leaves the version-1 image as it was.
 pub fn upgrade(storage: std::sync::Arc<dyn Storage>, path: &Path) -> Result<UpgradeReport> {
-    let io = |op, offset, source| Error::Io {
-        path: path.into(),
-        op,
-        offset,
-        source,
-    };
     if let (_, Slot::V2(_)) = current_slot(storage.as_ref(), path)? {
         return Err(Error::Invalid {
             path: path.into(),
@@ -109,11 +103,43 @@ pub fn upgrade(storage: std::sync::Arc<dyn Storage>, path: &Path) -> Result<Upgr
         };
         updates.set(offset / BLOCK, len.div_ceil(BLOCK), mapping);
     }
-    let file_len = storage.len().map_err(|e| io("reading length", 0, e))?;
+    let (updated, next) = write_tree_past_end(storage.as_ref(), path, &header, &updates)?;
+    let mut new = header;
+    new.map_root = updated.root.root;
+    new.map_height = updated.root.height;
+    new.map_extents = updated.root.extents;
+    new.journal_offset = next * BLOCK;
+    switch_to(storage.as_ref(), path, 1 - active_slot, &new)?;
+    // Version 1's checkpoint and journal are leaks now; give them back.
+    for (offset, len) in old_regions {
+        if offset != 0 && len != 0 {
+            let _ = storage.punch_hole(offset, len);
+        }
+    }
+    Ok(UpgradeReport {
+        extents: new.map_extents,
+        pages: updated.written_pages.len() as u64,
+    })
+}
+
+/// Writes a tree of `updates` in blocks past the end of the file, which version 1 does not
+/// reference; returns it and the first block after it.
+fn write_tree_past_end(
+    storage: &dyn Storage,
+    path: &Path,
+    header: &HeaderV2,
+    updates: &ExtentMap,
+) -> Result<(super::tree::Updated, u64)> {
+    let file_len = storage.len().map_err(|e| Error::Io {
+        path: path.into(),
+        op: "reading length",
+        offset: 0,
+        source: e,
+    })?;
     let mut next = file_len.div_ceil(BLOCK).max(FIRST_HOST_BLOCK);
     let cache = PageCache::new(1 << 20);
     let tree = Tree {
-        storage: storage.as_ref(),
+        storage,
         cache: &cache,
         path,
         root: TreeRoot::default(),
@@ -126,32 +152,29 @@ pub fn upgrade(storage: std::sync::Arc<dyn Storage>, path: &Path) -> Result<Upgr
         next += 1;
         Ok(at)
     };
-    let updated = tree.update(&updates, header.generation, &mut alloc)?;
-    let mut new = header;
-    new.map_root = updated.root.root;
-    new.map_height = updated.root.height;
-    new.map_extents = updated.root.extents;
-    new.journal_offset = next * BLOCK;
-    let end = new.journal_offset + new.journal_capacity;
+    let updated = tree.update(updates, header.generation, &mut alloc)?;
+    Ok((updated, next))
+}
+
+/// Extends the file over the new journal, syncs, and writes `header` into `slot`: the
+/// moment the image becomes version 2.
+fn switch_to(storage: &dyn Storage, path: &Path, slot: usize, header: &HeaderV2) -> Result<()> {
+    let io = |op, offset, source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    };
+    let end = header.journal_offset + header.journal_capacity;
     storage
         .set_len(end)
         .map_err(|e| io("extending the file over the new journal", end, e))?;
     storage.sync().map_err(|e| io("syncing", 0, e))?;
-    let slot_at = ((1 - active_slot) * HEADER_SLOT_SIZE) as u64;
+    let slot_at = (slot * HEADER_SLOT_SIZE) as u64;
     storage
-        .write_at(&new.to_bytes(), slot_at)
+        .write_at(&header.to_bytes(), slot_at)
         .map_err(|e| io("writing the header", slot_at, e))?;
-    storage.sync().map_err(|e| io("syncing", 0, e))?;
-    // Version 1's checkpoint and journal are leaks now; give them back.
-    for (offset, len) in old_regions {
-        if offset != 0 && len != 0 {
-            let _ = storage.punch_hole(offset, len);
-        }
-    }
-    Ok(UpgradeReport {
-        extents: new.map_extents,
-        pages: updated.written_pages.len() as u64,
-    })
+    storage.sync().map_err(|e| io("syncing", 0, e))
 }
 
 /// The version-2 header that replaces `current`, one generation later.
