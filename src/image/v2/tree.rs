@@ -27,12 +27,13 @@ struct Cached {
     hi: u64,
 }
 
-/// Decoded pages by byte offset, at most `capacity` of them, evicted in the order they were
+/// Decoded pages by byte offset, at most `budget` bytes of them as they are held in memory
+/// (a decoded page costs what its items take, not 4 KiB), evicted in the order they were
 /// loaded (a page used again is moved to the back). Pages never change once written, so
 /// the cache is never written back; a page is inserted when it is written, so an offset
 /// reused for a new page never serves the old one.
 pub struct PageCache {
-    capacity: usize,
+    budget: usize,
     inner: Mutex<CacheInner>,
 }
 
@@ -40,6 +41,7 @@ pub struct PageCache {
 struct CacheInner {
     pages: HashMap<u64, (Cached, u64)>,
     order: VecDeque<(u64, u64)>,
+    bytes: usize,
     clock: u64,
     hits: u64,
     misses: u64,
@@ -48,7 +50,7 @@ struct CacheInner {
 impl PageCache {
     pub fn new(bytes: u64) -> PageCache {
         PageCache {
-            capacity: (bytes / BLOCK).max(16) as usize,
+            budget: (bytes as usize).max(16 * BLOCK as usize),
             inner: Mutex::new(CacheInner::default()),
         }
     }
@@ -76,7 +78,7 @@ impl PageCache {
             g.misses += 1;
         }
         // Stamps of pages used again leave stale entries in `order`; keep it bounded.
-        if g.order.len() > 4 * self.capacity {
+        if g.order.len() > 4 * g.pages.len().max(16) {
             let pages = std::mem::take(&mut g.pages);
             g.order = pages.iter().map(|(&o, &(_, s))| (o, s)).collect();
             g.order.make_contiguous().sort_by_key(|&(_, s)| s);
@@ -89,26 +91,35 @@ impl PageCache {
         let mut g = self.lock();
         g.clock += 1;
         let clock = g.clock;
-        g.pages.insert(offset, (cached, clock));
+        g.bytes += cost(&cached.body);
+        if let Some((old, _)) = g.pages.insert(offset, (cached, clock)) {
+            g.bytes -= cost(&old.body);
+        }
         g.order.push_back((offset, clock));
-        while g.pages.len() > self.capacity {
+        while g.bytes > self.budget {
             let Some((o, s)) = g.order.pop_front() else {
                 break;
             };
             if g.pages.get(&o).is_some_and(|&(_, stamp)| stamp == s) {
-                g.pages.remove(&o);
+                if let Some((old, _)) = g.pages.remove(&o) {
+                    g.bytes -= cost(&old.body);
+                }
             }
         }
     }
 
     pub fn forget(&self, offset: u64) {
-        self.lock().pages.remove(&offset);
+        let mut g = self.lock();
+        if let Some((old, _)) = g.pages.remove(&offset) {
+            g.bytes -= cost(&old.body);
+        }
     }
 
     pub fn clear(&self) {
         let mut g = self.lock();
         g.pages.clear();
         g.order.clear();
+        g.bytes = 0;
     }
 
     /// `(pages held, hits, misses)`.
@@ -116,6 +127,16 @@ impl PageCache {
         let g = self.lock();
         (g.pages.len(), g.hits, g.misses)
     }
+}
+
+/// What a decoded page holds in memory: its items, the map slot and the bookkeeping.
+fn cost(body: &PageBody) -> usize {
+    const ENTRY: usize = 96;
+    ENTRY
+        + match body {
+            PageBody::Leaf(e) => e.capacity() * std::mem::size_of::<Extent>(),
+            PageBody::Internal(c) => c.capacity() * std::mem::size_of::<Child>(),
+        }
 }
 
 /// The tree of one image as of one header, and what reading it needs.
@@ -556,4 +577,49 @@ fn clip_updates(updates: &[Extent], lo: u64, hi: u64) -> Vec<Extent> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::v2::Mapping;
+
+    fn leaf(n: usize) -> PageBody {
+        PageBody::Leaf(
+            (0..n as u64)
+                .map(|i| Extent {
+                    start: 2 * i,
+                    len: 1,
+                    mapping: Mapping::Data(100 + i),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_cache_holds_no_more_than_its_budget_and_keeps_what_is_used_again() {
+        let cache = PageCache::new(64 << 10);
+        let put = |offset: u64| {
+            cache.insert(
+                offset,
+                Cached {
+                    body: Arc::new(leaf(254)),
+                    level: 0,
+                    lo: 0,
+                    hi: 1 << 40,
+                },
+            )
+        };
+        put(8192);
+        for i in 0..100u64 {
+            put(16384 + i * 4096);
+            // Page 8192 is used all the time, so it is never the oldest.
+            assert!(cache.get(8192, 0, 0, 1 << 40).is_some(), "round {i}");
+            let g = cache.lock();
+            assert!(g.bytes <= cache.budget, "{} bytes held", g.bytes);
+        }
+        // A page reached with another range than it was checked for is not served.
+        assert!(cache.get(8192, 0, 0, 1 << 20).is_none());
+        assert!(cache.get(8192, 1, 0, 1 << 40).is_none());
+    }
 }
