@@ -49,7 +49,8 @@ pub struct ServeArgs {
     #[arg(long = "format-version", value_name = "N", requires = "overlays",
           value_parser = super::create::parse_version)]
     pub format_version: Option<u32>,
-    /// The map page cache of each version-2 image (default 32M, like qcow2's L2 cache).
+    /// The map page cache of the server's version-2 images, exports and bases together
+    /// (default 32M, like qcow2's L2 cache).
     #[arg(long = "cache-size", value_name = "SIZE", value_parser = super::size::parse_size)]
     pub cache_size: Option<u64>,
     /// Create no overlay in --overlays once the server has this many exports.

@@ -88,6 +88,9 @@ pub struct OpenOptions {
     pub layers: Option<Arc<LayerRegistry>>,
     /// The page cache of a version-2 image, in bytes (default 32 MiB).
     pub cache_size: Option<u64>,
+    /// A page cache shared with other version-2 images (a server's exports and their
+    /// bases): its budget covers them all, and `cache_size` is not used.
+    pub page_cache: Option<Arc<v2::PageCache>>,
 }
 
 /// What a range of the merged image is.

@@ -722,7 +722,7 @@ fn check_v2(storage: FileStorage, path: &Path, repair: bool) -> Result<CheckRepo
         std::sync::Arc::new(storage),
         path,
         !repair,
-        super::v2::DEFAULT_CACHE_SIZE,
+        std::sync::Arc::new(super::v2::PageCache::new(super::v2::DEFAULT_CACHE_SIZE)),
     ) {
         Ok(image) => image,
         Err(e @ (Error::Corrupt { .. } | Error::Inconsistent { .. })) => {

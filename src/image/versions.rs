@@ -64,7 +64,7 @@ impl Image {
             source,
         })?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
-        let mut image = Self::open_engine(storage, path, opts.read_only, opts.cache_size)?;
+        let mut image = Self::open_engine(storage, path, opts)?;
         let backing = match image.header().backing.filter(|_| !opts.without_backing) {
             None => None,
             Some((recorded, fmt)) => {
@@ -92,12 +92,8 @@ impl Image {
         Ok(image)
     }
 
-    fn open_engine(
-        storage: Arc<dyn Storage>,
-        name: &Path,
-        read_only: bool,
-        cache_size: Option<u64>,
-    ) -> Result<Image> {
+    fn open_engine(storage: Arc<dyn Storage>, name: &Path, opts: &OpenOptions) -> Result<Image> {
+        let read_only = opts.read_only;
         let (_, slot) = super::v2::current_slot(storage.as_ref(), name)?;
         Ok(Image(match slot {
             super::v2::Slot::V1(_) => {
@@ -107,7 +103,11 @@ impl Image {
                 storage,
                 name,
                 read_only,
-                cache_size.unwrap_or(super::v2::DEFAULT_CACHE_SIZE),
+                opts.page_cache.clone().unwrap_or_else(|| {
+                    Arc::new(super::v2::PageCache::new(
+                        opts.cache_size.unwrap_or(super::v2::DEFAULT_CACHE_SIZE),
+                    ))
+                }),
             )?)),
         }))
     }
@@ -115,7 +115,11 @@ impl Image {
     /// Opens an image over any storage, without its backing file (tests attach one with
     /// [`Image::attach_backing`]). `name` is used in messages.
     pub fn open_storage(storage: Arc<dyn Storage>, name: &Path, read_only: bool) -> Result<Image> {
-        Self::open_engine(storage, name, read_only, None)
+        let opts = OpenOptions {
+            read_only,
+            ..Default::default()
+        };
+        Self::open_engine(storage, name, &opts)
     }
 
     /// A read-only image that reads `layer` through an empty overlay kept in memory.

@@ -162,8 +162,9 @@ pub(crate) struct Exports {
     snapshotting: Mutex<()>,
     /// Who may use which export.
     pub access: super::Access,
-    /// The page cache of each version-2 image (`serve --cache-size`).
-    pub cache_size: Option<u64>,
+    /// One page cache for every version-2 image of the server, exports and bases
+    /// (`serve --cache-size`, 32 MiB by default, for all of them together).
+    pub page_cache: Arc<crate::image::v2::PageCache>,
 }
 
 impl Exports {
@@ -181,7 +182,9 @@ impl Exports {
             opening: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(()),
             access: super::Access::default(),
-            cache_size: None,
+            page_cache: Arc::new(crate::image::v2::PageCache::new(
+                crate::image::v2::DEFAULT_CACHE_SIZE,
+            )),
         }
     }
 
@@ -207,7 +210,7 @@ impl Exports {
         OpenOptions {
             read_only,
             layers: Some(Arc::clone(&self.layers)),
-            cache_size: self.cache_size,
+            page_cache: Some(Arc::clone(&self.page_cache)),
             ..Default::default()
         }
     }

@@ -189,7 +189,10 @@ pub fn serve(spec: ServerSpec, config: ServeConfig) -> crate::Result<()> {
             let opts = crate::image::OpenOptions {
                 read_only: one.read_only,
                 layers: Some(std::sync::Arc::clone(&layers)),
-                cache_size: spec.cache_size,
+                page_cache: Some(std::sync::Arc::new(crate::image::v2::PageCache::new(
+                    spec.cache_size
+                        .unwrap_or(crate::image::v2::DEFAULT_CACHE_SIZE),
+                ))),
                 ..Default::default()
             };
             let image = export::open_export_image(&one.image, one.format, &opts)?;
@@ -198,7 +201,9 @@ pub fn serve(spec: ServerSpec, config: ServeConfig) -> crate::Result<()> {
         }
         named => {
             let mut exports = export::Exports::new(layers, spec.dir.clone(), spec.overlays.clone());
-            exports.cache_size = spec.cache_size;
+            if let Some(bytes) = spec.cache_size {
+                exports.page_cache = std::sync::Arc::new(crate::image::v2::PageCache::new(bytes));
+            }
             // A name is a file name only where files are found or made by name; the one
             // export of `serve --export-name NAME IMAGE` may be called anything, as before.
             let names_are_paths = named.len() > 1 || spec.dir.is_some() || spec.overlays.is_some();

@@ -258,6 +258,7 @@ impl ImageV2 {
     fn publish(&self, number: u64, done: Done) {
         let mut freed: Vec<(u64, u64)> = Vec::new();
         let mut forgotten_pages = Vec::new();
+        let image_id;
         {
             let _pause = exclusive(&self.gate);
             let mut guard = lock(&self.state);
@@ -300,6 +301,7 @@ impl ImageV2 {
                 }
             }
             st.snapshots_published = number;
+            image_id = st.header.image_id;
             st.to_free.retain(|&(at, h, n)| {
                 if at <= number {
                     freed.push((h, n));
@@ -310,7 +312,7 @@ impl ImageV2 {
             });
         }
         for page in forgotten_pages {
-            self.cache.forget(page);
+            self.cache.forget(image_id, page);
         }
         // Freed blocks are data until punched, so the allocator cannot hand them out early;
         // a punch that fails leaves a leak, never a problem.
@@ -339,7 +341,8 @@ impl ImageV2 {
                 let old = std::mem::replace(&mut *st, State::from_loaded(loaded));
                 st.snapshots_taken = old.snapshots_taken;
                 st.snapshots_published = old.snapshots_taken;
-                self.cache.clear();
+                self.cache.forget_image(st.header.image_id);
+                self.cache.forget_image(old.header.image_id);
                 self.reverts.fetch_add(1, Ordering::AcqRel);
                 eprintln!(
                     "cowimg: {}: a flush failed ({cause}); went back to the last durable state",

@@ -36,7 +36,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tree::{PageCache, Tree, TreeRoot};
+pub use tree::PageCache;
+use tree::{Tree, TreeRoot};
 
 /// The page cache's size unless a setting says otherwise: qcow2's default L2 cache.
 pub const DEFAULT_CACHE_SIZE: u64 = 32 << 20;
@@ -58,7 +59,7 @@ pub struct ImageV2 {
     identity: Option<FileId>,
     gate: RwLock<()>,
     state: Mutex<State>,
-    cache: PageCache,
+    cache: Arc<PageCache>,
     flush_serial: Mutex<()>,
     failed: AtomicBool,
     reverts: AtomicU64,
@@ -170,7 +171,7 @@ impl ImageV2 {
         storage: Arc<dyn Storage>,
         name: &Path,
         read_only: bool,
-        cache_size: u64,
+        cache: Arc<PageCache>,
     ) -> Result<ImageV2> {
         let loaded = load::load(storage.as_ref(), name)?;
         Ok(ImageV2 {
@@ -183,7 +184,7 @@ impl ImageV2 {
             identity: None,
             gate: RwLock::new(()),
             state: Mutex::new(State::from_loaded(loaded)),
-            cache: PageCache::new(cache_size),
+            cache,
             flush_serial: Mutex::new(()),
             failed: false.into(),
             reverts: 0.into(),

@@ -39,12 +39,24 @@ pub struct PageCache {
 
 #[derive(Default)]
 struct CacheInner {
-    pages: HashMap<u64, (Cached, u64)>,
-    order: VecDeque<(u64, u64)>,
+    pages: HashMap<Key, (Cached, u64)>,
+    order: VecDeque<(Key, u64)>,
     bytes: usize,
     clock: u64,
     hits: u64,
     misses: u64,
+}
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (pages, hits, misses) = self.stats();
+        f.debug_struct("PageCache")
+            .field("budget", &self.budget)
+            .field("pages", &pages)
+            .field("hits", &hits)
+            .field("misses", &misses)
+            .finish()
+    }
 }
 
 impl PageCache {
@@ -59,11 +71,11 @@ impl PageCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, offset: u64, level: u8, lo: u64, hi: u64) -> Option<Arc<PageBody>> {
+    fn get(&self, key: Key, level: u8, lo: u64, hi: u64) -> Option<Arc<PageBody>> {
         let mut g = self.lock();
         g.clock += 1;
         let clock = g.clock;
-        let hit = match g.pages.get_mut(&offset) {
+        let hit = match g.pages.get_mut(&key) {
             // A page reached with another range than it was checked for is checked again.
             Some((c, stamp)) if c.level == level && c.lo == lo && c.hi == hi => {
                 *stamp = clock;
@@ -73,7 +85,7 @@ impl PageCache {
         };
         if hit.is_some() {
             g.hits += 1;
-            g.order.push_back((offset, clock));
+            g.order.push_back((key, clock));
         } else {
             g.misses += 1;
         }
@@ -87,15 +99,15 @@ impl PageCache {
         hit
     }
 
-    fn insert(&self, offset: u64, cached: Cached) {
+    fn insert(&self, key: Key, cached: Cached) {
         let mut g = self.lock();
         g.clock += 1;
         let clock = g.clock;
         g.bytes += cost(&cached.body);
-        if let Some((old, _)) = g.pages.insert(offset, (cached, clock)) {
+        if let Some((old, _)) = g.pages.insert(key, (cached, clock)) {
             g.bytes -= cost(&old.body);
         }
-        g.order.push_back((offset, clock));
+        g.order.push_back((key, clock));
         while g.bytes > self.budget {
             let Some((o, s)) = g.order.pop_front() else {
                 break;
@@ -108,18 +120,25 @@ impl PageCache {
         }
     }
 
-    pub fn forget(&self, offset: u64) {
+    pub fn forget(&self, image_id: u64, offset: u64) {
         let mut g = self.lock();
-        if let Some((old, _)) = g.pages.remove(&offset) {
+        if let Some((old, _)) = g.pages.remove(&(image_id, offset)) {
             g.bytes -= cost(&old.body);
         }
     }
 
-    pub fn clear(&self) {
+    /// Forgets every page of one image (it went back to its durable state).
+    pub fn forget_image(&self, image_id: u64) {
         let mut g = self.lock();
-        g.pages.clear();
-        g.order.clear();
-        g.bytes = 0;
+        let mut freed = 0;
+        g.pages.retain(|&(id, _), (c, _)| {
+            let keep = id != image_id;
+            if !keep {
+                freed += cost(&c.body);
+            }
+            keep
+        });
+        g.bytes -= freed;
     }
 
     /// `(pages held, hits, misses)`.
@@ -128,6 +147,10 @@ impl PageCache {
         (g.pages.len(), g.hits, g.misses)
     }
 }
+
+/// Pages are known by the image they belong to (its random `image_id`) and their offset,
+/// so that one cache serves every image of a server.
+type Key = (u64, u64);
 
 /// What a decoded page holds in memory: its items, the map slot and the bookkeeping.
 fn cost(body: &PageBody) -> usize {
@@ -164,7 +187,7 @@ type Child = (u64, u64);
 
 impl Tree<'_> {
     fn page(&self, offset: u64, level: u8, lo: u64, hi: u64) -> Result<Arc<PageBody>> {
-        if let Some(body) = self.cache.get(offset, level, lo, hi) {
+        if let Some(body) = self.cache.get((self.image_id, offset), level, lo, hi) {
             return Ok(body);
         }
         let file_len = self.storage.len().map_err(|e| self.io_err(offset, e))?;
@@ -196,7 +219,7 @@ impl Tree<'_> {
             source,
         })?);
         self.cache.insert(
-            offset,
+            (self.image_id, offset),
             Cached {
                 body: body.clone(),
                 level,
@@ -524,7 +547,7 @@ impl Writer<'_, '_> {
                     source: e,
                 })?;
             self.tree.cache.insert(
-                offset,
+                (self.tree.image_id, offset),
                 Cached {
                     body: Arc::new(body),
                     level,
@@ -601,7 +624,7 @@ mod tests {
         let cache = PageCache::new(64 << 10);
         let put = |offset: u64| {
             cache.insert(
-                offset,
+                (1, offset),
                 Cached {
                     body: Arc::new(leaf(254)),
                     level: 0,
@@ -614,12 +637,12 @@ mod tests {
         for i in 0..100u64 {
             put(16384 + i * 4096);
             // Page 8192 is used all the time, so it is never the oldest.
-            assert!(cache.get(8192, 0, 0, 1 << 40).is_some(), "round {i}");
+            assert!(cache.get((1, 8192), 0, 0, 1 << 40).is_some(), "round {i}");
             let g = cache.lock();
             assert!(g.bytes <= cache.budget, "{} bytes held", g.bytes);
         }
         // A page reached with another range than it was checked for is not served.
-        assert!(cache.get(8192, 0, 0, 1 << 20).is_none());
-        assert!(cache.get(8192, 1, 0, 1 << 40).is_none());
+        assert!(cache.get((1, 8192), 0, 0, 1 << 20).is_none());
+        assert!(cache.get((1, 8192), 1, 0, 1 << 40).is_none());
     }
 }
