@@ -29,7 +29,8 @@ its backing node (its best configuration for this case); each qemu-nbd opens its
 
 Knobs: COUNTS (1,10,100,1000), BUSY_COUNTS (1,10,100), BUSY_MIB (64), SIZE_MIB (1024,
 the virtual size), QEMU_NBD_MAX (100: N qemu-nbd processes beyond it are not started),
-SERVERS (cowimg,qemu-nbd,qsd). QUICK=1: COUNTS 1,10,100, BUSY_COUNTS 1,10, BUSY_MIB 8.
+SERVERS (cowimg,cowimg-v2,qemu-nbd,qsd; cowimg-v2 serves format-version-2 overlays).
+QUICK=1: COUNTS 1,10,100, BUSY_COUNTS 1,10, BUSY_MIB 8.
 Writes exports.json into the run's results directory; report.py renders it.
 """
 
@@ -56,7 +57,8 @@ BUSY_COUNTS = {int(x) for x in env_list("BUSY_COUNTS", ["1", "10", "100"], ["1",
 BUSY_MIB = int(os.environ.get("BUSY_MIB") or (8 if QUICK else 64))
 SIZE_MIB = int(os.environ.get("SIZE_MIB") or 1024)
 QEMU_NBD_MAX = int(os.environ.get("QEMU_NBD_MAX") or 100)
-SERVERS = env_list("SERVERS", ["cowimg", "qemu-nbd", "qsd"], ["cowimg", "qemu-nbd", "qsd"])
+SERVERS = env_list("SERVERS", ["cowimg", "cowimg-v2", "qemu-nbd", "qsd"],
+                   ["cowimg", "cowimg-v2", "qemu-nbd", "qsd"])
 
 ROOT = WORK_DIR / "exports"
 
@@ -85,6 +87,7 @@ def make_images(n):
         raise SystemExit(f"{ROOT}: {free >> 20} MiB free, {needed >> 20} MiB needed and 4 GiB spare")
     shutil.rmtree(d, ignore_errors=True)
     (d / "cow").mkdir(parents=True)
+    (d / "cow2").mkdir()
     (d / "qcow2").mkdir()
     base = ROOT / "base.raw"
     if not base.exists() or base.stat().st_size != SIZE_MIB * MIB:
@@ -92,11 +95,14 @@ def make_images(n):
             f.truncate(SIZE_MIB * MIB)
     template_cow = ROOT / "template.cow"
     template_qcow2 = ROOT / "template.qcow2"
-    remove(template_cow, template_qcow2)
+    template_cow2 = ROOT / "template-v2.cow"
+    remove(template_cow, template_qcow2, template_cow2)
     sh([COWIMG, "create", "-b", base, "-F", "raw", template_cow])
+    sh([COWIMG, "create", "--format-version", "2", "-b", base, "-F", "raw", template_cow2])
     sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", template_qcow2])
     for i in range(n):
         shutil.copyfile(template_cow, d / "cow" / f"vm{i}.cow")
+        shutil.copyfile(template_cow2, d / "cow2" / f"vm{i}.cow")
         shutil.copyfile(template_qcow2, d / "qcow2" / f"vm{i}.qcow2")
     return d, base
 
@@ -110,10 +116,11 @@ class Setup:
 
     def start(self):
         start = time.monotonic()
-        if self.kind == "cowimg":
+        if self.kind in ("cowimg", "cowimg-v2"):
             sock = self.d / "cowimg.sock"
-            self.servers.append(Server("cowimg", [
-                COWIMG, "serve", "--socket", sock, "--dir", self.d / "cow",
+            images = self.d / ("cow2" if self.kind == "cowimg-v2" else "cow")
+            self.servers.append(Server(self.kind, [
+                COWIMG, "serve", "--socket", sock, "--dir", images,
                 "--max-connections", str(max(16, self.n + 8)), "--threads", "4"], sock))
             self.uris = [f"nbd+unix:///vm{i}?socket={sock}" for i in range(self.n)]
         elif self.kind == "qemu-nbd":
@@ -221,16 +228,16 @@ def main():
             setup.stop()
             results.append(row)
             shutil.rmtree(d, ignore_errors=True)
-            if kind == "cowimg" and n in BUSY_COUNTS:
+            if kind in ("cowimg", "cowimg-v2") and n in BUSY_COUNTS:
                 d, base = make_images(n)
                 setup = Setup(kind, n, d, base)
                 setup.start()
                 seconds = busy(setup, scattered=True)
                 m = memory(setup.pids())
-                log(f"cowimg x{n} scattered: {seconds:.1f} s, RSS {m['rss'] / MIB:.1f} MiB, "
+                log(f"{kind} x{n} scattered: {seconds:.1f} s, RSS {m['rss'] / MIB:.1f} MiB, "
                     f"peak {m['hwm'] / MIB:.1f} MiB")
                 setup.stop()
-                results.append({"server": "cowimg, scattered", "exports": n,
+                results.append({"server": f"{kind}, scattered", "exports": n,
                                 "open_seconds": setup.open_seconds, "idle": row["idle"],
                                 "busy_seconds": seconds, "busy": m})
                 shutil.rmtree(d, ignore_errors=True)

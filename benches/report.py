@@ -338,25 +338,32 @@ def render_exports(ex, lines, checks):
                      f"{x['idle']['rss'] / MIB:,.1f} MiB | {x['idle']['pss'] / MIB:,.1f} MiB | {busy}")
     lines.append("")
     by = {(x["server"], x["exports"]): x for x in r}
-    one = by.get(("cowimg", 1))
-    most = max((x for x in r if x["server"] == "cowimg"), key=lambda x: x["exports"], default=None)
+    for kind in ("cowimg", "cowimg-v2"):
+        export_checks(by, r, kind, lines, checks)
+
+
+def export_checks(by, r, kind, lines, checks):
+    """The targets of issue 11 for one cowimg format (cowimg-v2: format version 2)."""
+    name = "format version 2" if kind == "cowimg-v2" else "cowimg"
+    one = by.get((kind, 1))
+    most = max((x for x in r if x["server"] == kind), key=lambda x: x["exports"], default=None)
     if one and most and most["exports"] > 1:
         per = (most["idle"]["rss"] - one["idle"]["rss"]) / (most["exports"] - 1)
-        lines.append(f"An idle cowimg export costs {per / 1024:,.1f} KiB of RSS (from 1 to "
+        lines.append(f"An idle {name} export costs {per / 1024:,.1f} KiB of RSS (from 1 to "
                      f"{most['exports']} exports; the overlays are empty, so this is all beyond the map).\n")
-        checks.append(("an idle export costs < 256 KiB beyond its map", f"{per / 1024:,.1f} KiB",
+        checks.append((f"{name}: an idle export costs < 256 KiB beyond its map", f"{per / 1024:,.1f} KiB",
                        per < 256 * 1024))
-    thousand = by.get(("cowimg", 1000))
+    thousand = by.get((kind, 1000))
     if thousand:
-        checks.append(("1000 exports open in < 1 s", f"{thousand['open_seconds']:.2f} s",
+        checks.append((f"{name}: 1000 exports open in < 1 s", f"{thousand['open_seconds']:.2f} s",
                        thousand["open_seconds"] < 1))
-    busy100 = by.get(("cowimg", 100))
+    busy100 = by.get((kind, 100))
     nbd10 = by.get(("qemu-nbd", 10))
     if busy100 and busy100.get("busy") and nbd10 and nbd10.get("busy"):
         a, b = busy100["busy"]["rss"], nbd10["busy"]["rss"]
-        checks.append(("100 busy exports < RSS of 10 busy qemu-nbd",
+        checks.append((f"{name}: 100 busy exports < RSS of 10 busy qemu-nbd",
                        f"{a / MIB:,.1f} MiB vs {b / MIB:,.1f} MiB", a < b))
-        scattered = by.get(("cowimg, scattered", 100))
+        scattered = by.get((f"{kind}, scattered", 100))
         if scattered and scattered.get("busy"):
             c = scattered["busy"]["rss"]
             checks.append(("... with the writes scattered over each disk",
