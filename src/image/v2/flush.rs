@@ -15,6 +15,10 @@ use std::sync::atomic::Ordering;
 
 /// A tree flush rewrites at most about this many leaves (and the pages above them).
 const LEAF_BUDGET: usize = 1024;
+/// The changes journaled since the tree was written are held in memory; past this many
+/// extents the next flush writes them into the tree, so that an image's memory stays
+/// small however much was written (a server holds many images).
+const JOURNALED_BUDGET: usize = 4096;
 
 struct Snapshot {
     number: u64,
@@ -91,7 +95,9 @@ impl ImageV2 {
         let items: Vec<Extent> = st.in_flight.iter().flat_map(split_for_disk).collect();
         let len = record_len(items.len() as u64);
         let fits = st.journal_tail + len <= st.header.journal_capacity;
-        let path = if fits && st.touched_leaves.len() < LEAF_BUDGET && st.pending_resize.is_none() {
+        let small = st.touched_leaves.len() < LEAF_BUDGET
+            && st.journaled.len() + st.in_flight.len() <= JOURNALED_BUDGET;
+        let path = if fits && small && st.pending_resize.is_none() {
             let reserve = (!st.journal_reserved)
                 .then_some((st.header.journal_offset, st.header.journal_capacity));
             Path::Journal {

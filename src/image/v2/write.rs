@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 /// A write with more pending extents than this flushes after it, so that memory stays
 /// bounded for a client that never flushes.
-const MAX_PENDING_EXTENTS: usize = 1 << 16;
+const MAX_PENDING_EXTENTS: usize = 1 << 14;
 
 /// Where a run of a write's blocks goes: `(first virtual block, blocks, host block, new)`.
 type Placement = (u64, u64, u64, bool);
