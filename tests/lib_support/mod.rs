@@ -214,3 +214,17 @@ pub fn write_sparse(path: &Path, bytes: &[u8]) {
     file.set_len(bytes.len() as u64)
         .unwrap_or_else(|e| panic!("setting the length of {}: {e}", path.display()));
 }
+
+/// A temporary directory for the many short-lived image files a suite writes to run
+/// `check` on: in memory (/dev/shm) where there is one, since a file system mounted with
+/// `discard` pays for every truncated or deleted file; else the usual temporary directory.
+/// Both report holes (SEEK_HOLE) as `check` needs.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new().prefix("cowimg-").tempdir_in(shm) {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}
