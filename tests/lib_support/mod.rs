@@ -2,6 +2,7 @@
 //! `lib_support` so as not to clash with the CLI and NBD suites' helpers.
 #![allow(dead_code)]
 
+pub mod crash_log;
 pub mod fixtures;
 pub mod fuzz_body;
 
