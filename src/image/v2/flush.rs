@@ -196,12 +196,16 @@ impl ImageV2 {
                 .allocate_at_end(super::journal_capacity_for(header.virtual_size) / BLOCK)
         };
         let updated = updated?;
-        let result = self.write_tree_header(&updated, header, *active_slot, journal);
-        {
-            let mut st = lock(&self.state);
-            st.alloc.release(journal.0);
-        }
-        let new_header = result?;
+        // The new region stays claimed until the publish reserves it: it is all holes, and
+        // a write running meanwhile that reuses holes would be given blocks in it, which
+        // the next record then overwrites.
+        let new_header = match self.write_tree_header(&updated, header, *active_slot, journal) {
+            Ok(h) => h,
+            Err(e) => {
+                lock(&self.state).alloc.release(journal.0);
+                return Err(e);
+            }
+        };
         Ok(Done::Tree {
             updated,
             header: new_header,
@@ -285,6 +289,7 @@ impl ImageV2 {
                         header.journal_offset / BLOCK,
                         header.journal_capacity / BLOCK,
                     )]);
+                    st.alloc.release(header.journal_offset / BLOCK);
                     st.header = header;
                     st.active_slot = 1 - st.active_slot;
                     st.journal_tail = 0;
