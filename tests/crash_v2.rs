@@ -115,7 +115,7 @@ fn record(version: u32, rounds: usize, seed: u64) -> Recorded {
                             h.versions.push(content.bytes(len));
                         }
                         if round % 3 == 2 {
-                            // Every thread has written: all of them flush at once.
+                            // Every third round all the threads call flush at once.
                             together.wait();
                         }
                         let now = in_flush.fetch_add(1, Ordering::SeqCst) + 1;
