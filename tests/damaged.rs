@@ -12,6 +12,10 @@ use cowimg::format::{
 use cowimg::image::{ops, CreateOptions, Image, OpenOptions};
 use cowimg::storage::{MemStorage, Storage};
 use cowimg::Error;
+use lib_support::fixtures::{
+    v1_basic_recipe as fixture_recipe, V1_BASIC as FIXTURE, V1_BASIC_CLUSTER as FIXTURE_CLUSTER,
+    V1_BASIC_SIZE as FIXTURE_SIZE,
+};
 use lib_support::fuzz_body::exercise_image_bytes;
 use lib_support::{assert_same_bytes, fingerprint, fresh_image_bytes, read_all, Change};
 use rand::rngs::StdRng;
@@ -904,80 +908,8 @@ fn the_fuzz_body_survives_seeded_mutations_of_real_images() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The golden fixture: an image made once by `fixture_recipe` and committed. If a format
-// change breaks old images, this test says so.
-
-const FIXTURE: &str = "tests/fixtures/v1-basic.cow";
-const FIXTURE_SIZE: u64 = 192 * 1024 + 512;
-const FIXTURE_CLUSTER: u64 = 16 * 1024;
-
-/// Self-contained data for the fixture (not `rand`, whose streams may change between
-/// versions): a xorshift stream.
-fn fixture_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8 | 1
-        })
-        .collect()
-}
-
-/// The fixed recipe: writes, zeroes, discards, enough flushes to cross a checkpoint, then a
-/// few more journal records. Applies it to the image (if any) and returns the expected bytes.
-fn fixture_recipe(image: Option<&Image>) -> Vec<u8> {
-    let mut model = vec![0u8; FIXTURE_SIZE as usize];
-    let mut step = |op: u8, offset: u64, len: u64, seed: u64| {
-        let (o, l) = (offset as usize, len as usize);
-        match op {
-            b'w' => {
-                let data = fixture_bytes(seed, l);
-                model[o..o + l].copy_from_slice(&data);
-                if let Some(img) = image {
-                    img.write_at(&data, offset).expect("fixture write");
-                }
-            }
-            b'z' | b'd' => {
-                model[o..o + l].fill(0);
-                if let Some(img) = image {
-                    if op == b'z' {
-                        img.write_zeroes(offset, len)
-                    } else {
-                        img.discard(offset, len)
-                    }
-                    .expect("fixture zero");
-                }
-            }
-            _ => {
-                if let Some(img) = image {
-                    img.flush().expect("fixture flush");
-                }
-            }
-        }
-    };
-    step(b'w', 0, 40_000, 1);
-    step(b'w', 100_000, 30_000, 2);
-    step(b'f', 0, 0, 0);
-    step(b'z', 10_000, 20_000, 0);
-    step(b'd', 110_000, 5000, 0);
-    step(b'w', FIXTURE_SIZE - 700, 700, 3);
-    step(b'f', 0, 0, 0);
-    for i in 0..270u64 {
-        step(
-            b'w',
-            (i * 7919) % (FIXTURE_SIZE - 600),
-            1 + i % 600,
-            100 + i,
-        );
-        step(b'f', 0, 0, 0);
-    }
-    step(b'd', 32 * 1024, 64 * 1024, 0);
-    step(b'w', 50_000, 9000, 4);
-    step(b'f', 0, 0, 0);
-    model
-}
+// The golden fixture: an image made once by `fixture_recipe` (lib_support/fixtures.rs)
+// and committed. If a format change breaks old images, this test says so.
 
 /// Regenerates the committed fixture; run by hand (`cargo test --test damaged -- --ignored`)
 /// only when the format version changes on purpose.

@@ -2,6 +2,8 @@
 //! `lib_support` so as not to clash with the CLI and NBD suites' helpers.
 #![allow(dead_code)]
 
+pub mod crash_log;
+pub mod fixtures;
 pub mod fuzz_body;
 
 use cowimg::format::BackingFormat;
@@ -195,4 +197,35 @@ impl Change {
             _ => Change::Discard { offset, len },
         }
     }
+}
+
+/// Writes `bytes` to a new file at `path` the way a file system holds an image: every
+/// 4 KiB block of zeros is left a hole (punched and never-written space reads as zeros but
+/// holds nothing), so that `check` sees what a real file would show.
+pub fn write_sparse(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    for (i, block) in bytes.chunks(4096).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            file.write_all_at(block, i as u64 * 4096)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        }
+    }
+    file.set_len(bytes.len() as u64)
+        .unwrap_or_else(|e| panic!("setting the length of {}: {e}", path.display()));
+}
+
+/// A temporary directory for the many short-lived image files a suite writes to run
+/// `check` on: in memory (/dev/shm) where there is one, since a file system mounted with
+/// `discard` pays for every truncated or deleted file; else the usual temporary directory.
+/// Both report holes (SEEK_HOLE) as `check` needs.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new().prefix("cowimg-").tempdir_in(shm) {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
 }

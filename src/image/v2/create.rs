@@ -95,14 +95,19 @@ pub fn upgrade(storage: std::sync::Arc<dyn Storage>, path: &Path) -> Result<Upgr
         (old.journal_offset, old.journal_capacity),
     ];
     let header = v2_header_for(path, &old)?;
-    let mut updates = ExtentMap::default();
-    for &(offset, len, host) in &runs {
-        let mapping = match host {
-            Some(h) => Mapping::Data(h / BLOCK),
-            None => Mapping::Zero,
-        };
-        updates.set(offset / BLOCK, len.div_ceil(BLOCK), mapping);
-    }
+    let file_len = storage.len().map_err(|e| Error::Io {
+        path: path.into(),
+        op: "reading length",
+        offset: 0,
+        source: e,
+    })?;
+    let (updates, zero_blocks) = map_of_runs(
+        storage.as_ref(),
+        path,
+        &runs,
+        old.backing.is_some(),
+        file_len,
+    )?;
     let (updated, next) = write_tree_past_end(storage.as_ref(), path, &header, &updates)?;
     let mut new = header;
     new.map_root = updated.root.root;
@@ -110,12 +115,25 @@ pub fn upgrade(storage: std::sync::Arc<dyn Storage>, path: &Path) -> Result<Upgr
     new.map_extents = updated.root.extents;
     new.journal_offset = next * BLOCK;
     switch_to(storage.as_ref(), path, 1 - active_slot, &new)?;
-    // Version 1's checkpoint and journal are leaks now; give them back.
+    // Version 1's checkpoint and journal, and its blocks of zeros, are leaks now; give
+    // them back.
     for (offset, len) in old_regions {
         if offset != 0 && len != 0 {
             let _ = storage.punch_hole(offset, len);
         }
     }
+    for (h, n) in zero_blocks {
+        let _ = storage.punch_hole(h * BLOCK, n * BLOCK);
+    }
+    // So are the parts of version 1's clusters that no unit uses (its second slots, the
+    // units that fell through): a check with repair punches everything nothing references.
+    let upgraded = super::ImageV2::open_storage(
+        storage.clone(),
+        path,
+        false,
+        std::sync::Arc::new(PageCache::new(super::DEFAULT_CACHE_SIZE)),
+    )?;
+    super::check(&upgraded, true)?;
     Ok(UpgradeReport {
         extents: new.map_extents,
         pages: updated.written_pages.len() as u64,
@@ -175,6 +193,72 @@ fn switch_to(storage: &dyn Storage, path: &Path, slot: usize, header: &HeaderV2)
         .write_at(&header.to_bytes(), slot_at)
         .map_err(|e| io("writing the header", slot_at, e))?;
     storage.sync().map_err(|e| io("syncing", 0, e))
+}
+
+/// The version-2 map of version 1's own runs `(offset, length, host offset or None for
+/// zeros)`, and the runs of host blocks `(first, count)` it leaves out.
+///
+/// Version 1 stores a write of zeros as data; version 2 never references a block of zeros
+/// (FORMAT-v2.md, "Allocation": the file's holes are its free space, so a referenced block
+/// that a sparse copy turns into a hole would be handed out again). So every data block is
+/// read: one of zeros becomes a zero extent over a backing file, or is left unmapped (it
+/// reads zeros) without one, and its host block is no longer referenced.
+fn map_of_runs(
+    storage: &dyn Storage,
+    path: &Path,
+    runs: &[(u64, u64, Option<u64>)],
+    has_backing: bool,
+    file_len: u64,
+) -> Result<(ExtentMap, Vec<(u64, u64)>)> {
+    let mut updates = ExtentMap::default();
+    let mut zero_blocks: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for &(offset, len, host) in runs {
+        let (first, blocks) = (offset / BLOCK, len.div_ceil(BLOCK));
+        let Some(host) = host else {
+            updates.set(first, blocks, Mapping::Zero);
+            continue;
+        };
+        let host = host / BLOCK;
+        // Runs of blocks that are all data or all zeros, as (first index, count, zeros).
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+        let mut i = 0;
+        while i < blocks {
+            let n = (blocks - i).min(buf.len() as u64 / BLOCK);
+            let at = (host + i) * BLOCK;
+            let chunk = &mut buf[..(n * BLOCK) as usize];
+            // A unit that ends past the end of the file reads zeros there.
+            let present = file_len.saturating_sub(at).min(chunk.len() as u64) as usize;
+            chunk[present..].fill(0);
+            storage
+                .read_at(&mut chunk[..present], at)
+                .map_err(|source| Error::Io {
+                    path: path.into(),
+                    op: "reading data to upgrade",
+                    offset: at,
+                    source,
+                })?;
+            for (j, b) in chunk.chunks(BLOCK as usize).enumerate() {
+                let zero = super::write::is_zero(b);
+                match pieces.last_mut() {
+                    Some(last) if last.2 == zero => last.1 += 1,
+                    _ => pieces.push((i + j as u64, 1, zero)),
+                }
+            }
+            i += n;
+        }
+        for (k, n, zero) in pieces {
+            if !zero {
+                updates.set(first + k, n, Mapping::Data(host + k));
+                continue;
+            }
+            if has_backing {
+                updates.set(first + k, n, Mapping::Zero);
+            }
+            zero_blocks.push((host + k, n));
+        }
+    }
+    Ok((updates, zero_blocks))
 }
 
 /// The version-2 header that replaces `current`, one generation later.

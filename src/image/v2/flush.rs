@@ -202,9 +202,16 @@ impl ImageV2 {
                 .allocate_at_end(super::journal_capacity_for(header.virtual_size) / BLOCK)
         };
         let updated = updated?;
-        // The new journal region stays claimed until publish reserves it: it is a hole
-        // until records fill it, and writes go on while this flush runs.
-        let new_header = self.write_tree_header(&updated, header, *active_slot, journal)?;
+        // The new region stays claimed until the publish reserves it: it is all holes, and
+        // a write running meanwhile that reuses holes would be given blocks in it, which
+        // the next record then overwrites.
+        let new_header = match self.write_tree_header(&updated, header, *active_slot, journal) {
+            Ok(h) => h,
+            Err(e) => {
+                lock(&self.state).alloc.release(journal.0);
+                return Err(e);
+            }
+        };
         Ok(Done::Tree {
             updated,
             header: new_header,

@@ -23,7 +23,7 @@ mod tree;
 mod write;
 
 pub use check::{check, CheckV2};
-pub use create::{create_on, upgrade};
+pub use create::{create_on, upgrade, UpgradeReport};
 pub use load::{current_slot, Slot};
 
 use super::{push_extent, Extent as StatusExtent, ExtentKind, FileId, Layer};
