@@ -1,17 +1,20 @@
 //! Creating and opening images: choosing the header slot, loading the checkpoint, replaying
 //! the journal, and checking that no two things claim the same host cluster.
 use super::cluster_runs::ClusterRuns;
-use super::layer::Layer;
-use super::{CreateOptions, Entry, FreeClusters, ImageV1, OpenOptions, State};
+use super::{Entry, FreeClusters, ImageV1, State};
 use crate::error::{Error, Result};
 use crate::format::{
     self, FormatError, Geometry, Header, JournalRecordHeader, MapItem, HEADER_SLOT_SIZE,
     JOURNAL_RECORD_HEADER_SIZE, MAP_ENTRY_SIZE,
 };
+use crate::image::{
+    check_recorded_format, layer, random_epoch, resolve_backing_path, stat_openable, v2,
+    CreateOptions, Layer, OpenOptions,
+};
 use crate::storage::{FileStorage, Storage};
 use std::collections::BTreeMap;
 use std::fs::OpenOptions as FsOpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// What loading found, before the image is assembled; `check` reads it too.
@@ -59,17 +62,6 @@ impl std::fmt::Display for Owner {
     }
 }
 
-/// Resolves a backing path recorded in `image`'s header: relative paths are relative to the
-/// image's directory.
-pub fn resolve_backing_path(image: &Path, recorded: &str) -> PathBuf {
-    let p = Path::new(recorded);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        image.parent().unwrap_or(Path::new(".")).join(p)
-    }
-}
-
 impl ImageV1 {
     /// Creates a new, empty image. Refuses to overwrite an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
@@ -78,9 +70,9 @@ impl ImageV1 {
         // yet is allowed when a size is given, as before.)
         if let Some((recorded, fmt)) = &opts.backing {
             let resolved = resolve_backing_path(path, recorded);
-            if super::stat_openable(&resolved).is_ok() {
-                if let Some(warning) = super::layer::check_recorded_format(&resolved, *fmt)? {
-                    super::layer::warn(&warning);
+            if stat_openable(&resolved).is_ok() {
+                if let Some(warning) = check_recorded_format(&resolved, *fmt)? {
+                    layer::warn(&warning);
                 }
             }
         }
@@ -113,7 +105,7 @@ impl ImageV1 {
                 source,
             })?;
         if opts.version == 2 {
-            return super::v2::create_on(&FileStorage::new(file), path, &header);
+            return v2::create_on(&FileStorage::new(file), path, &header);
         }
         format_storage(&FileStorage::new(file), path, &header)
     }
@@ -127,7 +119,7 @@ impl ImageV1 {
         })?;
         let header = new_header(name, opts, size)?;
         if opts.version == 2 {
-            return super::v2::create_on(storage, name, &header);
+            return v2::create_on(storage, name, &header);
         }
         format_storage(storage, name, &header)
     }
@@ -182,32 +174,6 @@ impl ImageV1 {
     }
 }
 
-/// A qcow2 file opened as a cowimg image (a command that needs a cowimg image, given a
-/// qcow2) is named for what it is, not reported as a cowimg image with a corrupt header.
-/// Only the qcow2 magic at offset 0 with no cowimg magic in the second header slot counts:
-/// any other damage to a cowimg header stays corruption.
-pub(super) fn refuse_a_qcow2(path: &Path, file: &std::fs::File) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut start = [0u8; 4];
-    let mut second = [0u8; 8];
-    let is_qcow2 =
-        file.read_exact_at(&mut start, 0).is_ok() && crate::format::qcow2::has_magic(&start);
-    let has_second_slot = file
-        .read_exact_at(&mut second, HEADER_SLOT_SIZE as u64)
-        .is_ok()
-        && second == crate::format::header::MAGIC;
-    if is_qcow2 && !has_second_slot {
-        return Err(Error::Invalid {
-            path: path.into(),
-            reason: format!(
-                "is a qcow2 image, not a cowimg image (put an overlay on it with `cowimg create -b {0} -F qcow2`, or convert it with `cowimg convert -O cowimg {0}`)",
-                path.display()
-            ),
-        });
-    }
-    Ok(())
-}
-
 /// The header of a new image, after checking the options.
 fn new_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
     let invalid = |reason: String| Error::Invalid {
@@ -246,7 +212,7 @@ fn new_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
         checkpoint_crc: 0,
         journal_offset: geometry.first_data_cluster() * cs,
         journal_capacity: super::journal_capacity_for(0, cs),
-        journal_epoch: super::random_epoch(),
+        journal_epoch: random_epoch(),
     })
 }
 
