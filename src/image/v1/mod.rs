@@ -25,8 +25,9 @@
 //! - `flush.rs`: the flush protocol (snapshot, persist, publish); `journal.rs`: its journal
 //!   records and the seal; `checkpoint.rs`: its checkpoint path and the header slots;
 //! - `resize.rs`: resize, clear and a new backing file;
-//! - `open.rs`: create, open, and loading the durable state (header choice, checkpoint,
-//!   journal replay, ownership);
+//! - `open.rs`: create and open; `load.rs`: loading the durable state, step by step (header
+//!   choice, the regions, checkpoint, ownership); `replay.rs`: its journal replay and the
+//!   check of the last record;
 //! - `recover.rs`: going back to the durable state after a failed flush.
 
 mod checkpoint;
@@ -35,10 +36,12 @@ mod entry;
 mod flush;
 mod free_clusters;
 mod journal;
+mod load;
 mod map;
 mod open;
 mod read;
 mod recover;
+mod replay;
 mod resize;
 #[cfg(test)]
 mod tests;
@@ -46,7 +49,7 @@ mod write;
 mod zero;
 
 pub(in crate::image) use checkpoint::journal_capacity_for;
-pub(crate) use open::load;
+pub(crate) use load::load;
 
 use super::{FileId, Layer};
 use crate::error::{Error, Result};
