@@ -77,6 +77,43 @@ impl ImageV1 {
         }
     }
 
+    /// The checkpoint path of a flush: writes the planned checkpoint and a fresh journal,
+    /// makes them durable, then switches to them with one header-slot write.
+    pub(super) fn write_checkpoint(&self, c: &PlannedCheckpoint) -> Result<()> {
+        // Refused before anything is written: the image stays as it was.
+        self.check_generation(&c.header)?;
+        // The checkpoint replaces the journal, so it must be durable, data included,
+        // before the header that points at it. The new journal's clusters were free
+        // and may hold anything, guest data included: they are punched under the same
+        // barrier, so that no stale block can pass for a record.
+        let (j_at, j_len) = (c.header.journal_offset, c.header.journal_capacity);
+        self.storage
+            .punch_hole(j_at, j_len)
+            .map_err(|e| self.io_err("clearing the journal", j_at, e))?;
+        // The file always covers the whole journal region, so that a file cut short
+        // inside the journal is told apart from a journal that simply ends there.
+        let journal_end = c.header.journal_offset + c.header.journal_capacity;
+        let length = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("reading length", 0, e))?;
+        if length < journal_end {
+            self.storage
+                .set_len(journal_end)
+                .map_err(|e| self.io_err("extending over the journal", journal_end, e))?;
+        }
+        if !c.blob.is_empty() {
+            let at = c.header.checkpoint_offset;
+            self.storage
+                .write_at(&c.blob, at)
+                .map_err(|e| self.io_err("writing checkpoint", at, e))?;
+        }
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing checkpoint", c.header.checkpoint_offset, e))?;
+        self.write_header_slot(&c.header, c.slot)
+    }
+
     /// A header update may not write a generation that a reader refuses (FORMAT.md, "Header
     /// slots", check 15): the image would not open again.
     pub(super) fn check_generation(&self, header: &Header) -> Result<()> {

@@ -4,23 +4,23 @@
 //! flush goes back to the durable state (`recover.rs`).
 
 use super::checkpoint::PlannedCheckpoint;
-use super::{bits, coalesce, exclusive, lock, ImageV1};
+use super::{bits, coalesce, exclusive, lock, ImageV1, State};
 use crate::error::{Error, Result};
 use crate::format::{JournalRecordHeader, MapItem, MAP_ENTRY_SIZE};
 use std::sync::atomic::Ordering;
 
 /// What a flush took from the map while I/O was paused.
-struct Snapshot {
-    clusters: Vec<u64>,
+pub(super) struct Snapshot {
+    pub(super) clusters: Vec<u64>,
     /// Encoded items of the journal record, their written bitmaps, and the host offsets of
     /// the written units in record order (what the data digest covers). All empty when a
     /// checkpoint replaces the record.
-    items: Vec<u8>,
-    written: Vec<u64>,
-    written_units: Vec<u64>,
-    epoch: u64,
-    sequence: u64,
-    checkpoint: Option<PlannedCheckpoint>,
+    pub(super) items: Vec<u8>,
+    pub(super) written: Vec<u64>,
+    pub(super) written_units: Vec<u64>,
+    pub(super) epoch: u64,
+    pub(super) sequence: u64,
+    pub(super) checkpoint: Option<PlannedCheckpoint>,
 }
 
 impl ImageV1 {
@@ -126,71 +126,13 @@ impl ImageV1 {
         })
     }
 
+    /// Makes the snapshot durable: as a journal record (`journal.rs`), or as a checkpoint
+    /// and the header slot that points at it (`checkpoint.rs`).
     fn persist(&self, snap: &Snapshot) -> Result<()> {
         match &snap.checkpoint {
-            None => {
-                // One barrier for data and record together: the record carries a digest of
-                // the data it publishes, and recovery checks the last record against it
-                // (FORMAT.md, "Crash safety").
-                let digest = self.digest_units(&snap.written_units)?;
-                let record = JournalRecordHeader::encode(
-                    snap.epoch,
-                    snap.sequence,
-                    &snap.items,
-                    &snap.written,
-                    digest,
-                );
-                let (at, reserved, journal) = {
-                    let st = lock(&self.state);
-                    let h = &st.header;
-                    (
-                        st.journal_position(),
-                        st.journal_reserved,
-                        (h.journal_offset, h.journal_capacity),
-                    )
-                };
-                // A failure to reserve is not the flush's: the write below reports what matters.
-                if !reserved && self.storage.reserve(journal.0, journal.1).is_ok() {
-                    lock(&self.state).journal_reserved = true;
-                }
-                self.append_record(&record, at)?;
-            }
-            Some(c) => {
-                // Refused before anything is written: the image stays as it was.
-                self.check_generation(&c.header)?;
-                // The checkpoint replaces the journal, so it must be durable, data included,
-                // before the header that points at it. The new journal's clusters were free
-                // and may hold anything, guest data included: they are punched under the same
-                // barrier, so that no stale block can pass for a record.
-                let (j_at, j_len) = (c.header.journal_offset, c.header.journal_capacity);
-                self.storage
-                    .punch_hole(j_at, j_len)
-                    .map_err(|e| self.io_err("clearing the journal", j_at, e))?;
-                // The file always covers the whole journal region, so that a file cut short
-                // inside the journal is told apart from a journal that simply ends there.
-                let journal_end = c.header.journal_offset + c.header.journal_capacity;
-                let length = self
-                    .storage
-                    .len()
-                    .map_err(|e| self.io_err("reading length", 0, e))?;
-                if length < journal_end {
-                    self.storage
-                        .set_len(journal_end)
-                        .map_err(|e| self.io_err("extending over the journal", journal_end, e))?;
-                }
-                if !c.blob.is_empty() {
-                    let at = c.header.checkpoint_offset;
-                    self.storage
-                        .write_at(&c.blob, at)
-                        .map_err(|e| self.io_err("writing checkpoint", at, e))?;
-                }
-                self.storage.sync().map_err(|e| {
-                    self.io_err("syncing checkpoint", c.header.checkpoint_offset, e)
-                })?;
-                self.write_header_slot(&c.header, c.slot)?;
-            }
+            None => self.write_record(snap),
+            Some(c) => self.write_checkpoint(c),
         }
-        Ok(())
     }
 
     /// The snapshot is durable: unpin what it replaced, free clusters nothing references.
@@ -201,44 +143,10 @@ impl ImageV1 {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let cs = self.geometry.cluster_size();
-        let us = self.geometry.unit_size();
         let mut punches = Vec::new();
         let mut freed = Vec::new();
         for vc in &snap.clusters {
-            let Some(e) = st.map.get_mut(vc) else {
-                continue;
-            };
-            let units = e.units;
-            let f = e.in_flight_mut();
-            f.durable = f.inflight;
-            f.inflight = [0, 0];
-            let durable = f.durable;
-            // An entry keeps both clusters while it holds data: a unit that moves to the other
-            // slot and back overwrites blocks the file system has already allocated, which is
-            // what keeps flushes cheap. The clusters go when the entry holds no data at all.
-            let holds_data = units[0] | units[1] | durable[0] | durable[1] != 0;
-            for s in 0..2 {
-                if e.host[s] == 0 {
-                    continue;
-                }
-                if !holds_data {
-                    punches.push((e.host[s] * cs, cs));
-                    freed.push((e.host[s], 1));
-                    e.host[s] = 0;
-                    e.in_flight_mut().discarded[s] = 0;
-                } else {
-                    let f = e.in_flight_mut();
-                    let now = f.discarded[s] & !(units[s] | durable[s]);
-                    f.discarded[s] &= !now;
-                    for u in bits(now) {
-                        punches.push((self.host_offset(e.host[s], u), us));
-                    }
-                }
-            }
-            e.settle();
-            if e.is_unused() {
-                st.map.remove(vc);
-            }
+            self.unpin_published(st, *vc, &mut punches, &mut freed);
         }
         match snap.checkpoint {
             Some(c) => {
@@ -260,6 +168,64 @@ impl ImageV1 {
                 st.last_record_has_data = !snap.written_units.is_empty();
             }
         }
+        self.give_back_space(st, freed, punches);
+        st.commits += 1;
+        st.snapshots_published = st.snapshots_taken;
+        self.committed.notify_all();
+    }
+
+    /// The published snapshot references the units cluster `vc` had when it was taken:
+    /// those become the durable ones. Units that only the old durable state still pinned,
+    /// and discarded since, go to `punches`; the clusters of an entry that holds no data
+    /// any more go to `freed` too, and an entry left with nothing leaves the map.
+    fn unpin_published(
+        &self,
+        st: &mut State,
+        vc: u64,
+        punches: &mut Vec<(u64, u64)>,
+        freed: &mut Vec<(u64, u64)>,
+    ) {
+        let cs = self.geometry.cluster_size();
+        let us = self.geometry.unit_size();
+        let Some(e) = st.map.get_mut(&vc) else {
+            return;
+        };
+        let units = e.units;
+        let f = e.in_flight_mut();
+        f.durable = f.inflight;
+        f.inflight = [0, 0];
+        let durable = f.durable;
+        // An entry keeps both clusters while it holds data: a unit that moves to the other
+        // slot and back overwrites blocks the file system has already allocated, which is
+        // what keeps flushes cheap. The clusters go when the entry holds no data at all.
+        let holds_data = units[0] | units[1] | durable[0] | durable[1] != 0;
+        for s in 0..2 {
+            if e.host[s] == 0 {
+                continue;
+            }
+            if !holds_data {
+                punches.push((e.host[s] * cs, cs));
+                freed.push((e.host[s], 1));
+                e.host[s] = 0;
+                e.in_flight_mut().discarded[s] = 0;
+            } else {
+                let f = e.in_flight_mut();
+                let now = f.discarded[s] & !(units[s] | durable[s]);
+                f.discarded[s] &= !now;
+                for u in bits(now) {
+                    punches.push((self.host_offset(e.host[s], u), us));
+                }
+            }
+        }
+        e.settle();
+        if e.is_unused() {
+            st.map.remove(&vc);
+        }
+    }
+
+    /// Frees the runs of host clusters `freed`, then punches `punches` (host byte ranges)
+    /// and cuts off the end of the file past the last cluster in use.
+    fn give_back_space(&self, st: &mut State, freed: Vec<(u64, u64)>, punches: Vec<(u64, u64)>) {
         // Nothing can allocate while I/O is paused, so freeing first and punching after is
         // safe. Freed clusters that reach the end of the file are cut off instead of
         // punched: truncating is cheaper, and the file keeps covering everything in use.
@@ -276,8 +242,5 @@ impl ImageV1 {
         if self.storage.len().is_ok_and(|len| len > end) {
             let _ = self.storage.set_len(end);
         }
-        st.commits += 1;
-        st.snapshots_published = st.snapshots_taken;
-        self.committed.notify_all();
     }
 }

@@ -1,12 +1,41 @@
 //! Journal records: appending one with its data digest under one barrier, and the empty
 //! record that seals the journal on a clean close (FORMAT.md, "Journal").
 
+use super::flush::Snapshot;
 use super::{lock, ImageV1};
 use crate::error::Result;
 use crate::format::{JournalRecordHeader, BLOCK_SIZE};
 use crate::storage::Storage;
 
 impl ImageV1 {
+    /// The journal path of a flush: appends the snapshot's record. One barrier covers data
+    /// and record together: the record carries a digest of the data it publishes, and
+    /// recovery checks the last record against it (FORMAT.md, "Crash safety").
+    pub(super) fn write_record(&self, snap: &Snapshot) -> Result<()> {
+        let digest = self.digest_units(&snap.written_units)?;
+        let record = JournalRecordHeader::encode(
+            snap.epoch,
+            snap.sequence,
+            &snap.items,
+            &snap.written,
+            digest,
+        );
+        let (at, reserved, journal) = {
+            let st = lock(&self.state);
+            let h = &st.header;
+            (
+                st.journal_position(),
+                st.journal_reserved,
+                (h.journal_offset, h.journal_capacity),
+            )
+        };
+        // A failure to reserve is not the flush's: the write below reports what matters.
+        if !reserved && self.storage.reserve(journal.0, journal.1).is_ok() {
+            lock(&self.state).journal_reserved = true;
+        }
+        self.append_record(&record, at)
+    }
+
     /// The data digest of a record: xxh3-64 over the listed units, in order.
     pub(super) fn digest_units(&self, units: &[u64]) -> Result<u64> {
         digest_units(self.storage.as_ref(), self.geometry.unit_size(), units)
