@@ -1,5 +1,5 @@
 //! Creating and opening version-1 images: a new image's header and its first bytes, and
-//! an image assembled from what [`load`](super::load::load) found.
+//! an image assembled from what [`load`] found.
 use super::load::load;
 use super::{FreeClusters, ImageV1, State};
 use crate::error::{Error, Result};
@@ -178,7 +178,8 @@ fn format_storage(storage: &dyn Storage, path: &Path, header: &Header) -> Result
         .write_at(&header.to_bytes(), 0)
         .map_err(|e| io("writing header", 0, e))?;
     // Slot B exists but is empty, so the file is never shorter than both slots; and it covers
-    // the journal region (sparsely), so that truncation is detected (see `load`).
+    // the journal region (sparsely), so that truncation is detected (see `check_regions` in
+    // `load.rs`).
     let journal_end = header.journal_offset + header.journal_capacity;
     storage
         .set_len(journal_end.max(2 * HEADER_SLOT_SIZE as u64))
