@@ -233,7 +233,7 @@ impl MapEntry {
             // A slot may keep its cluster while the other slot holds the data: units move
             // back and forth between the two without allocating (FORMAT.md, "Map entries").
             // Like a data slot's, it is checked against the file's length once replay is
-            // done (`image::open::load`): the next write to the slot goes there.
+            // done (`image::v1::load`): the next write to the slot goes there.
             if e.units[slot] == 0
                 && h != 0
                 && (h < first || h >= max_host_cluster || e.units == [0, 0])

@@ -1,5 +1,6 @@
 //! Whole-image operations built on the image API: commit, rebase, convert, check.
-use super::open::{load, resolve_backing_path};
+use super::resolve_backing_path;
+use super::v1::load;
 use super::{ExtentKind, Image, Layer, OpenOptions, Source};
 use crate::error::{Error, Result};
 use crate::format::{header::MAGIC, BackingFormat};

@@ -5,8 +5,8 @@
 use super::layer::{check_chain, ChainAbove};
 use super::v2::ImageV2;
 use super::{
-    open::refuse_a_qcow2, open_locked, resolve_backing_path, CreateOptions, Extent, FileId,
-    ImageStats, ImageV1, Layer, OpenOptions, Source,
+    open_locked, refuse_a_qcow2, resolve_backing_path, CreateOptions, Extent, FileId, ImageStats,
+    ImageV1, Layer, OpenOptions, Source,
 };
 use crate::error::{Error, Result};
 use crate::format::{Geometry, Header};

@@ -1,5 +1,5 @@
 //! Tests of the flush protocol that need to reach into the bytes the image wrote.
-use super::{CreateOptions, ExtentKind, Image};
+use crate::image::{CreateOptions, ExtentKind, Image};
 use crate::storage::MemStorage;
 use std::path::Path;
 use std::sync::Arc;

@@ -10,7 +10,7 @@
 //! completed flush made durable is touched: the journal and checkpoint it points at are
 //! only ever written beside it.
 use super::free_clusters::FreeClusters;
-use super::{exclusive, lock, open, ImageV1, State};
+use super::{exclusive, load, lock, ImageV1, State};
 use crate::error::Error;
 use std::sync::atomic::Ordering;
 
@@ -36,7 +36,7 @@ impl ImageV1 {
         let mut st = lock(&self.state);
         // Pages whose writeback failed may still be in the page cache, looking written.
         self.storage.wont_need(0, 0);
-        let loaded = match open::load(self.storage.as_ref(), &self.path) {
+        let loaded = match load(self.storage.as_ref(), &self.path) {
             Ok(loaded) => loaded,
             Err(reload) => {
                 drop(st);

@@ -12,7 +12,7 @@ use crate::format::MapEntry;
 
 /// Per-cluster state that only clusters touched since the last completed flush carry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct InFlight {
+pub(in crate::image) struct InFlight {
     /// Units of each slot that the last completed flush references: those bytes must not
     /// change.
     pub durable: [u64; 2],
@@ -31,7 +31,7 @@ pub(super) struct InFlight {
 }
 
 #[derive(Debug, Clone, Default)]
-pub(super) struct Entry {
+pub(in crate::image) struct Entry {
     pub host: [u64; 2],
     pub units: [u64; 2],
     pub zero: u64,
