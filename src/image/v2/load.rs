@@ -291,30 +291,39 @@ impl Replay<'_> {
         let start = self.header.journal_offset + self.tail + BLOCK;
         let end = (self.header.journal_offset + self.header.journal_capacity).min(self.file_length);
         let mut pos = start;
-        let mut fixed = [0u8; RECORD_HEADER];
+        // The region is read in chunks (a fully written journal would otherwise cost a
+        // read per block); holes are skipped.
+        let mut chunk = vec![0u8; (end.saturating_sub(start)).min(1 << 20) as usize];
         while pos + RECORD_HEADER as u64 <= end {
             match self.storage.next_data(pos) {
                 Ok(Some(d)) if d < end => pos = pos.max(d / BLOCK * BLOCK),
                 _ => break,
             }
-            if pos + RECORD_HEADER as u64 > end {
+            let n = (end - pos).min(chunk.len() as u64) as usize;
+            if n < RECORD_HEADER {
                 break;
             }
             self.storage
-                .read_at(&mut fixed, pos)
+                .read_at(&mut chunk[..n], pos)
                 .map_err(|e| io(self.path, "reading the journal", pos, e))?;
-            if let Some(s) = peek_record_sequence(&fixed, self.header.journal_epoch) {
-                if s >= self.seq {
-                    return Err(Error::Inconsistent {
-                        path: self.path.into(),
-                        reason: format!(
-                            "journal record {s} at offset {pos:#x} follows a damaged or missing record at offset {:#x}",
-                            self.header.journal_offset + self.tail
-                        ),
-                    });
+            for (i, block) in chunk[..n].chunks(BLOCK as usize).enumerate() {
+                if block.len() < RECORD_HEADER {
+                    break;
+                }
+                let at = pos + i as u64 * BLOCK;
+                if let Some(s) = peek_record_sequence(block, self.header.journal_epoch) {
+                    if s >= self.seq {
+                        return Err(Error::Inconsistent {
+                            path: self.path.into(),
+                            reason: format!(
+                                "journal record {s} at offset {at:#x} follows a damaged or missing record at offset {:#x}",
+                                self.header.journal_offset + self.tail
+                            ),
+                        });
+                    }
                 }
             }
-            pos += BLOCK;
+            pos += (n as u64).next_multiple_of(BLOCK);
         }
         Ok(())
     }
