@@ -212,6 +212,19 @@ impl Extent {
         self.start + self.len
     }
 
+    /// The extent in pieces of at most 2^24 blocks, the most one item holds on disk.
+    pub fn split_for_disk(self) -> impl Iterator<Item = Extent> {
+        let pieces = self.len.div_ceil(MAX_EXTENT_BLOCKS);
+        (0..pieces).map(move |i| {
+            let off = i * MAX_EXTENT_BLOCKS;
+            Extent {
+                start: self.start + off,
+                len: (self.len - off).min(MAX_EXTENT_BLOCKS),
+                mapping: self.mapping.advanced(off),
+            }
+        })
+    }
+
     pub fn encode(&self, out: &mut [u8]) {
         debug_assert!(self.len >= 1 && self.len <= MAX_EXTENT_BLOCKS);
         LE::write_u64(&mut out[0..], self.start | (self.len - 1) << 40);

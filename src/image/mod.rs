@@ -312,3 +312,43 @@ pub(crate) fn random_epoch() -> u64 {
     h.write_u128(now.as_nanos());
     h.finish()
 }
+
+/// An I/O error on the image file `path`, naming what was done and where.
+pub(crate) fn io_error(
+    path: &Path,
+    op: &'static str,
+    offset: u64,
+    source: std::io::Error,
+) -> Error {
+    Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    }
+}
+
+/// A request must lie inside the virtual size.
+pub(crate) fn check_request(path: &Path, offset: u64, length: u64, size: u64) -> Result<()> {
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            path: path.into(),
+            offset,
+            length,
+            size,
+        }),
+    }
+}
+
+/// Writes go to an image opened writable that has not failed (a failed flush whose
+/// recovery failed too leaves it refusing changes until it is reopened).
+pub(crate) fn check_may_write(path: &Path, read_only: bool, failed: bool) -> Result<()> {
+    if read_only {
+        return Err(Error::ReadOnly { path: path.into() });
+    }
+    if failed {
+        return Err(Error::Failed { path: path.into() });
+    }
+    Ok(())
+}

@@ -178,38 +178,19 @@ impl ImageV1 {
         offset: u64,
         source: std::io::Error,
     ) -> Error {
-        Error::Io {
-            path: self.path.clone(),
-            op,
-            offset,
-            source,
-        }
+        super::io_error(&self.path, op, offset, source)
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
-        match offset.checked_add(length) {
-            Some(end) if end <= self.virtual_size => Ok(()),
-            _ => Err(Error::OutOfRange {
-                path: self.path.clone(),
-                offset,
-                length,
-                size: self.virtual_size,
-            }),
-        }
+        super::check_request(&self.path, offset, length, self.virtual_size)
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly {
-                path: self.path.clone(),
-            });
-        }
-        if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Failed {
-                path: self.path.clone(),
-            });
-        }
-        Ok(())
+        super::check_may_write(
+            &self.path,
+            self.read_only,
+            self.failed.load(Ordering::Acquire),
+        )
     }
 
     fn host_offset(&self, host_cluster: u64, unit: u32) -> u64 {

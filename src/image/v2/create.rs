@@ -22,28 +22,9 @@ fn new_image_id() -> u64 {
 /// Writes a new, empty version-2 image with the size and backing file of `fields` (a
 /// version-1 header as `create` builds it) onto `storage`.
 pub fn create_on(storage: &dyn Storage, path: &Path, fields: &Header) -> Result<()> {
-    if fields.virtual_size > MAX_V2_VIRTUAL_SIZE {
-        return Err(Error::Invalid {
-            path: path.into(),
-            reason: format!(
-                "size {} exceeds the maximum of a version 2 image (2^52 bytes)",
-                fields.virtual_size
-            ),
-        });
-    }
-    let header = HeaderV2 {
-        generation: 1,
-        compatible_features: 0,
-        backing: fields.backing.clone(),
-        virtual_size: fields.virtual_size,
-        map_root: 0,
-        map_height: 0,
-        map_extents: 0,
-        journal_offset: FIRST_HOST_BLOCK * BLOCK,
-        journal_capacity: super::journal_capacity_for(fields.virtual_size),
-        journal_epoch: crate::image::random_epoch(),
-        image_id: new_image_id(),
-    };
+    let mut header = empty_header_like(path, fields)?;
+    header.generation = 1;
+    header.journal_offset = FIRST_HOST_BLOCK * BLOCK;
     let io = |op, offset, source| Error::Io {
         path: path.into(),
         op,
@@ -263,25 +244,33 @@ fn map_of_runs(
 
 /// The version-2 header that replaces `current`, one generation later.
 fn v2_header_for(path: &Path, current: &Header) -> Result<HeaderV2> {
-    if current.virtual_size > MAX_V2_VIRTUAL_SIZE {
+    let mut header = empty_header_like(path, current)?;
+    header.generation = current.generation + 1;
+    Ok(header)
+}
+
+/// A version-2 header with the size, backing file and compatible features of `fields`, an
+/// empty map, a new identity and epoch; the caller sets its generation and journal offset.
+fn empty_header_like(path: &Path, fields: &Header) -> Result<HeaderV2> {
+    if fields.virtual_size > MAX_V2_VIRTUAL_SIZE {
         return Err(Error::Invalid {
             path: path.into(),
             reason: format!(
                 "its size {} exceeds the maximum of a version 2 image (2^52 bytes)",
-                current.virtual_size
+                fields.virtual_size
             ),
         });
     }
     Ok(HeaderV2 {
-        generation: current.generation + 1,
-        compatible_features: current.compatible_features,
-        backing: current.backing.clone(),
-        virtual_size: current.virtual_size,
+        generation: 0,
+        compatible_features: fields.compatible_features,
+        backing: fields.backing.clone(),
+        virtual_size: fields.virtual_size,
         map_root: 0,
         map_height: 0,
         map_extents: 0,
         journal_offset: 0,
-        journal_capacity: super::journal_capacity_for(current.virtual_size),
+        journal_capacity: super::journal_capacity_for(fields.virtual_size),
         journal_epoch: crate::image::random_epoch(),
         image_id: new_image_id(),
     })

@@ -7,9 +7,7 @@ use super::tree::{TreeRoot, Updated};
 use super::{exclusive, load, lock, ImageV2, State};
 use crate::error::{Error, Result};
 use crate::format::header::MAX_GENERATION;
-use crate::format::v2::{
-    encode_record, record_len, Extent, HeaderV2, Mapping, BLOCK, MAX_EXTENT_BLOCKS,
-};
+use crate::format::v2::{encode_record, record_len, Extent, HeaderV2, Mapping, BLOCK};
 use crate::format::HEADER_SLOT_SIZE;
 use std::sync::atomic::Ordering;
 
@@ -92,7 +90,11 @@ impl ImageV2 {
         }
         st.snapshots_taken += 1;
         st.in_flight = std::mem::take(&mut st.pending);
-        let items: Vec<Extent> = st.in_flight.iter().flat_map(split_for_disk).collect();
+        let items: Vec<Extent> = st
+            .in_flight
+            .iter()
+            .flat_map(Extent::split_for_disk)
+            .collect();
         let len = record_len(items.len() as u64);
         let fits = st.journal_tail + len <= st.header.journal_capacity;
         let small = st.touched_leaves.len() < LEAF_BUDGET
@@ -434,17 +436,4 @@ impl ImageV2 {
         self.backing = backing.map(|(_, layer)| std::sync::Arc::new(layer));
         Ok(())
     }
-}
-
-/// Items on disk are at most 2^24 blocks long.
-fn split_for_disk(e: Extent) -> impl Iterator<Item = Extent> {
-    let pieces = e.len.div_ceil(MAX_EXTENT_BLOCKS);
-    (0..pieces).map(move |i| {
-        let off = i * MAX_EXTENT_BLOCKS;
-        Extent {
-            start: e.start + off,
-            len: (e.len - off).min(MAX_EXTENT_BLOCKS),
-            mapping: e.mapping.advanced(off),
-        }
-    })
 }

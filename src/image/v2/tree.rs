@@ -3,8 +3,8 @@
 use super::extents::ExtentMap;
 use crate::error::{Error, Result};
 use crate::format::v2::{
-    decode_page, encode_page, Extent, Mapping, PageBody, PageContext, BLOCK, MAX_EXTENT_BLOCKS,
-    MAX_HEIGHT, PAGE_CAPACITY, VIRTUAL_BLOCK_LIMIT,
+    decode_page, encode_page, Extent, Mapping, PageBody, PageContext, BLOCK, MAX_HEIGHT,
+    PAGE_CAPACITY, VIRTUAL_BLOCK_LIMIT,
 };
 use crate::storage::Storage;
 use std::collections::{HashMap, VecDeque};
@@ -496,7 +496,7 @@ impl Writer<'_, '_> {
                 }
             }
         }
-        let extents: Vec<Extent> = map.iter().flat_map(split_long).collect();
+        let extents: Vec<Extent> = map.iter().flat_map(Extent::split_for_disk).collect();
         self.extents_delta += extents.len() as i64 - old_count as i64;
         if extents.is_empty() {
             return Ok(Vec::new());
@@ -570,18 +570,6 @@ fn chunks<T>(items: &[T]) -> std::slice::Chunks<'_, T> {
     }
     let pages = items.len().div_ceil(PAGE_CAPACITY * 3 / 4);
     items.chunks(items.len().div_ceil(pages))
-}
-
-fn split_long(e: Extent) -> impl Iterator<Item = Extent> {
-    let pieces = e.len.div_ceil(MAX_EXTENT_BLOCKS);
-    (0..pieces).map(move |i| {
-        let off = i * MAX_EXTENT_BLOCKS;
-        Extent {
-            start: e.start + off,
-            len: (e.len - off).min(MAX_EXTENT_BLOCKS),
-            mapping: e.mapping.advanced(off),
-        }
-    })
 }
 
 /// The parts of sorted `updates` inside `[lo, hi)`.
