@@ -8,6 +8,7 @@ mod lib_support;
 use cowimg::image::Image;
 use cowimg::storage::{MemStorage, Storage};
 use cowimg::Error;
+use lib_support::crash_log::{for_each_crash_image_variant, CrashImage, CrashStorage, LogOp};
 use lib_support::{
     backing_content, fingerprint, fit, fresh_image_bytes, open_mem, raw_layer, read_all, Change,
 };
@@ -17,109 +18,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// One request the image made of its storage, in order.
-#[derive(Debug, Clone)]
-enum LogOp {
-    Write { offset: u64, data: Vec<u8> },
-    Punch { offset: u64, len: u64 },
-    SetLen(u64),
-    Sync,
-}
-
-/// Storage that serves reads from the latest bytes (what a running system sees) and keeps
-/// the log from which any crash state can be rebuilt.
-struct CrashStorage {
-    inner: Mutex<CrashInner>,
-}
-
-struct CrashInner {
-    current: Vec<u8>,
-    log: Vec<LogOp>,
-    syncs: usize,
-}
-
-impl CrashStorage {
-    fn new(initial: Vec<u8>) -> Self {
-        CrashStorage {
-            inner: Mutex::new(CrashInner {
-                current: initial,
-                log: Vec::new(),
-                syncs: 0,
-            }),
-        }
-    }
-    fn lock(&self) -> std::sync::MutexGuard<'_, CrashInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn syncs(&self) -> usize {
-        self.lock().syncs
-    }
-    fn log(&self) -> Vec<LogOp> {
-        self.lock().log.clone()
-    }
-}
-
-/// Applies a punch the way a file does: zeros, never past the end.
-fn punch(bytes: &mut [u8], offset: u64, len: u64) {
-    let start = (offset as usize).min(bytes.len());
-    let end = (offset.saturating_add(len) as usize).min(bytes.len());
-    bytes[start..end].fill(0);
-}
-
-fn apply(bytes: &mut Vec<u8>, op: &LogOp) {
-    match op {
-        LogOp::Write { offset, data } => cowimg::storage::apply_write(bytes, data, *offset),
-        LogOp::Punch { offset, len } => punch(bytes, *offset, *len),
-        LogOp::SetLen(len) => bytes.resize(*len as usize, 0),
-        LogOp::Sync => {}
-    }
-}
-
-impl Storage for CrashStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let g = self.lock();
-        let end = offset as usize + buf.len();
-        if end > g.current.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past the end",
-            ));
-        }
-        buf.copy_from_slice(&g.current[offset as usize..end]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut g = self.lock();
-        cowimg::storage::apply_write(&mut g.current, buf, offset);
-        g.log.push(LogOp::Write {
-            offset,
-            data: buf.to_vec(),
-        });
-        Ok(())
-    }
-    fn sync(&self) -> io::Result<()> {
-        let mut g = self.lock();
-        g.log.push(LogOp::Sync);
-        g.syncs += 1;
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.lock().current.len() as u64)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut g = self.lock();
-        punch(&mut g.current, offset, len);
-        g.log.push(LogOp::Punch { offset, len });
-        Ok(())
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut g = self.lock();
-        g.current.resize(len as usize, 0);
-        g.log.push(LogOp::SetLen(len));
-        Ok(())
-    }
-}
 
 /// A flush of the workload: the syncs done when it started and when it returned, and the
 /// state it made durable.
@@ -261,35 +159,6 @@ fn allowed_states(flushes: &[FlushRecord], syncs: usize) -> (usize, Vec<u64>) {
     (last, states)
 }
 
-/// Tears a write or a punch: keeps a random subset of its 512-byte sectors (by absolute
-/// offset).
-fn torn(op: &LogOp, rng: &mut StdRng) -> Vec<LogOp> {
-    let (offset, len) = match op {
-        LogOp::Write { offset, data } => (*offset, data.len() as u64),
-        LogOp::Punch { offset, len } => (*offset, *len),
-        other => return vec![other.clone()],
-    };
-    let mut pieces = Vec::new();
-    let mut pos = offset;
-    while pos < offset + len {
-        let next = ((pos / 512 + 1) * 512).min(offset + len);
-        if rng.gen_bool(0.5) {
-            pieces.push(match op {
-                LogOp::Write { data, .. } => LogOp::Write {
-                    offset: pos,
-                    data: data[(pos - offset) as usize..(next - offset) as usize].to_vec(),
-                },
-                _ => LogOp::Punch {
-                    offset: pos,
-                    len: next - pos,
-                },
-            });
-        }
-        pos = next;
-    }
-    pieces
-}
-
 /// What one crash image showed.
 enum Outcome {
     /// Matched the allowed state at this index of `allowed_states`.
@@ -383,57 +252,33 @@ fn check_every_sync_point(w: Workload) {
         "the workload synced only {total_syncs} times"
     );
     let mut rng = StdRng::seed_from_u64(w.seed ^ 0xc0ffee);
-    let mut durable = rec.initial.clone();
-    let mut ops = rec.log.iter().peekable();
     let mut saw_in_progress = 0usize;
     let mut checked = 0usize;
-    for k in 0..=total_syncs {
-        // The requests between sync k and sync k+1: any subset may have reached the disk.
-        let mut pending = Vec::new();
-        for op in ops.by_ref() {
-            if matches!(op, LogOp::Sync) {
-                break;
-            }
-            pending.push(op.clone());
-        }
-        let mut variants: Vec<(String, Vec<LogOp>)> =
-            vec![(format!("crash at sync {k}, nothing after it"), Vec::new())];
-        if !pending.is_empty() {
-            variants.push((
-                format!("crash at sync {k}, everything after it"),
-                pending.clone(),
-            ));
-            for v in 0..4 {
-                let subset: Vec<LogOp> = pending
-                    .iter()
-                    .filter(|_| rng.gen_bool(0.5))
-                    .cloned()
-                    .collect();
-                variants.push((format!("crash at sync {k}, random subset {v}"), subset));
-            }
-            for v in 0..2 {
-                let tear: Vec<LogOp> = pending.iter().flat_map(|op| torn(op, &mut rng)).collect();
-                variants.push((format!("crash at sync {k}, torn sectors {v}"), tear));
-            }
-        }
-        let last_variant = variants.len() - 1;
-        for (i, (what, subset)) in variants.into_iter().enumerate() {
-            let mut bytes = durable.clone();
-            for op in &subset {
-                apply(&mut bytes, op);
-            }
-            // Every few sync points, the last (most torn) variant also goes through `check`
-            // and carries on writing.
-            let continue_with = (k % 2 == 0 && i == last_variant).then_some(&mut rng);
-            let Outcome::State(which) =
-                check_crash_image(bytes, &rec, k, &format!("{w:?}: {what}"), continue_with, &w);
+    // For every sync point: nothing after it, everything up to the next, 4 random subsets and
+    // 2 sets of torn sectors.
+    for_each_crash_image_variant(
+        &rec.initial,
+        &rec.log,
+        &mut rng,
+        4,
+        2,
+        |image, variant, rng| {
+            let CrashImage { syncs, what, bytes } = image;
+            // Every few sync points, the last (most torn) variant also goes through `check` and
+            // carries on writing.
+            let continue_with = (syncs % 2 == 0 && variant.is_last()).then_some(rng);
+            let Outcome::State(which) = check_crash_image(
+                bytes,
+                &rec,
+                syncs,
+                &format!("{w:?}: {what}"),
+                continue_with,
+                &w,
+            );
             saw_in_progress += which;
             checked += 1;
-        }
-        for op in pending {
-            apply(&mut durable, &op);
-        }
-    }
+        },
+    );
     assert!(
         checked > total_syncs,
         "only {checked} crash images were checked"

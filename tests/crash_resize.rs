@@ -7,125 +7,12 @@ mod lib_support;
 
 use cowimg::image::Image;
 use cowimg::storage::{MemStorage, Storage};
+use lib_support::crash_log::{apply, torn, CrashStorage, LogOp};
 use lib_support::{backing_content, fit, fresh_image_bytes, open_mem, raw_layer, read_all, Change};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-#[derive(Debug, Clone)]
-enum LogOp {
-    Write { offset: u64, data: Vec<u8> },
-    Punch { offset: u64, len: u64 },
-    SetLen(u64),
-    Sync,
-}
-
-/// Reads see the latest bytes; the log rebuilds any crash state.
-struct CrashStorage {
-    inner: Mutex<(Vec<u8>, Vec<LogOp>)>,
-}
-
-impl CrashStorage {
-    fn new(initial: Vec<u8>) -> Self {
-        CrashStorage {
-            inner: Mutex::new((initial, Vec::new())),
-        }
-    }
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<u8>, Vec<LogOp>)> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn bytes_and_log(&self) -> (Vec<u8>, Vec<LogOp>) {
-        self.lock().clone()
-    }
-    fn log_len(&self) -> usize {
-        self.lock().1.len()
-    }
-}
-
-fn punch(bytes: &mut [u8], offset: u64, len: u64) {
-    let start = (offset as usize).min(bytes.len());
-    let end = (offset.saturating_add(len) as usize).min(bytes.len());
-    bytes[start..end].fill(0);
-}
-
-fn apply(bytes: &mut Vec<u8>, op: &LogOp) {
-    match op {
-        LogOp::Write { offset, data } => cowimg::storage::apply_write(bytes, data, *offset),
-        LogOp::Punch { offset, len } => punch(bytes, *offset, *len),
-        LogOp::SetLen(len) => bytes.resize(*len as usize, 0),
-        LogOp::Sync => {}
-    }
-}
-
-impl Storage for CrashStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let g = self.lock();
-        let end = offset as usize + buf.len();
-        if end > g.0.len() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "past the end"));
-        }
-        buf.copy_from_slice(&g.0[offset as usize..end]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut g = self.lock();
-        cowimg::storage::apply_write(&mut g.0, buf, offset);
-        g.1.push(LogOp::Write {
-            offset,
-            data: buf.to_vec(),
-        });
-        Ok(())
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.lock().1.push(LogOp::Sync);
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.lock().0.len() as u64)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut g = self.lock();
-        punch(&mut g.0, offset, len);
-        g.1.push(LogOp::Punch { offset, len });
-        Ok(())
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut g = self.lock();
-        g.0.resize(len as usize, 0);
-        g.1.push(LogOp::SetLen(len));
-        Ok(())
-    }
-}
-
-/// A write or punch torn at 512-byte sectors: each sector is kept or lost at random.
-fn torn(op: &LogOp, rng: &mut StdRng) -> Vec<LogOp> {
-    let (offset, len) = match op {
-        LogOp::Write { offset, data } => (*offset, data.len() as u64),
-        LogOp::Punch { offset, len } => (*offset, *len),
-        other => return vec![other.clone()],
-    };
-    let mut pieces = Vec::new();
-    let mut pos = offset;
-    while pos < offset + len {
-        let next = ((pos / 512 + 1) * 512).min(offset + len);
-        if rng.gen_bool(0.5) {
-            pieces.push(match op {
-                LogOp::Write { data, .. } => LogOp::Write {
-                    offset: pos,
-                    data: data[(pos - offset) as usize..(next - offset) as usize].to_vec(),
-                },
-                _ => LogOp::Punch {
-                    offset: pos,
-                    len: next - pos,
-                },
-            });
-        }
-        pos = next;
-    }
-    pieces
-}
+use std::sync::Arc;
 
 struct Scenario {
     size: u64,
@@ -177,8 +64,8 @@ fn record(s: &Scenario) -> Recorded {
         .expect("writing the tail");
     image.flush().expect("flushing the changes");
     let old = read_all(&image);
-    let (start, _) = storage.bytes_and_log();
-    let log_start = storage.log_len();
+    let start = storage.contents();
+    let log_start = storage.log().len();
     image.resize(s.new_size).expect("resizing");
     assert_eq!(image.virtual_size(), s.new_size);
     let new = read_all(&image);
@@ -187,7 +74,7 @@ fn record(s: &Scenario) -> Recorded {
         fit(&old, s.new_size as usize),
         "after the resize, the image reads its old data up to the new size and zeros beyond"
     );
-    let (_, log) = storage.bytes_and_log();
+    let log = storage.log();
     Recorded {
         start,
         log: log[log_start..].to_vec(),

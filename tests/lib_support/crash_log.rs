@@ -1,7 +1,6 @@
-//! Power-loss simulation shared by the crash suites of version 2 (`crash_v2`, `upgrade_v2`):
-//! storage that logs every write, punch, length change and sync, and the crash images a log
-//! allows. This is `tests/crash.rs`'s simulator, taken out so that new suites need not copy
-//! it; `tests/crash.rs` keeps its own copy.
+//! Power-loss simulation shared by the crash suites (`crash`, `crash_resize`, `crash_v2`,
+//! `upgrade_v2`): storage that logs every write, punch, length change and sync, and the
+//! crash images a log allows.
 use cowimg::storage::Storage;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -168,6 +167,23 @@ pub struct CrashImage {
     pub bytes: Vec<u8>,
 }
 
+/// Where a crash image stands among the images of its sync point, in the order
+/// `for_each_crash_image` makes them: nothing after the sync, everything up to the next
+/// one, the random subsets, then the torn sectors (the last, when there are tears).
+#[derive(Debug, Clone, Copy)]
+pub struct Variant {
+    pub index: usize,
+    /// How many images this sync point has.
+    pub count: usize,
+}
+
+impl Variant {
+    /// The sync point's last image.
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+}
+
 /// Calls `f` with every crash image of `log` over `initial`: for every sync point, the disk
 /// with nothing of what followed it, with everything up to the next sync, with `subsets`
 /// random subsets of those requests and with `tears` sets of torn sectors.
@@ -178,6 +194,21 @@ pub fn for_each_crash_image(
     subsets: usize,
     tears: usize,
     mut f: impl FnMut(CrashImage, &mut StdRng),
+) {
+    for_each_crash_image_variant(initial, log, rng, subsets, tears, |image, _, rng| {
+        f(image, rng)
+    });
+}
+
+/// `for_each_crash_image`, also telling `f` which of its sync point's images each one is.
+/// The images, their order and the draws from `rng` are the same.
+pub fn for_each_crash_image_variant(
+    initial: &[u8],
+    log: &[LogOp],
+    rng: &mut StdRng,
+    subsets: usize,
+    tears: usize,
+    mut f: impl FnMut(CrashImage, Variant, &mut StdRng),
 ) {
     let total_syncs = log.iter().filter(|op| matches!(op, LogOp::Sync)).count();
     let mut durable = initial.to_vec();
@@ -211,7 +242,8 @@ pub fn for_each_crash_image(
                 variants.push((format!("crash at sync {k}, torn sectors {v}"), tear));
             }
         }
-        for (what, subset) in variants {
+        let count = variants.len();
+        for (index, (what, subset)) in variants.into_iter().enumerate() {
             let mut bytes = durable.clone();
             for op in &subset {
                 apply(&mut bytes, op);
@@ -222,6 +254,7 @@ pub fn for_each_crash_image(
                     what,
                     bytes,
                 },
+                Variant { index, count },
                 rng,
             );
         }
