@@ -499,18 +499,44 @@ pub fn record_len(items: u64) -> u64 {
 }
 
 /// The fixed part of a record that may be the next one: `(item count, crc, digest)`.
-pub fn parse_record_header(b: &[u8], epoch: u64, sequence: u64) -> Option<(u32, u32, u64)> {
+pub fn parse_record_header(b: &[u8], epoch: u64, sequence: u64) -> Option<RecordHeader> {
+    let flags = LE::read_u32(&b[0x1c..]);
+    // Only the first record of a journal may be a carried one.
+    let flags_ok = flags == 0 || (flags == RECORD_CARRIED && sequence == 1);
     (b[0..4] == MAGIC_V2_RECORD
         && LE::read_u64(&b[0x08..]) == epoch
         && LE::read_u64(&b[0x10..]) == sequence
-        && LE::read_u32(&b[0x1c..]) == 0)
-        .then(|| {
-            (
-                LE::read_u32(&b[0x18..]),
-                LE::read_u32(&b[0x04..]),
-                LE::read_u64(&b[0x20..]),
-            )
+        && flags_ok)
+        .then(|| RecordHeader {
+            count: LE::read_u32(&b[0x18..]),
+            crc: LE::read_u32(&b[0x04..]),
+            digest: LE::read_u64(&b[0x20..]),
+            carried: flags == RECORD_CARRIED,
         })
+}
+
+/// The fixed part of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub count: u32,
+    pub crc: u32,
+    pub digest: u64,
+    /// The changes a tree flush left out, carried into its new journal: their data was
+    /// durable before the record was written, so replay never reads it back.
+    pub carried: bool,
+}
+
+/// Flag (at 0x1c) of a carried record (FORMAT-v2.md, "Journal").
+pub const RECORD_CARRIED: u32 = 1;
+
+/// The first record of a new journal holding the changes its tree flush left out.
+pub fn encode_carried_record(epoch: u64, items: &[Extent]) -> Vec<u8> {
+    let mut b = encode_record(epoch, 1, items, 0);
+    LE::write_u32(&mut b[0x1c..], RECORD_CARRIED);
+    let end = RECORD_HEADER + items.len() * ITEM_SIZE;
+    let crc = crc32(&[&b[0x08..end]]);
+    LE::write_u32(&mut b[0x04..], crc);
+    b
 }
 
 /// The sequence of what looks like a record of `epoch` (for "damage in the middle").
@@ -628,13 +654,27 @@ mod tests {
             },
         ];
         let r = encode_record(11, 1, &items, 99);
-        let (count, crc, digest) = parse_record_header(&r, 11, 1).unwrap();
-        assert_eq!(digest, 99);
-        assert_eq!(decode_record_items(&r, count, crc, 1 << 20).unwrap(), items);
+        let h = parse_record_header(&r, 11, 1).unwrap();
+        assert_eq!((h.digest, h.carried), (99, false));
+        assert_eq!(
+            decode_record_items(&r, h.count, h.crc, 1 << 20).unwrap(),
+            items
+        );
+        let carried = encode_carried_record(11, &items);
+        let h = parse_record_header(&carried, 11, 1).unwrap();
+        assert!(h.carried);
+        assert_eq!(
+            decode_record_items(&carried, h.count, h.crc, 1 << 20).unwrap(),
+            items
+        );
+        assert!(
+            parse_record_header(&carried, 11, 2).is_none(),
+            "only record 1 is carried"
+        );
         let overlapping = [items[1], items[0]];
         let r = encode_record(11, 1, &overlapping, 99);
-        let (count, crc, _) = parse_record_header(&r, 11, 1).unwrap();
-        assert!(decode_record_items(&r, count, crc, 1 << 20).is_err());
+        let h = parse_record_header(&r, 11, 1).unwrap();
+        assert!(decode_record_items(&r, h.count, h.crc, 1 << 20).is_err());
     }
 
     #[test]

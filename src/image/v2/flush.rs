@@ -7,16 +7,20 @@ use super::tree::{TreeRoot, Updated};
 use super::{exclusive, load, lock, ImageV2, State};
 use crate::error::{Error, Result};
 use crate::format::header::MAX_GENERATION;
-use crate::format::v2::{encode_record, record_len, Extent, HeaderV2, Mapping, BLOCK};
+use crate::format::v2::{
+    encode_carried_record, encode_record, record_len, Extent, HeaderV2, Mapping, BLOCK,
+};
 use crate::format::HEADER_SLOT_SIZE;
 use std::sync::atomic::Ordering;
 
-/// A tree flush rewrites at most about this many leaves (and the pages above them).
-const LEAF_BUDGET: usize = 1024;
 /// The changes journaled since the tree was written are held in memory; past this many
-/// extents the next flush writes them into the tree, so that an image's memory stays
+/// extents the next flush writes changes into the tree, so that an image's memory stays
 /// small however much was written (a server holds many images).
 const JOURNALED_BUDGET: usize = 4096;
+/// A tree flush applies at most this many extents of changes (so it rewrites at most as
+/// many leaves, and the pages above them); the rest are carried into the new journal.
+/// This bounds the longest flush whatever the size of the map.
+const TREE_FLUSH_EXTENTS: usize = 256;
 
 struct Snapshot {
     number: u64,
@@ -33,6 +37,8 @@ enum Path {
     },
     Tree {
         updates: ExtentMap,
+        /// Changes left out of this tree flush: the first record of the new journal.
+        carried: ExtentMap,
         header: HeaderV2,
         active_slot: usize,
     },
@@ -48,6 +54,8 @@ enum Done {
         updated: Updated,
         header: HeaderV2,
         old_journal: (u64, u64),
+        carried: ExtentMap,
+        journal_tail: u64,
     },
 }
 
@@ -97,8 +105,7 @@ impl ImageV2 {
             .collect();
         let len = record_len(items.len() as u64);
         let fits = st.journal_tail + len <= st.header.journal_capacity;
-        let small = st.touched_leaves.len() < LEAF_BUDGET
-            && st.journaled.len() + st.in_flight.len() <= JOURNALED_BUDGET;
+        let small = st.journaled.len() + st.in_flight.len() <= JOURNALED_BUDGET;
         let path = if fits && small && st.pending_resize.is_none() {
             let reserve = (!st.journal_reserved)
                 .then_some((st.header.journal_offset, st.header.journal_capacity));
@@ -109,8 +116,27 @@ impl ImageV2 {
                 reserve,
             }
         } else {
-            let mut updates = st.journaled.clone();
-            updates.apply(&st.in_flight);
+            let mut all = st.journaled.clone();
+            all.apply(&st.in_flight);
+            let (updates, carried) = if st.pending_resize.is_some() {
+                // A resize publishes its whole map with the new size.
+                (all, ExtentMap::default())
+            } else {
+                split_at_cursor(all, &mut st.tree_cursor)
+            };
+            // The carried changes take at most half the new journal; else all are applied.
+            let capacity = super::journal_capacity_for(st.header.virtual_size);
+            let carried_items: u64 = carried
+                .iter()
+                .map(|e| e.len.div_ceil(crate::format::v2::MAX_EXTENT_BLOCKS))
+                .sum();
+            let (updates, carried) = if record_len(carried_items) + BLOCK > capacity / 2 {
+                let mut all = updates;
+                all.apply(&carried);
+                (all, ExtentMap::default())
+            } else {
+                (updates, carried)
+            };
             if st.header.generation >= MAX_GENERATION {
                 return Err(Error::Invalid {
                     path: self.path.clone(),
@@ -124,6 +150,7 @@ impl ImageV2 {
             }
             Path::Tree {
                 updates,
+                carried,
                 header,
                 active_slot: st.active_slot,
             }
@@ -172,6 +199,7 @@ impl ImageV2 {
     fn write_tree(&self, s: &Snapshot) -> Result<Done> {
         let Path::Tree {
             updates,
+            carried,
             header,
             active_slot,
         } = &s.path
@@ -200,14 +228,25 @@ impl ImageV2 {
             for h in claimed.drain(..) {
                 st.alloc.release(h);
             }
-            st.alloc
-                .allocate_at_end(super::journal_capacity_for(header.virtual_size) / BLOCK)
+            // The region of the journal before the current one is kept for this: tree
+            // flushes alternate between two regions instead of growing the file by one each.
+            let blocks = super::journal_capacity_for(header.virtual_size) / BLOCK;
+            match st.spare_journal.take() {
+                Some(spare) if spare.1 == blocks => spare,
+                other => {
+                    if let Some((s, n)) = other {
+                        let _ = self.storage.punch_hole(s * BLOCK, n * BLOCK);
+                    }
+                    st.alloc.allocate_at_end(blocks)
+                }
+            }
         };
         let updated = updated?;
         // The new region stays claimed until the publish reserves it: it is all holes, and
         // a write running meanwhile that reuses holes would be given blocks in it, which
         // the next record then overwrites.
-        let new_header = match self.write_tree_header(&updated, header, *active_slot, journal) {
+        let written = self.write_tree_header(&updated, header, *active_slot, journal, carried);
+        let (new_header, journal_tail) = match written {
             Ok(h) => h,
             Err(e) => {
                 lock(&self.state).alloc.release(journal.0);
@@ -221,17 +260,21 @@ impl ImageV2 {
                 old_header.journal_offset / BLOCK,
                 old_header.journal_capacity / BLOCK,
             ),
+            carried: carried.clone(),
+            journal_tail,
         })
     }
 
-    /// Steps T1 (the new journal region) to T4 once the pages are written.
+    /// Steps T1 (the new journal region, with the carried changes) to T4 once the pages
+    /// are written. Returns the new header and where the next record goes.
     fn write_tree_header(
         &self,
         updated: &Updated,
         header: &HeaderV2,
         active_slot: usize,
         journal: (u64, u64),
-    ) -> Result<HeaderV2> {
+        carried: &ExtentMap,
+    ) -> Result<(HeaderV2, u64)> {
         let (js, jl) = journal;
         let journal_end = (js + jl) * BLOCK;
         let len = self
@@ -245,6 +288,8 @@ impl ImageV2 {
         }
         // A new region reads as zeros wherever holes can be punched (it was past the end).
         let _ = self.storage.punch_hole(js * BLOCK, jl * BLOCK);
+        let epoch = crate::image::random_epoch();
+        let tail = self.write_carried(js * BLOCK, epoch, carried)?;
         self.storage
             .sync()
             .map_err(|e| self.io_err("syncing", 0, e))?;
@@ -259,7 +304,7 @@ impl ImageV2 {
         new_header.map_extents = extents;
         new_header.journal_offset = js * BLOCK;
         new_header.journal_capacity = jl * BLOCK;
-        new_header.journal_epoch = crate::image::random_epoch();
+        new_header.journal_epoch = epoch;
         let slot_at = ((1 - active_slot) * HEADER_SLOT_SIZE) as u64;
         self.storage
             .write_at(&new_header.to_bytes(), slot_at)
@@ -267,7 +312,22 @@ impl ImageV2 {
         self.storage
             .sync()
             .map_err(|e| self.io_err("syncing", 0, e))?;
-        Ok(new_header)
+        Ok((new_header, tail))
+    }
+
+    /// The changes a tree flush left out, as the new journal's first record, marked
+    /// carried: their data is durable already, so replay never reads it back. Returns the
+    /// journal's tail after it.
+    fn write_carried(&self, journal_at: u64, epoch: u64, carried: &ExtentMap) -> Result<u64> {
+        if carried.is_empty() {
+            return Ok(0);
+        }
+        let items: Vec<Extent> = carried.iter().flat_map(Extent::split_for_disk).collect();
+        let bytes = encode_carried_record(epoch, &items);
+        self.storage
+            .write_at(&bytes, journal_at)
+            .map_err(|e| self.io_err("writing a journal record", journal_at, e))?;
+        Ok(bytes.len() as u64)
     }
 
     fn publish(&self, number: u64, done: Done) {
@@ -290,25 +350,30 @@ impl ImageV2 {
                     updated,
                     header,
                     old_journal,
+                    carried,
+                    journal_tail,
                 } => {
                     st.in_flight = ExtentMap::default();
-                    st.journaled = ExtentMap::default();
+                    st.journaled = carried;
                     st.tree = updated.root;
-                    st.alloc.set_reserved(vec![(
-                        header.journal_offset / BLOCK,
-                        header.journal_capacity / BLOCK,
-                    )]);
+                    st.alloc.set_reserved(vec![
+                        (
+                            header.journal_offset / BLOCK,
+                            header.journal_capacity / BLOCK,
+                        ),
+                        old_journal,
+                    ]);
                     st.alloc.release(header.journal_offset / BLOCK);
                     st.header = header;
                     st.active_slot = 1 - st.active_slot;
-                    st.journal_tail = 0;
-                    st.journal_next_seq = 1;
+                    // The carried record, when there is one, is record 1.
+                    st.journal_tail = journal_tail;
+                    st.journal_next_seq = if journal_tail == 0 { 1 } else { 2 };
                     st.last_record_has_data = false;
                     st.journal_reserved = false;
                     st.pending_resize = None;
-                    // Leaves the pending changes fall in are looked up again when they flush.
-                    st.touched_leaves.clear();
-                    freed.push(old_journal);
+                    // The old region is the next tree flush's (punched at close).
+                    st.spare_journal = Some(old_journal);
                     for page in updated.replaced_pages {
                         freed.push((page / BLOCK, 1));
                         forgotten_pages.push(page);
@@ -436,4 +501,27 @@ impl ImageV2 {
         self.backing = backing.map(|(_, layer)| std::sync::Arc::new(layer));
         Ok(())
     }
+}
+
+/// Splits the changes of a tree flush into the at most [`TREE_FLUSH_EXTENTS`] it applies,
+/// taken in key order from `cursor` on (wrapping around, so that every range gets its
+/// turn), and the rest, which it carries into the new journal.
+fn split_at_cursor(all: ExtentMap, cursor: &mut u64) -> (ExtentMap, ExtentMap) {
+    if all.len() <= TREE_FLUSH_EXTENTS {
+        *cursor = 0;
+        return (all, ExtentMap::default());
+    }
+    let mut applied = ExtentMap::default();
+    let mut carried = ExtentMap::default();
+    let after: Vec<Extent> = all.iter().filter(|e| e.start >= *cursor).collect();
+    let before: Vec<Extent> = all.iter().filter(|e| e.start < *cursor).collect();
+    for (i, e) in after.iter().chain(before.iter()).enumerate() {
+        if i < TREE_FLUSH_EXTENTS {
+            applied.set(e.start, e.len, e.mapping);
+            *cursor = e.end();
+        } else {
+            carried.set(e.start, e.len, e.mapping);
+        }
+    }
+    (applied, carried)
 }

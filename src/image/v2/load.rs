@@ -4,7 +4,7 @@ use super::extents::ExtentMap;
 use crate::error::{Error, Result};
 use crate::format::v2::{
     decode_record_items, parse_record_header, peek_record_sequence, record_len, Extent, HeaderV2,
-    Mapping, BLOCK, RECORD_HEADER, VERSION_2,
+    Mapping, RecordHeader, BLOCK, RECORD_HEADER, VERSION_2,
 };
 use crate::format::{FormatError, Header, HEADER_SLOT_SIZE};
 use crate::storage::Storage;
@@ -157,9 +157,16 @@ struct Replay<'a> {
     path: &'a Path,
     header: &'a HeaderV2,
     file_length: u64,
-    records: Vec<(u64, Vec<Extent>, u64)>,
+    records: Vec<(u64, Record)>,
     tail: u64,
     seq: u64,
+}
+
+/// A record accepted by replay: its items, its data digest, and whether it is carried.
+struct Record {
+    items: Vec<Extent>,
+    digest: u64,
+    carried: bool,
 }
 
 struct Replayed {
@@ -188,15 +195,16 @@ impl Replay<'_> {
     }
 
     fn run(mut self) -> Result<Replayed> {
-        while let Some((items, digest)) = self.next_record()? {
-            let len = record_len(items.len() as u64);
-            self.records.push((self.tail, items, digest));
+        while let Some(record) = self.next_record()? {
+            let len = record_len(record.items.len() as u64);
+            self.records.push((self.tail, record));
             self.tail += len;
             self.seq += 1;
         }
         // The last record shared its barrier with its data: keep it only if the data landed.
-        if let Some((at, items, digest)) = self.records.last() {
-            if !self.data_matches(items, *digest)? {
+        // A carried record's data was durable before it was written.
+        if let Some((at, record)) = self.records.last() {
+            if !record.carried && !self.data_matches(&record.items, record.digest)? {
                 self.tail = *at;
                 self.seq -= 1;
                 self.records.pop();
@@ -205,9 +213,13 @@ impl Replay<'_> {
         self.check_no_later_record()?;
         let mut map = ExtentMap::default();
         let mut last_has_data = false;
-        for (_, items, _) in &self.records {
-            last_has_data = items.iter().any(|e| matches!(e.mapping, Mapping::Data(_)));
-            for e in items {
+        for (_, record) in &self.records {
+            last_has_data = !record.carried
+                && record
+                    .items
+                    .iter()
+                    .any(|e| matches!(e.mapping, Mapping::Data(_)));
+            for e in &record.items {
                 self.check_inside_file(e)?;
                 map.set(e.start, e.len, e.mapping);
             }
@@ -220,7 +232,7 @@ impl Replay<'_> {
         })
     }
 
-    fn next_record(&self) -> Result<Option<(Vec<Extent>, u64)>> {
+    fn next_record(&self) -> Result<Option<Record>> {
         let cap = self.header.journal_capacity;
         if self.tail + RECORD_HEADER as u64 > cap {
             return Ok(None);
@@ -230,8 +242,12 @@ impl Replay<'_> {
         self.storage
             .read_at(&mut fixed, at)
             .map_err(|e| io(self.path, "reading the journal", at, e))?;
-        let Some((count, crc, digest)) =
-            parse_record_header(&fixed, self.header.journal_epoch, self.seq)
+        let Some(RecordHeader {
+            count,
+            crc,
+            digest,
+            carried,
+        }) = parse_record_header(&fixed, self.header.journal_epoch, self.seq)
         else {
             return Ok(None);
         };
@@ -244,7 +260,11 @@ impl Replay<'_> {
             .read_at(&mut body, at)
             .map_err(|e| io(self.path, "reading the journal", at, e))?;
         match decode_record_items(&body, count, crc, self.header.virtual_blocks()) {
-            Ok(items) => Ok(Some((items, digest))),
+            Ok(items) => Ok(Some(Record {
+                items,
+                digest,
+                carried,
+            })),
             Err(FormatError::ChecksumMismatch { .. }) => Ok(None),
             Err(e) => Err(corrupt(self.path, "journal record", at, e)),
         }

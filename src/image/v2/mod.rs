@@ -32,7 +32,6 @@ use crate::format::v2::{Extent, HeaderV2, Mapping, BLOCK};
 use crate::storage::Storage;
 use alloc::Allocator;
 use extents::ExtentMap;
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -87,9 +86,11 @@ struct State {
     journal_reserved: bool,
     snapshots_taken: u64,
     snapshots_published: u64,
-    /// Leaves of the tree that the journaled and pending changes fall in: the tree flush
-    /// rewrites them, so their number bounds its size.
-    touched_leaves: HashSet<u64>,
+    /// Where the next tree flush starts applying changes (FORMAT-v2.md, "The flush
+    /// protocol"): a tree flush applies a bounded number, in key order from here.
+    tree_cursor: u64,
+    /// The journal region before the current one, kept (reserved) for the next tree flush.
+    spare_journal: Option<(u64, u64)>,
     alloc: Allocator,
     /// A resize waiting for its flush, which then takes the tree path.
     pending_resize: Option<u64>,
@@ -120,7 +121,8 @@ impl State {
             journal_reserved: false,
             snapshots_taken: 0,
             snapshots_published: 0,
-            touched_leaves: HashSet::new(),
+            tree_cursor: 0,
+            spare_journal: None,
             alloc,
             pending_resize: None,
         }
@@ -491,6 +493,10 @@ impl Drop for ImageV2 {
     fn drop(&mut self) {
         if !self.read_only && !self.failed.load(Ordering::Acquire) && self.flush().is_ok() {
             let _ = self.seal();
+        }
+        // Nothing references the spare journal region once the image is closed.
+        if let Some((s, n)) = lock(&self.state).spare_journal.take() {
+            let _ = self.storage.punch_hole(s * BLOCK, n * BLOCK);
         }
     }
 }

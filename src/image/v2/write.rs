@@ -188,14 +188,12 @@ impl ImageV2 {
             below.push((p, start + len));
         }
         for (s, e) in below {
-            let mut leaves = Vec::new();
             let old = {
                 let saved = std::mem::take(&mut st.pending);
-                let r = self.resolve(st, s, e, &mut |l| leaves.push(l));
+                let r = self.resolve(st, s, e, &mut |_| {});
                 st.pending = saved;
                 r?
             };
-            st.touched_leaves.extend(leaves);
             for o in old {
                 if let Mapping::Data(h) = o.mapping {
                     st.to_free.push((release_at, h, o.len));
