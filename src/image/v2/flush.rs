@@ -44,7 +44,8 @@ enum Path {
     },
 }
 
-/// What a completed flush publishes.
+/// What a completed flush publishes (one per flush: the size of the variants is no cost).
+#[allow(clippy::large_enum_variant)]
 enum Done {
     Journal {
         len: u64,
