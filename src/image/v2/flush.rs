@@ -71,10 +71,17 @@ impl ImageV2 {
                 path: self.path.clone(),
             });
         }
+        // The first snapshot taken from now on covers every write completed before this
+        // call; flushes queued behind another that took such a snapshot return once it is
+        // published, without a barrier of their own (group commit).
+        let needed = lock(&self.state).snapshots_taken + 1;
         let _serial = lock(&self.flush_serial);
         let snapshot = {
             let _pause = exclusive(&self.gate);
             let mut st = lock(&self.state);
+            if st.snapshots_published >= needed {
+                return Ok(());
+            }
             self.snapshot(&mut st)?
         };
         let Some(snapshot) = snapshot else {
@@ -420,8 +427,10 @@ impl ImageV2 {
         match load::load(self.storage.as_ref(), &self.path) {
             Ok(loaded) => {
                 let old = std::mem::replace(&mut *st, State::from_loaded(loaded));
+                // The failed snapshot is not published: flushes queued behind it take their
+                // own, against the state gone back to.
                 st.snapshots_taken = old.snapshots_taken;
-                st.snapshots_published = old.snapshots_taken;
+                st.snapshots_published = old.snapshots_published;
                 self.cache.forget_image(st.header.image_id);
                 self.cache.forget_image(old.header.image_id);
                 self.reverts.fetch_add(1, Ordering::AcqRel);
