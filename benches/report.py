@@ -376,7 +376,10 @@ def render_v2(v2, lines, checks):
         return "-" if x is None else f"{x / MIB:,.1f} MiB"
 
     def ratio(a, b):
-        return f"{a / b:.2f}x" if a and b else "-"
+        if not a or not b:
+            return "-"
+        r = a / b
+        return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
 
     lines.append("### Format version 2\n")
     lines.append("`benches/v2.py`: cowimg v2, cowimg v1 and qcow2 (qemu-nbd, `l2-cache-size=32M`; "
