@@ -370,6 +370,240 @@ def export_checks(by, r, kind, lines, checks):
                            f"{c / MIB:,.1f} MiB vs {b / MIB:,.1f} MiB", c < b))
 
 
+def render_v2(v2, lines, checks):
+    """benches/v2.py: format version 2 beside version 1 and qcow2 (issue 13's targets)."""
+    p = v2["params"]
+    lab = v2.get("labels", {})
+    fmts = ["v2", "v1", "qcow2"]
+
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:,.1f} ms"
+
+    def mib(x):
+        return "-" if x is None else f"{x / MIB:,.1f} MiB"
+
+    def ratio(a, b):
+        if not a or not b:
+            return "-"
+        r = a / b
+        return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
+
+    lines.append("### Format version 2\n")
+    lines.append("`benches/v2.py`: cowimg v2, cowimg v1 and qcow2 (qemu-nbd, `l2-cache-size=32M`; "
+                 "v2's page cache is its default 32 MiB) side by side in one run; each section's "
+                 "method is in the script's docstring. Medians over the repetitions; the machine "
+                 "is shared, so compare within a table.\n")
+    if "open" in v2:
+        lines.append("#### Open and memory (1 TiB virtual disk, one 4 KiB block in each of N "
+                     "scattered 64 KiB clusters)\n")
+        lines.append(f"First reply: from spawning the server to the reply of a 4 KiB read of a "
+                     f"written block (libnbd). Median (min-max) of {p['open_reps']} runs, formats "
+                     f"alternating; counts made one format at a time (16 GiB images) are marked "
+                     f"*alone*. RSS: the server's VmRSS right after that reply, then VmRSS / VmHWM "
+                     f"after {p['rss_seconds']} s of random 4 KiB reads of written blocks. `info`: "
+                     f"`cowimg info` / `qemu-img info` wall time and peak RSS. Journal: what an "
+                     f"open of a cowimg image replays.\n")
+        lines.append("| clusters | format | first reply | info | info peak RSS | RSS after open | "
+                     "RSS / peak after reads | file allocated | journal used |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for n, res in sorted(v2["open"].items(), key=lambda kv: int(kv[0])):
+            for f in fmts:
+                r = res.get(f)
+                if not r or "first_reply_s" not in r:
+                    continue
+                name = f"**{lab.get(f, f)}**" if f == "v2" else lab.get(f, f)
+                if r.get("alone"):
+                    name += " *alone*"
+                ju = (f"{r['journal_used'] / MIB:.2f} / {r['journal_capacity'] / MIB:.0f} MiB"
+                      if r.get("journal_capacity") else "-")
+                lines.append(
+                    f"| {int(n):,} | {name} | {ms(r['first_reply_s'])} ({r['first_reply_s_min'] * 1e3:,.1f}-"
+                    f"{r['first_reply_s_max'] * 1e3:,.1f}) | {ms(r['info_s'])} | {mib(r['info_peak_rss'])} | "
+                    f"{mib(r['rss_open'])} | {mib(r['rss_reads'])} / {mib(r['hwm_reads_max'])} | "
+                    f"{mib(r['file_allocated'])} | {ju} |")
+        lines.append("")
+        lines.append("v2's first reply and `info` time against the others (> 1: v2 takes longer):\n")
+        lines.append("| clusters | first reply v2 ÷ v1 | first reply v2 ÷ qcow2 | info v2 ÷ v1 | info v2 ÷ qcow2 |")
+        lines.append("|---|---|---|---|---|")
+        for n, res in sorted(v2["open"].items(), key=lambda kv: int(kv[0])):
+            g = {f: res.get(f, {}) for f in fmts}
+            lines.append(f"| {int(n):,} | {ratio(g['v2'].get('first_reply_s'), g['v1'].get('first_reply_s'))} | "
+                         f"{ratio(g['v2'].get('first_reply_s'), g['qcow2'].get('first_reply_s'))} | "
+                         f"{ratio(g['v2'].get('info_s'), g['v1'].get('info_s'))} | "
+                         f"{ratio(g['v2'].get('info_s'), g['qcow2'].get('info_s'))} |")
+        lines.append("")
+        for n, res in sorted(v2["open"].items(), key=lambda kv: int(kv[0])):
+            r = res.get("v2", {})
+            if int(n) >= 1_000_000 and "first_reply_s" in r:
+                checks.append((f"v2, {int(n):,} clusters: first NBD reply < 50 ms",
+                               ms(r["first_reply_s"]), r["first_reply_s"] < 0.05))
+                checks.append((f"v2, {int(n):,} clusters: `info` < 50 ms", ms(r["info_s"]),
+                               r["info_s"] < 0.05))
+            if "hwm_reads_max" in r:
+                checks.append((f"v2, {int(n):,} clusters: serve peak RSS < 64 MiB after reads",
+                               mib(r["hwm_reads_max"]), r["hwm_reads_max"] < 64 * MIB))
+    if "reads" in v2:
+        rd = v2["reads"]
+        r = rd["results"]
+        lines.append(f"#### Random 4 KiB reads over {rd['size'] / GIB:.0f} GiB of scattered written clusters\n")
+        lines.append(f"All {rd['clusters']:,} clusters of a {rd['size'] / GIB:.0f} GiB disk hold one "
+                     f"4 KiB block (written in scattered order); fio nbd engine, iodepth 16, `--ba=64k` "
+                     f"(every read is a written block), {p['runtime']} s after {p['ramp']} s ramp, "
+                     f"median of {p['reps']}, formats alternating; equal 32 MiB map caches.\n")
+        lines.append("| format | IOPS | p99 latency | peak RSS | ÷ qcow2 | ÷ v1 |")
+        lines.append("|---|---|---|---|---|---|")
+        for f in ("v2", "qcow2", "v1"):
+            x = r.get(f)
+            if x:
+                lines.append(f"| {lab.get(f, f)} | {x['iops'] / 1000:,.1f}k | {x['p99_us']:,.0f} µs | "
+                             f"{mib(x['hwm_max'])} | {ratio(x['iops'], r['qcow2']['iops'])} | "
+                             f"{ratio(x['iops'], r['v1']['iops'])} |")
+        lines.append("")
+        checks.append((f"v2 random 4 KiB reads over {rd['size'] / GIB:.0f} GiB of written clusters >= qcow2",
+                       ratio(r["v2"]["iops"], r["qcow2"]["iops"]), r["v2"]["iops"] >= r["qcow2"]["iops"]))
+    if "flush" in v2:
+        fl = v2["flush"]
+        lines.append("#### FLUSH latency\n")
+        lines.append(f"fio nbd engine, 4 KiB random writes over the whole 1 TiB disk, `--fsync=32`, "
+                     f"iodepth 1 (exactly one FLUSH per 32 writes), {p['flush_runtime']} s per run; "
+                     f"latency of fio's sync (the NBD FLUSH), on a fresh image with few clusters and "
+                     f"on the large one of the open section, alternating, median of "
+                     f"{p['flush_reps']} runs (max: the largest of them).\n")
+        lines.append("| format | clusters | FLUSHes | p50 | p99 | p99.9 | max | write IOPS |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for f in ("v2", "v1"):
+            x = fl.get(f)
+            if not x:
+                continue
+            for which in ("small", "big"):
+                m = x[which + "_median"]
+                worst = max(r["max_ms"] for r in x[which])
+                lines.append(f"| {lab.get(f, f)} | {x[which + '_clusters']:,} | {m['syncs']:,.0f} | "
+                             f"{m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms | {m['p999_ms']:.2f} ms | "
+                             f"{worst:.1f} ms | {m['write_iops']:,.0f} |")
+        lines.append("")
+        for f in ("v2", "v1"):
+            x = fl.get(f)
+            if x:
+                a, b = x["big_median"]["p999_ms"], x["small_median"]["p999_ms"]
+                lines.append(f"{lab.get(f, f)}: p99.9 with {x['big_clusters']:,} clusters is "
+                             f"{a / b:.2f}x the p99.9 with {x['small_clusters']:,}; p99 "
+                             f"{x['big_median']['p99_ms'] / x['small_median']['p99_ms']:.2f}x.\n")
+                if f == "v2":
+                    checks.append((f"v2 FLUSH p99.9 with {x['big_clusters']:,} clusters <= 2x with "
+                                   f"{x['small_clusters']:,}", f"{a / b:.2f}x", a <= 2 * b))
+    if "dense" in v2:
+        d = v2["dense"]
+        s = d["flush32"]
+        lines.append("#### Dense placement: 4 KiB random writes with a FLUSH every 32\n")
+        lines.append(f"`benches/nbd_load.rs` (iodepth 16, one FLUSH per 32 writes), {p['runtime']} s "
+                     f"after {p['ramp']} s ramp, median of {p['reps']}, servers alternating; a fresh "
+                     f"overlay of nbd.py's 1 GiB random backing file each run (raw: nbdkit file on a "
+                     f"copy).\n")
+        lines.append("| server | IOPS | ÷ raw | peak RSS |")
+        lines.append("|---|---|---|---|")
+        for f in ("v2", "v1", "qcow2", "raw"):
+            if f in s:
+                lines.append(f"| {lab.get(f, f)} | {s[f]['iops'] / 1000:,.1f}k | "
+                             f"{ratio(s[f]['iops'], s['raw']['iops'])} | {mib(s[f]['hwm_max'])} |")
+        lines.append("")
+        checks.append(("v2 4K random write + FLUSH/32 >= 0.9x raw limit",
+                       ratio(s["v2"]["iops"], s["raw"]["iops"]), s["v2"]["iops"] >= 0.9 * s["raw"]["iops"]))
+        wa = d.get("wa") or {}
+        if wa:
+            lines.append(f"Write amplification: {d['wa_bytes'] >> 20} MiB of distinct 4 KiB blocks, fio "
+                         "`--fsync=32` at iodepth 1, on a fresh overlay; growth of the file's allocated "
+                         "bytes after the server stopped, and the server's /proc/PID/io `write_bytes` "
+                         "(what it handed the file system, metadata included), each per byte the "
+                         "client wrote.\n")
+            lines.append("| server | written | allocated growth | ratio | write_bytes | ratio |")
+            lines.append("|---|---|---|---|---|---|")
+            for f in ("v2", "v1", "qcow2"):
+                if f in wa:
+                    w = wa[f]
+                    lines.append(f"| {lab.get(f, f)} | {mib(w['written'])} | {mib(w['grown'])} | "
+                                 f"{w['grown_ratio']:.3f} | {mib(w['write_bytes'])} | "
+                                 f"{w['write_bytes_ratio']:.3f} |")
+            lines.append("")
+            if "v2" in wa:
+                w = wa["v2"]
+                worst = max(w["grown_ratio"], w["write_bytes_ratio"])
+                checks.append(("v2 write amplification <= 1.1 (allocated growth, write_bytes)",
+                               f"{w['grown_ratio']:.3f}, {w['write_bytes_ratio']:.3f}", worst <= 1.1))
+        other = d.get("other") or {}
+        if other.get("v2"):
+            wls = list(other["v2"])
+            units = d.get("other_units", {})
+            labels = d.get("other_labels", {})
+            lines.append("nbd.py's other workloads (fresh overlay each run, fio, iodepth 16, "
+                         f"median of {p['reps']}), v2 against v1:\n")
+            lines.append("| workload | v2 | v1 | v2 ÷ v1 |")
+            lines.append("|---|---|---|---|")
+            for w in wls:
+                unit = units.get(w, "IOPS")
+                a, b = metric(other["v2"][w], unit), metric(other["v1"][w], unit)
+                lines.append(f"| {labels.get(w, w)} ({unit}) | {fmt_value(a, unit)} | {fmt_value(b, unit)} | "
+                             f"{ratio(a, b)} |")
+                checks.append((f"v2 {labels.get(w, w)} >= v1", ratio(a, b), a >= b))
+            lines.append("")
+    if "space" in v2:
+        sp = v2["space"]
+        r = sp["results"]
+        lines.append(f"#### Space under overwrite ({sp['size'] / MIB:,.0f} MiB disk)\n")
+        lines.append(f"A libnbd client at depth 16 writes random 4 KiB blocks, one operation in "
+                     f"{sp.get('trim_every', 5)} a TRIM of a random aligned 64 KiB, a FLUSH every "
+                     f"{sp.get('flush_every', 32)}, until {sp['passes']} times the disk is written (or "
+                     f"{sp.get('max_seconds', '-')} s); qemu-nbd with `--discard=unmap`. Live data: the "
+                     "blocks the client wrote and did not trim since; block status: what NBD "
+                     "`base:allocation` reports as data; allocated and apparent size of the file "
+                     "after the server stopped; `check`: cowimg check's allocated / total "
+                     "clusters (v2 counts 4 KiB blocks).\n")
+        lines.append("| format | passes | ops/s | live data | block status data | allocated | apparent size | allocated ÷ live | apparent ÷ disk | check allocated |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for f in fmts:
+            x = r.get(f)
+            if not x:
+                continue
+            c = x.get("check") or {}
+            chk = (f"{c['allocated-clusters'] / c['total-clusters'] * 100:.1f}%"
+                   if c.get("total-clusters") else "-")
+            lines.append(f"| {lab.get(f, f)} | {x.get('passes_done', x['written'] / sp['size']):.2f} | {x['iops']:,.0f} | "
+                         f"{mib(x['live_bytes'])} | {mib(x['bs_data'])} | {mib(x['allocated'])} | "
+                         f"{mib(x['apparent'])} | {ratio(x['allocated'], x['live_bytes'])} | "
+                         f"{ratio(x['apparent'], sp['size'])} | {chk} |")
+        lines.append("")
+        x = r.get("v2")
+        if x:
+            a = x["allocated"] / x["live_bytes"]
+            checks.append(("v2 after overwrites: allocated <= 1.1x live data", f"{a:.2f}x", a <= 1.1))
+            bound = 1.25 * x["allocated"] + 64 * MIB
+            checks.append(("v2 apparent size <= 1.25x allocated + 64 MiB (FORMAT-v2.md, \"Allocation\")",
+                           f"{x['apparent'] / MIB:,.0f} MiB against {bound / MIB:,.0f} MiB",
+                           x["apparent"] <= bound))
+            c = x.get("check") or {}
+            if c.get("total-clusters"):
+                pct = c["allocated-clusters"] / c["total-clusters"]
+                checks.append(("v2 `check` allocated <= 100% of the disk", f"{pct * 100:.1f}%", pct <= 1))
+    if "depth" in v2:
+        dp = v2["depth"]
+        lines.append("#### Depth: a chain of 16 layers against one\n")
+        lines.append(f"A {dp['size'] / MIB:,.0f} MiB disk; layer i of {dp['layers']} writes every other "
+                     f"4 KiB block of the i-th sixteenth ({dp['blocks_per_layer']:,} blocks); the single "
+                     f"layer holds the same blocks. fio random 4 KiB reads over the whole disk "
+                     f"(iodepth 16, {p['runtime']} s), median of {p['reps']}, alternating.\n")
+        lines.append("| format | 16-layer chain | single layer | chain ÷ single |")
+        lines.append("|---|---|---|---|")
+        for f in ("v2", "v1"):
+            if f in dp:
+                x = dp[f]
+                lines.append(f"| {lab.get(f, f)} | {x['chain_iops'] / 1000:,.1f}k | "
+                             f"{x['single_iops'] / 1000:,.1f}k | {x['ratio']:.2f}x |")
+        lines.append("")
+        if "v2" in dp:
+            checks.append(("v2 reads through 16 layers >= 0.9x one layer", f"{dp['v2']['ratio']:.2f}x",
+                           dp["v2"]["ratio"] >= 0.9))
+
+
 def render_criterion(cr, lines):
     g = cr["groups"]
     lines.append("### Library micro-benchmarks (criterion)\n")
@@ -401,15 +635,15 @@ def render():
         lines += [analysis.read_text().rstrip(), ""]
     for d in runs:
         parts = {n: load(d, f"{n}.json")
-                 for n in ("nbd", "commit_convert", "scale", "exports", "criterion")}
+                 for n in ("nbd", "commit_convert", "scale", "exports", "criterion", "v2")}
         present = [v for v in parts.values() if v]
         if not present:
             continue
         m = present[0]["machine"]
         lines.append(f"## Run {d.name}{' (QUICK)' if m.get('quick') else ''}\n")
         lines.append(f"{m['date']} - {machine_line(m)}\n")
-        if parts["nbd"]:
-            v = parts["nbd"]["versions"]
+        if parts["nbd"] or parts["v2"]:
+            v = (parts["nbd"] or parts["v2"])["versions"]
             lines.append(f"Versions: {v['cowimg']}; {v['qemu-nbd']}; {v['nbdkit']}; {v['fio']}.\n")
         checks = []
         body = []
@@ -423,6 +657,8 @@ def render():
             render_exports(parts["exports"], body, checks)
         if parts["criterion"]:
             render_criterion(parts["criterion"], body)
+        if parts["v2"]:
+            render_v2(parts["v2"], body, checks)
         if checks:
             lines.append("### Targets\n")
             lines.append("| target | measured | |")

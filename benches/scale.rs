@@ -1,12 +1,22 @@
 //! Scale check helper (a bench target without criterion, driven by `benches/scale.py`).
 //!
-//!   scale create PATH SIZE            create an empty image of SIZE bytes, no backing
-//!   scale populate PATH SIZE CLUSTERS create an image and write one 4 KiB block into each
+//!   scale create PATH SIZE [VERSION]  create an empty image of SIZE bytes, no backing
+//!   scale populate PATH SIZE CLUSTERS [VERSION]
+//!                                     create an image and write one 4 KiB block into each
 //!                                     of CLUSTERS distinct clusters scattered over it
 //!   scale open PATH REPS              open the image REPS times (read-only, shared lock)
+//!   scale layer PATH SIZE BACKING|- VERSION FIRST:COUNT:STRIDE...
+//!                                     create an image (over the cowimg image BACKING, or
+//!                                     none for -) and write one 4 KiB block at every block
+//!                                     FIRST + k * STRIDE, k < COUNT, of each range given
+//!
+//! VERSION is the format version, 1 (the default) or 2 (FORMAT-v2.md). Cluster i of
+//! `populate` is (i * 0x9e3779b97f4a7c15) mod (SIZE / 64 KiB), its block at the cluster's
+//! start: benches/v2.py lays out a qcow2 image the same way.
 //!
 //! Each prints one JSON object of timings in milliseconds. The library is used directly:
 //! a million separate `cowimg io` writes would measure process start-up, not the image.
+use cowimg::format::BackingFormat;
 use cowimg::image::{CreateOptions, Image, OpenOptions};
 use std::path::Path;
 use std::time::Instant;
@@ -24,12 +34,24 @@ fn num(s: Option<&String>, what: &str) -> u64 {
         .unwrap_or_else(|| fail(format!("missing or bad {what}")))
 }
 
-fn create(path: &Path, size: u64) -> f64 {
+fn version(s: Option<&String>) -> u32 {
+    match s.map(String::as_str) {
+        None | Some("1") => 1,
+        Some("2") => 2,
+        Some(other) => fail(format!("bad VERSION {other:?} (1 or 2)")),
+    }
+}
+
+fn create(path: &Path, size: u64, version: u32) -> f64 {
+    create_over(path, size, version, None)
+}
+
+fn create_over(path: &Path, size: u64, version: u32, backing: Option<String>) -> f64 {
     let opts = CreateOptions {
         size: Some(size),
         cluster_size: CLUSTER,
-        backing: None,
-        ..Default::default()
+        backing: backing.map(|b| (b, BackingFormat::Cowimg)),
+        version,
     };
     let t = Instant::now();
     Image::create(path, &opts).unwrap_or_else(|e| fail(e.to_string()));
@@ -48,7 +70,7 @@ fn main() {
     );
     match cmd {
         "create" => {
-            let ms = create(path, num(args.get(2), "SIZE"));
+            let ms = create(path, num(args.get(2), "SIZE"), version(args.get(3)));
             println!("{{\"create_ms\": {ms:.3}}}");
         }
         "populate" => {
@@ -60,7 +82,7 @@ fn main() {
                     "SIZE/64KiB must be a power of two >= CLUSTERS, got {total}"
                 ));
             }
-            let create_ms = create(path, size);
+            let create_ms = create(path, size, version(args.get(4)));
             let image =
                 Image::open(path, &OpenOptions::default()).unwrap_or_else(|e| fail(e.to_string()));
             let block = vec![0xa5u8; BLOCK];
@@ -112,6 +134,47 @@ fn main() {
                 times[0]
             );
         }
+        "layer" => layer(path, &args[2..]),
         other => fail(format!("unknown command {other:?}")),
     }
+}
+
+/// `scale layer`: one layer of a chain (benches/v2.py, "depth"), flushed once at the end.
+fn layer(path: &Path, args: &[String]) {
+    let size = num(args.first(), "SIZE");
+    let backing = match args.get(1).map(String::as_str) {
+        None => fail("missing BACKING (or -)".into()),
+        Some("-") => None,
+        Some(b) => Some(b.to_string()),
+    };
+    let create_ms = create_over(path, size, version(args.get(2)), backing);
+    let image = Image::open(path, &OpenOptions::default()).unwrap_or_else(|e| fail(e.to_string()));
+    let block = vec![0x5au8; BLOCK];
+    let t = Instant::now();
+    let mut blocks = 0u64;
+    for range in &args[3..] {
+        let f: Vec<u64> = range
+            .split(':')
+            .map(|v| v.parse().unwrap_or_else(|_| fail(format!("bad range {range:?}"))))
+            .collect();
+        let [first, count, stride] = f[..] else {
+            fail(format!("range {range:?} is not FIRST:COUNT:STRIDE"));
+        };
+        for k in 0..count {
+            let b = first + k * stride;
+            if (b + 1) * BLOCK as u64 > size {
+                fail(format!("block {b} of range {range:?} is past the end"));
+            }
+            image
+                .write_at(&block, b * BLOCK as u64)
+                .unwrap_or_else(|e| fail(e.to_string()));
+            blocks += 1;
+            if blocks % 65_536 == 0 {
+                image.flush().unwrap_or_else(|e| fail(e.to_string()));
+            }
+        }
+    }
+    image.flush().unwrap_or_else(|e| fail(e.to_string()));
+    let write_ms = t.elapsed().as_secs_f64() * 1e3;
+    println!("{{\"create_ms\": {create_ms:.3}, \"write_ms\": {write_ms:.3}, \"blocks\": {blocks}}}");
 }
