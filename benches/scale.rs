@@ -155,7 +155,10 @@ fn layer(path: &Path, args: &[String]) {
     for range in &args[3..] {
         let f: Vec<u64> = range
             .split(':')
-            .map(|v| v.parse().unwrap_or_else(|_| fail(format!("bad range {range:?}"))))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| fail(format!("bad range {range:?}")))
+            })
             .collect();
         let [first, count, stride] = f[..] else {
             fail(format!("range {range:?} is not FIRST:COUNT:STRIDE"));
@@ -169,12 +172,14 @@ fn layer(path: &Path, args: &[String]) {
                 .write_at(&block, b * BLOCK as u64)
                 .unwrap_or_else(|e| fail(e.to_string()));
             blocks += 1;
-            if blocks % 65_536 == 0 {
+            if blocks.is_multiple_of(65_536) {
                 image.flush().unwrap_or_else(|e| fail(e.to_string()));
             }
         }
     }
     image.flush().unwrap_or_else(|e| fail(e.to_string()));
     let write_ms = t.elapsed().as_secs_f64() * 1e3;
-    println!("{{\"create_ms\": {create_ms:.3}, \"write_ms\": {write_ms:.3}, \"blocks\": {blocks}}}");
+    println!(
+        "{{\"create_ms\": {create_ms:.3}, \"write_ms\": {write_ms:.3}, \"blocks\": {blocks}}}"
+    );
 }
