@@ -56,10 +56,10 @@ pub struct CreateArgs {
     #[arg(short = 'c', long = "cluster-size", value_name = "CLUSTER_SIZE",
           value_parser = parse_cluster_size)]
     pub cluster_size: Option<u64>,
-    /// Print nothing on success.
     /// Format version of the new image: 1 (the default) or 2 (FORMAT-v2.md).
     #[arg(long = "format-version", value_name = "N", value_parser = parse_version)]
     pub format_version: Option<u32>,
+    /// Print nothing on success.
     #[arg(short = 'q', long)]
     pub quiet: bool,
     /// The image file to create (an existing file is not overwritten).
