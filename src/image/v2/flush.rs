@@ -13,6 +13,11 @@ use crate::format::v2::{
 use crate::format::HEADER_SLOT_SIZE;
 use std::sync::atomic::Ordering;
 
+/// Freed blocks are punched once this many (4 MiB) have gathered, or a 64th of a smaller
+/// disk, and at close.
+fn punch_batch_blocks(virtual_size: u64) -> u64 {
+    (virtual_size / 64 / BLOCK).clamp(1, 1024)
+}
 /// The changes journaled since the tree was written are held in memory; past this many
 /// extents the next flush writes changes into the tree, so that an image's memory stays
 /// small however much was written (a server holds many images).
@@ -403,7 +408,24 @@ impl ImageV2 {
             self.cache.forget(image_id, page);
         }
         // Freed blocks are data until punched, so the allocator cannot hand them out early;
-        // a punch that fails leaves a leak, never a problem.
+        // a punch that fails leaves a leak, never a problem. Punches are batched: each is a
+        // file-system transaction (a synchronous discard where the file system is mounted
+        // with `discard`), so they are made a few MiB at a time, and at close.
+        let freed = {
+            let mut st = lock(&self.state);
+            st.unpunched_blocks += freed.iter().map(|&(_, n)| n).sum::<u64>();
+            st.unpunched.extend(freed);
+            if st.unpunched_blocks < punch_batch_blocks(st.header.virtual_size) {
+                return;
+            }
+            st.unpunched_blocks = 0;
+            std::mem::take(&mut st.unpunched)
+        };
+        self.punch_runs(freed);
+    }
+
+    /// Punches `freed` (first block, blocks), adjacent runs together.
+    pub(super) fn punch_runs(&self, mut freed: Vec<(u64, u64)>) {
         freed.sort_unstable();
         let mut i = 0;
         while i < freed.len() {

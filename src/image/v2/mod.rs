@@ -91,6 +91,9 @@ struct State {
     tree_cursor: u64,
     /// The journal region before the current one, kept (reserved) for the next tree flush.
     spare_journal: Option<(u64, u64)>,
+    /// Freed runs `(first block, blocks)` not punched yet, and how many blocks they hold.
+    unpunched: Vec<(u64, u64)>,
+    unpunched_blocks: u64,
     alloc: Allocator,
     /// A resize waiting for its flush, which then takes the tree path.
     pending_resize: Option<u64>,
@@ -123,6 +126,8 @@ impl State {
             snapshots_published: 0,
             tree_cursor: 0,
             spare_journal: None,
+            unpunched: Vec::new(),
+            unpunched_blocks: 0,
             alloc,
             pending_resize: None,
         }
@@ -494,9 +499,16 @@ impl Drop for ImageV2 {
         if !self.read_only && !self.failed.load(Ordering::Acquire) && self.flush().is_ok() {
             let _ = self.seal();
         }
-        // Nothing references the spare journal region once the image is closed.
-        if let Some((s, n)) = lock(&self.state).spare_journal.take() {
-            let _ = self.storage.punch_hole(s * BLOCK, n * BLOCK);
+        // Nothing references the spare journal region once the image is closed, nor the
+        // freed blocks not punched yet.
+        let runs = {
+            let mut st = lock(&self.state);
+            let mut runs = std::mem::take(&mut st.unpunched);
+            runs.extend(st.spare_journal.take());
+            runs
+        };
+        if !self.read_only {
+            self.punch_runs(runs);
         }
     }
 }
