@@ -72,7 +72,7 @@ pub fn check(image: &ImageV2, repair: bool) -> Result<CheckV2> {
             ));
         }
         r.pages = seen.len() as u64;
-        let pieces = match image.resolve(&st, 0, r.virtual_blocks, &mut |_| {}) {
+        let pieces = match image.resolve(&st, 0, r.virtual_blocks) {
             Ok(p) => p,
             Err(e) => {
                 r.corruptions.push(e.to_string());

@@ -66,6 +66,13 @@ enum Done {
 }
 
 impl ImageV2 {
+    /// One barrier (fdatasync) of the image file.
+    fn sync(&self) -> Result<()> {
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing", 0, e))
+    }
+
     /// Makes every write that completed before the call durable.
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
@@ -197,9 +204,7 @@ impl ImageV2 {
         self.storage
             .write_at(&record, at)
             .map_err(|e| self.io_err("writing a journal record", at, e))?;
-        self.storage
-            .sync()
-            .map_err(|e| self.io_err("syncing", 0, e))?;
+        self.sync()?;
         Ok(Done::Journal {
             len: record.len() as u64,
             has_data: s
@@ -303,9 +308,7 @@ impl ImageV2 {
         let _ = self.storage.punch_hole(js * BLOCK, jl * BLOCK);
         let epoch = crate::image::random_epoch();
         let tail = self.write_carried(js * BLOCK, epoch, carried)?;
-        self.storage
-            .sync()
-            .map_err(|e| self.io_err("syncing", 0, e))?;
+        self.sync()?;
         let mut new_header = header.clone();
         let TreeRoot {
             root,
@@ -322,9 +325,7 @@ impl ImageV2 {
         self.storage
             .write_at(&new_header.to_bytes(), slot_at)
             .map_err(|e| self.io_err("writing the header", slot_at, e))?;
-        self.storage
-            .sync()
-            .map_err(|e| self.io_err("syncing", 0, e))?;
+        self.sync()?;
         Ok((new_header, tail))
     }
 
@@ -499,9 +500,7 @@ impl ImageV2 {
         self.storage
             .write_at(&record, at)
             .map_err(|e| self.io_err("writing a journal record", at, e))?;
-        self.storage
-            .sync()
-            .map_err(|e| self.io_err("syncing", 0, e))?;
+        self.sync()?;
         let mut st = lock(&self.state);
         st.journal_tail += record.len() as u64;
         st.journal_next_seq += 1;
@@ -524,9 +523,7 @@ impl ImageV2 {
         self.storage
             .write_at(&header.to_bytes(), slot_at)
             .map_err(|e| self.io_err("writing the header", slot_at, e))?;
-        self.storage
-            .sync()
-            .map_err(|e| self.io_err("syncing", 0, e))?;
+        self.sync()?;
         st.header = header;
         st.active_slot = 1 - st.active_slot;
         drop(st);

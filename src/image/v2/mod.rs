@@ -275,14 +275,7 @@ impl ImageV2 {
 
     /// What virtual blocks `[start, end)` read as, in order and covering the range: the
     /// in-memory changes first, then the tree; what none of them maps is `Unmapped`.
-    /// Leaves of the tree that were consulted are passed to `leaf`.
-    fn resolve(
-        &self,
-        st: &State,
-        start: u64,
-        end: u64,
-        leaf: &mut dyn FnMut(u64),
-    ) -> Result<Vec<Extent>> {
+    fn resolve(&self, st: &State, start: u64, end: u64) -> Result<Vec<Extent>> {
         let mut found = Vec::new();
         let mut gaps = vec![(start, end)];
         for level in [&st.pending, &st.in_flight, &st.journaled] {
@@ -308,18 +301,13 @@ impl ImageV2 {
         let tree = self.tree(st);
         for (gs, ge) in gaps {
             let mut p = gs;
-            tree.lookup(
-                gs,
-                ge,
-                &mut |e| {
-                    if e.start > p {
-                        found.push(unmapped(p, e.start));
-                    }
-                    p = e.end();
-                    found.push(e);
-                },
-                leaf,
-            )?;
+            tree.lookup(gs, ge, &mut |e| {
+                if e.start > p {
+                    found.push(unmapped(p, e.start));
+                }
+                p = e.end();
+                found.push(e);
+            })?;
             if p < ge {
                 found.push(unmapped(p, ge));
             }
@@ -343,7 +331,7 @@ impl ImageV2 {
         let end = offset + buf.len() as u64;
         let pieces = {
             let st = lock(&self.state);
-            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK), &mut |_| {})?
+            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK))?
         };
         for p in pieces {
             let from = (p.start * BLOCK).max(offset);
@@ -387,7 +375,7 @@ impl ImageV2 {
         let pieces = {
             let _io = shared(&self.gate);
             let st = lock(&self.state);
-            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK), &mut |_| {})?
+            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK))?
         };
         for p in pieces {
             let from = (p.start * BLOCK).max(offset);
@@ -423,7 +411,7 @@ impl ImageV2 {
         let vb = self.virtual_size.div_ceil(BLOCK);
         let st = lock(&self.state);
         let mut out = Vec::new();
-        for p in self.resolve(&st, 0, vb, &mut |_| {})? {
+        for p in self.resolve(&st, 0, vb)? {
             let from = p.start * BLOCK;
             let to = (p.end() * BLOCK).min(self.virtual_size);
             match p.mapping {
@@ -440,7 +428,7 @@ impl ImageV2 {
         let vb = self.virtual_size.div_ceil(BLOCK);
         let st = lock(&self.state);
         Ok(self
-            .resolve(&st, 0, vb, &mut |_| {})?
+            .resolve(&st, 0, vb)?
             .into_iter()
             .filter(|p| p.mapping == Mapping::Unmapped)
             .map(|p| {

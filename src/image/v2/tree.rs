@@ -239,15 +239,8 @@ impl Tree<'_> {
         }
     }
 
-    /// Calls `f` with the tree's extents overlapping `[start, end)`, clipped, in order, and
-    /// `leaf` with the offset of each leaf visited.
-    pub fn lookup(
-        &self,
-        start: u64,
-        end: u64,
-        f: &mut dyn FnMut(Extent),
-        leaf: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    /// Calls `f` with the tree's extents overlapping `[start, end)`, clipped, in order.
+    pub fn lookup(&self, start: u64, end: u64, f: &mut dyn FnMut(Extent)) -> Result<()> {
         if self.root.height == 0 || start >= end {
             return Ok(());
         }
@@ -259,7 +252,6 @@ impl Tree<'_> {
             start,
             end,
             f,
-            leaf,
         )
     }
 
@@ -273,11 +265,9 @@ impl Tree<'_> {
         start: u64,
         end: u64,
         f: &mut dyn FnMut(Extent),
-        leaf: &mut dyn FnMut(u64),
     ) -> Result<()> {
         match &*self.page(offset, level, lo, hi)? {
             PageBody::Leaf(extents) => {
-                leaf(offset);
                 let first = extents.partition_point(|e| e.end() <= start);
                 for e in &extents[first..] {
                     if e.start >= end {
@@ -302,7 +292,7 @@ impl Tree<'_> {
                         break;
                     }
                     let _ = i;
-                    self.lookup_in(child, level - 1, child_lo, child_hi, start, end, f, leaf)?;
+                    self.lookup_in(child, level - 1, child_lo, child_hi, start, end, f)?;
                 }
                 Ok(())
             }

@@ -190,7 +190,7 @@ impl ImageV2 {
         for (s, e) in below {
             let old = {
                 let saved = std::mem::take(&mut st.pending);
-                let r = self.resolve(st, s, e, &mut |_| {});
+                let r = self.resolve(st, s, e);
                 st.pending = saved;
                 r?
             };
