@@ -336,3 +336,72 @@ fn crash_at_any_point_with_concurrent_writers_and_flushes_keeps_every_returned_f
 fn crash_at_any_point_with_concurrent_writers_and_flushes_keeps_every_returned_flush_v1() {
     crash_everywhere_with_concurrent_writers(1, 16, 2);
 }
+
+/// Version 2 hands a block freed by an overwrite to the next new write instead of growing
+/// the file (FORMAT-v2.md, "Allocation"). The block is freed only once a flush that no
+/// longer references it is durable, so a crash at any point shows the state of one flush:
+/// never a later write's bytes where the old block was mapped.
+#[test]
+fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_its_old_mapping() {
+    const B: u64 = 4096;
+    let mem = MemStorage::new(Vec::new());
+    let opts = CreateOptions {
+        size: Some(SIZE),
+        version: 2,
+        ..Default::default()
+    };
+    Image::create_on(&mem, Path::new(NAME), &opts).expect("creating the image");
+    let initial = mem.contents();
+    let storage = Arc::new(CrashStorage::new(initial.clone()));
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("opening it");
+    let fill = |b: u8| vec![b; B as usize];
+    // Blocks 0, 8 and 16 after each flush.
+    let states = [
+        [0u8, 0, 0],
+        [0xa1, 0, 0],
+        [0xb2, 0xc3, 0],
+        [0xb2, 0xc3, 0xd4],
+    ];
+    image.write_at(&fill(0xa1), 0).unwrap();
+    image.flush().unwrap();
+    // The overwrite stops referencing A's block; the write after it, in the same flush,
+    // must not get that block, which the durable state still maps.
+    image.write_at(&fill(0xb2), 0).unwrap();
+    image.write_at(&fill(0xc3), 8 * B).unwrap();
+    image.flush().unwrap();
+    let grown = storage.len().unwrap();
+    image.write_at(&fill(0xd4), 16 * B).unwrap();
+    assert_eq!(
+        storage.len().unwrap(),
+        grown,
+        "the write after the flush went to the block the overwrite freed, not to the end"
+    );
+    image.flush().unwrap();
+    drop(image);
+    let log = storage.log();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut images = 0;
+    for_each_crash_image(&initial, &log, &mut rng, 8, 2, |crashed, _| {
+        let CrashImage { what, bytes, .. } = crashed;
+        let dynamic: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes));
+        let opened = Image::open_storage(dynamic, Path::new(NAME), true)
+            .unwrap_or_else(|e| panic!("{what}: the crashed image does not open: {e}"));
+        let seen: Vec<Option<u8>> = [0, 8, 16]
+            .iter()
+            .map(|&block| {
+                let mut b = vec![0u8; B as usize];
+                opened.read_at(&mut b, block * B).unwrap();
+                b.iter().all(|&x| x == b[0]).then_some(b[0])
+            })
+            .collect();
+        assert!(
+            states
+                .iter()
+                .any(|st| st.iter().map(|&x| Some(x)).eq(seen.iter().copied())),
+            "{what}: blocks 0, 8 and 16 read {seen:x?}, the state of no flush"
+        );
+        images += 1;
+    });
+    assert!(images > 10, "only {images} crash images");
+}

@@ -1,5 +1,6 @@
-//! Where new blocks go (FORMAT-v2.md, "Allocation"): at the end of the file in write order,
-//! or into the file's holes once the file is a quarter longer than what it holds.
+//! Where new blocks go (FORMAT-v2.md, "Allocation"): into blocks freed since the image was
+//! opened and not punched yet, else at the end of the file in write order, or into the
+//! file's holes once the file is a quarter longer than what it holds.
 use crate::format::v2::{BLOCK, FIRST_HOST_BLOCK};
 use crate::storage::Storage;
 use std::collections::BTreeMap;
@@ -24,6 +25,10 @@ pub struct Allocator {
     reusing: bool,
     until_recheck: u32,
     slack: u64,
+    /// Freed runs (first block → blocks), adjacent ones joined: still allocated in the
+    /// file, referenced by no durable state, handed out before anything else.
+    freed: BTreeMap<u64, u64>,
+    freed_blocks: u64,
 }
 
 impl Allocator {
@@ -51,6 +56,10 @@ impl Allocator {
     /// Up to `want` contiguous blocks (at least one), claimed until [`Allocator::release`].
     pub fn allocate(&mut self, storage: &dyn Storage, want: u64) -> (u64, u64) {
         let want = want.max(1);
+        if let Some(run) = self.take_freed(want) {
+            self.claims.insert(run.0, run.1);
+            return run;
+        }
         if self.until_recheck == 0 {
             self.until_recheck = RECHECK_EVERY;
             self.reusing = match (storage.len(), storage.allocated_bytes()) {
@@ -71,6 +80,65 @@ impl Allocator {
         self.end += want;
         self.claims.insert(start, want);
         (start, want)
+    }
+
+    /// The lowest freed run, or its first `want` blocks. Overwriting blocks the file system
+    /// has already allocated changes none of its metadata, so a flush after it commits no
+    /// file-system transaction (and no discard runs under the file's lock).
+    fn take_freed(&mut self, want: u64) -> Option<(u64, u64)> {
+        let (start, len) = self.freed.pop_first()?;
+        let taken = want.min(len);
+        if taken < len {
+            self.freed.insert(start + taken, len - taken);
+        }
+        self.freed_blocks -= taken;
+        Some((start, taken))
+    }
+
+    /// Takes blocks that no state references any more, for reuse.
+    pub fn give_back(&mut self, runs: impl IntoIterator<Item = (u64, u64)>) {
+        for (start, len) in runs {
+            if len == 0 {
+                continue;
+            }
+            self.freed_blocks += len;
+            let (mut start, mut len) = (start, len);
+            if let Some((&s, &l)) = self.freed.range(..start).next_back() {
+                if s + l == start {
+                    self.freed.remove(&s);
+                    (start, len) = (s, l + len);
+                }
+            }
+            if let Some(l) = self.freed.remove(&(start + len)) {
+                len += l;
+            }
+            self.freed.insert(start, len);
+        }
+    }
+
+    /// How many freed blocks wait for reuse.
+    pub fn freed_blocks(&self) -> u64 {
+        self.freed_blocks
+    }
+
+    /// Takes the highest freed runs out until at most `keep` blocks are left, to be punched.
+    pub fn take_freed_above(&mut self, keep: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        while self.freed_blocks > keep {
+            let Some((start, len)) = self.freed.pop_last() else {
+                break;
+            };
+            let excess = self.freed_blocks - keep;
+            if len > excess {
+                self.freed.insert(start, len - excess);
+                out.push((start + len - excess, excess));
+                self.freed_blocks = keep;
+            } else {
+                out.push((start, len));
+                self.freed_blocks -= len;
+            }
+        }
+        out
     }
 
     /// A contiguous run of `len` blocks, always at the end of the file (for a journal).

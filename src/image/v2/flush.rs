@@ -13,8 +13,8 @@ use crate::format::v2::{
 use crate::format::HEADER_SLOT_SIZE;
 use std::sync::atomic::Ordering;
 
-/// Freed blocks are punched once this many (4 MiB) have gathered, or a 64th of a smaller
-/// disk, and at close.
+/// Freed blocks wait for reuse up to this many (4 MiB, or a 64th of a smaller disk); past
+/// it, the highest are punched down to half of it. The rest are punched at close.
 fn punch_batch_blocks(virtual_size: u64) -> u64 {
     (virtual_size / 64 / BLOCK).clamp(1, 1024)
 }
@@ -408,21 +408,22 @@ impl ImageV2 {
         for page in forgotten_pages {
             self.cache.forget(image_id, page);
         }
-        // Freed blocks are data until punched, so the allocator cannot hand them out early;
-        // a punch that fails leaves a leak, never a problem. Punches are batched: each is a
-        // file-system transaction (a synchronous discard where the file system is mounted
-        // with `discard`), so they are made a few MiB at a time, and at close.
-        let freed = {
+        // Freed blocks go back to the allocator, which hands them out before growing the
+        // file: overwriting them is an overwrite of allocated blocks, with no file-system
+        // transaction. What gathers beyond a few MiB (a trim frees more than writes reuse)
+        // is punched, the highest blocks first; a punch that fails leaves a leak, never a
+        // problem. Punches are batched: each is a file-system transaction (a synchronous
+        // discard where the file system is mounted with `discard`).
+        let to_punch = {
             let mut st = lock(&self.state);
-            st.unpunched_blocks += freed.iter().map(|&(_, n)| n).sum::<u64>();
-            st.unpunched.extend(freed);
-            if st.unpunched_blocks < punch_batch_blocks(st.header.virtual_size) {
+            st.alloc.give_back(freed);
+            let most = punch_batch_blocks(st.header.virtual_size);
+            if st.alloc.freed_blocks() <= most {
                 return;
             }
-            st.unpunched_blocks = 0;
-            std::mem::take(&mut st.unpunched)
+            st.alloc.take_freed_above(most / 2)
         };
-        self.punch_runs(freed);
+        self.punch_runs(to_punch);
     }
 
     /// Punches `freed` (first block, blocks), adjacent runs together.
@@ -540,17 +541,64 @@ fn split_at_cursor(all: ExtentMap, cursor: &mut u64) -> (ExtentMap, ExtentMap) {
         *cursor = 0;
         return (all, ExtentMap::default());
     }
-    let mut applied = ExtentMap::default();
-    let mut carried = ExtentMap::default();
-    let after: Vec<Extent> = all.iter().filter(|e| e.start >= *cursor).collect();
-    let before: Vec<Extent> = all.iter().filter(|e| e.start < *cursor).collect();
-    for (i, e) in after.iter().chain(before.iter()).enumerate() {
-        if i < TREE_FLUSH_EXTENTS {
-            applied.set(e.start, e.len, e.mapping);
-            *cursor = e.end();
-        } else {
-            carried.set(e.start, e.len, e.mapping);
-        }
+    // The map is split by first block, so each part keeps its extents whole and joined.
+    let mut before = all;
+    let mut applied = before.split_off(*cursor);
+    let mut carried = applied.split_after(TREE_FLUSH_EXTENTS);
+    if applied.len() < TREE_FLUSH_EXTENTS {
+        // Wrap around: the rest of the extents to apply are the first ones.
+        let rest = before.split_after(TREE_FLUSH_EXTENTS - applied.len());
+        *cursor = before.last_end().unwrap_or(0);
+        applied.append(before);
+        carried.append(rest);
+    } else {
+        *cursor = applied.last_end().unwrap_or(0);
+        carried.append(before);
     }
     (applied, carried)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_of(starts: impl IntoIterator<Item = u64>) -> ExtentMap {
+        let mut m = ExtentMap::default();
+        for s in starts {
+            // Two blocks each, mapped so that no two neighbours join.
+            m.set(s * 3, 2, Mapping::Data(1000 + s * 7));
+        }
+        m
+    }
+
+    fn starts(m: &ExtentMap) -> Vec<u64> {
+        m.iter().map(|e| e.start / 3).collect()
+    }
+
+    #[test]
+    fn a_tree_flush_takes_its_extents_from_the_cursor_and_wraps_around() {
+        let n = TREE_FLUSH_EXTENTS as u64;
+        let mut cursor = 0;
+        let (applied, carried) = split_at_cursor(map_of(0..n + 10), &mut cursor);
+        assert_eq!(starts(&applied), (0..n).collect::<Vec<_>>());
+        assert_eq!(starts(&carried), (n..n + 10).collect::<Vec<_>>());
+        assert_eq!(cursor, (n - 1) * 3 + 2);
+
+        // From the cursor: the last ten, then the first n - 10 again.
+        let (applied, carried) = split_at_cursor(map_of(0..n + 10), &mut cursor);
+        let mut want: Vec<u64> = (0..n - 10).collect();
+        want.extend(n..n + 10);
+        assert_eq!(starts(&applied), want);
+        assert_eq!(starts(&carried), (n - 10..n).collect::<Vec<_>>());
+        assert_eq!(cursor, (n - 11) * 3 + 2);
+    }
+
+    #[test]
+    fn a_tree_flush_with_few_changes_applies_them_all() {
+        let mut cursor = 77;
+        let (applied, carried) = split_at_cursor(map_of(0..5), &mut cursor);
+        assert_eq!(applied.len(), 5);
+        assert!(carried.is_empty());
+        assert_eq!(cursor, 0);
+    }
 }

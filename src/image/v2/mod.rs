@@ -91,9 +91,6 @@ struct State {
     tree_cursor: u64,
     /// The journal region before the current one, kept (reserved) for the next tree flush.
     spare_journal: Option<(u64, u64)>,
-    /// Freed runs `(first block, blocks)` not punched yet, and how many blocks they hold.
-    unpunched: Vec<(u64, u64)>,
-    unpunched_blocks: u64,
     alloc: Allocator,
     /// A resize waiting for its flush, which then takes the tree path.
     pending_resize: Option<u64>,
@@ -126,8 +123,6 @@ impl State {
             snapshots_published: 0,
             tree_cursor: 0,
             spare_journal: None,
-            unpunched: Vec::new(),
-            unpunched_blocks: 0,
             alloc,
             pending_resize: None,
         }
@@ -491,7 +486,7 @@ impl Drop for ImageV2 {
         // freed blocks not punched yet.
         let runs = {
             let mut st = lock(&self.state);
-            let mut runs = std::mem::take(&mut st.unpunched);
+            let mut runs = st.alloc.take_freed_above(0);
             runs.extend(st.spare_journal.take());
             runs
         };
