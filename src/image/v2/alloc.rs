@@ -97,12 +97,12 @@ impl Allocator {
 
     /// Takes blocks that no state references any more, for reuse.
     pub fn give_back(&mut self, runs: impl IntoIterator<Item = (u64, u64)>) {
-        for (start, len) in runs {
+        for (mut start, mut len) in runs {
             if len == 0 {
                 continue;
             }
             self.freed_blocks += len;
-            let (mut start, mut len) = (start, len);
+            // Join the run to its neighbours, so that reuse and punches take long runs.
             if let Some((&s, &l)) = self.freed.range(..start).next_back() {
                 if s + l == start {
                     self.freed.remove(&s);
