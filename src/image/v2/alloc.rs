@@ -211,3 +211,29 @@ impl Allocator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn freed_runs_join_are_reused_lowest_first_and_the_highest_are_punched_first() {
+        let storage = MemStorage::new(Vec::new());
+        let mut a = Allocator::new(0, 1 << 30, Vec::new());
+        a.give_back([(100, 4), (108, 2), (104, 4), (200, 0)]);
+        assert_eq!(a.freed_blocks(), 10);
+        // 100..110 joined into one run: the first allocation takes from its start.
+        assert_eq!(a.allocate(&storage, 3), (100, 3));
+        assert_eq!(a.freed_blocks(), 7);
+        a.give_back([(300, 5)]);
+        // Down to 4 blocks: all of 300..305, then the top three of 103..110.
+        assert_eq!(a.take_freed_above(4), vec![(300, 5), (107, 3)]);
+        assert_eq!(a.freed_blocks(), 4);
+        assert_eq!(a.allocate(&storage, 10), (103, 4));
+        assert_eq!(a.take_freed_above(0), Vec::new());
+        // Nothing freed is left: the next block comes from the end of the file.
+        let (start, _) = a.allocate(&storage, 1);
+        assert!(start >= FIRST_HOST_BLOCK && start < 100, "{start}");
+    }
+}
