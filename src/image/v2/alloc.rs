@@ -234,6 +234,6 @@ mod tests {
         assert_eq!(a.take_freed_above(0), Vec::new());
         // Nothing freed is left: the next block comes from the end of the file.
         let (start, _) = a.allocate(&storage, 1);
-        assert!(start >= FIRST_HOST_BLOCK && start < 100, "{start}");
+        assert!((FIRST_HOST_BLOCK..100).contains(&start), "{start}");
     }
 }
