@@ -195,33 +195,26 @@ fn a_flush_on_a_full_disk_succeeds_when_its_writes_needed_no_new_space() {
         filler += 1;
     }
     assert_eq!(fs.free_bytes(), 0, "the file system did not fill up");
-    if nbd_support::format_version() == 2 {
-        // Version 2 keeps no second slot: a rewrite of flushed data needs new blocks, so
-        // on a full disk it fails alone, and the flush after it (a record in the reserved
-        // journal) still succeeds with every flushed byte in place (FORMAT-v2.md,
-        // "Placement").
-        assert_eq!(c.call(CMD_WRITE, 0, 0, 65536, &[3; 65536]).error, ENOSPC);
-        assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0, "{}", server.log());
-        assert_eq!(c.call(CMD_READ, 0, 0, 65536, &[]).data, vec![2; 65536]);
-        drop(c);
-        drop(server);
-        assert_eq!(read_image(&img, 0, 65536), vec![2; 65536]);
-        return;
-    }
-    // A rewrite of that cluster goes to blocks the file already has, and its flush appends
-    // a record to the reserved journal: neither needs space.
+    // A rewrite of that cluster goes to blocks the file already has (version 1: the cluster's
+    // other slot; version 2: the blocks the second flush freed, which stay in the file for
+    // reuse, FORMAT-v2.md "Allocation"), and its flush appends a record to the reserved
+    // journal: neither needs space.
     assert_eq!(c.call(CMD_WRITE, 0, 0, 65536, &[3; 65536]).error, 0);
     assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0, "{}", server.log());
     assert_eq!(c.call(CMD_READ, 0, 0, 65536, &[]).data, vec![3; 65536]);
-    // A write that needs a new cluster gets ENOSPC, and nothing before it is lost.
+    // A write that needs more space than the file holds free (version 2 keeps the 64 KiB
+    // the last flush freed) gets ENOSPC, and nothing before it is lost.
     assert_eq!(
-        c.call(CMD_WRITE, 0, 8 << 20, 65536, &[4; 65536]).error,
+        c.call(CMD_WRITE, 0, 8 << 20, 1 << 20, &[4; 1 << 20]).error,
         ENOSPC
     );
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0, "{}", server.log());
     assert_eq!(c.call(CMD_READ, 0, 0, 65536, &[]).data, vec![3; 65536]);
     drop(c);
     drop(server);
     assert_eq!(read_image(&img, 0, 65536), vec![3; 65536]);
+    assert_eq!(read_image(&img, 8 << 20, 65536), vec![0; 65536]);
+    assert_check_clean(&img);
 }
 
 /// Memory storage that models a disk under a page cache: writes land in the cache, a
