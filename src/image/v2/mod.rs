@@ -10,8 +10,10 @@
 //!
 //! Concurrency, as in version 1: `gate` is held shared by every read and write for its whole
 //! duration and exclusively by a flush while it takes its snapshot and while it publishes,
-//! which is also the only time blocks are freed; `state` guards the maps and the allocator
-//! and is held for bookkeeping and cached page lookups, never across data I/O.
+//! which is also the only time blocks are freed or the tree's root changes; `state` guards
+//! the in-memory maps and the allocator and is held only for bookkeeping, never across I/O.
+//! A read takes the in-memory changes under `state`, then looks the rest up in the tree with
+//! `state` released: holding `gate` shared is what keeps that tree and its pages alive.
 
 mod alloc;
 mod check;
@@ -271,44 +273,22 @@ impl ImageV2 {
     /// What virtual blocks `[start, end)` read as, in order and covering the range: the
     /// in-memory changes first, then the tree; what none of them maps is `Unmapped`.
     fn resolve(&self, st: &State, start: u64, end: u64) -> Result<Vec<Extent>> {
-        let mut found = Vec::new();
-        let mut gaps = vec![(start, end)];
-        for level in [&st.pending, &st.in_flight, &st.journaled] {
-            if level.is_empty() {
-                continue;
-            }
-            let mut next = Vec::new();
-            for (gs, ge) in gaps {
-                let mut p = gs;
-                for e in level.overlapping(gs, ge) {
-                    if e.start > p {
-                        next.push((p, e.start));
-                    }
-                    p = e.end();
-                    found.push(e);
-                }
-                if p < ge {
-                    next.push((p, ge));
-                }
-            }
-            gaps = next;
-        }
-        let tree = self.tree(st);
-        for (gs, ge) in gaps {
-            let mut p = gs;
-            tree.lookup(gs, ge, &mut |e| {
-                if e.start > p {
-                    found.push(unmapped(p, e.start));
-                }
-                p = e.end();
-                found.push(e);
-            })?;
-            if p < ge {
-                found.push(unmapped(p, ge));
-            }
-        }
-        found.sort_unstable_by_key(|e| e.start);
-        Ok(found)
+        let (found, gaps) = resolve_changes(st, start, end);
+        resolve_in_tree(&self.tree(st), found, gaps)
+    }
+
+    /// [`Image::resolve`] for a caller holding the gate shared, with the state lock held
+    /// only over the in-memory changes: the tree it walks cannot change under it, since a
+    /// tree flush publishes its root (and frees the old pages) only with the gate held
+    /// exclusively. Readers of one image, and of the layers of a chain, so do not queue on
+    /// each other's page lookups.
+    fn resolve_gated(&self, start: u64, end: u64) -> Result<Vec<Extent>> {
+        let (found, gaps, tree) = {
+            let st = lock(&self.state);
+            let (found, gaps) = resolve_changes(&st, start, end);
+            (found, gaps, self.tree(&st))
+        };
+        resolve_in_tree(&tree, found, gaps)
     }
 
     /// Reads `buf.len()` bytes at `offset` of the merged chain.
@@ -324,10 +304,7 @@ impl ImageV2 {
     /// A read with the gate held.
     fn read_held(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
-        let pieces = {
-            let st = lock(&self.state);
-            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK))?
-        };
+        let pieces = self.resolve_gated(offset / BLOCK, end.div_ceil(BLOCK))?;
         for p in pieces {
             let from = (p.start * BLOCK).max(offset);
             let to = (p.end() * BLOCK).min(end);
@@ -369,8 +346,7 @@ impl ImageV2 {
         let end = offset + len;
         let pieces = {
             let _io = shared(&self.gate);
-            let st = lock(&self.state);
-            self.resolve(&st, offset / BLOCK, end.div_ceil(BLOCK))?
+            self.resolve_gated(offset / BLOCK, end.div_ceil(BLOCK))?
         };
         for p in pieces {
             let from = (p.start * BLOCK).max(offset);
@@ -494,4 +470,56 @@ impl Drop for ImageV2 {
             self.punch_runs(runs);
         }
     }
+}
+
+/// The in-memory changes' part of resolving `[start, end)`: what the pending, in-flight and
+/// journaled changes map there (newest first), and the gaps they leave for the tree.
+fn resolve_changes(st: &State, start: u64, end: u64) -> (Vec<Extent>, Vec<(u64, u64)>) {
+    let mut found = Vec::new();
+    let mut gaps = vec![(start, end)];
+    for level in [&st.pending, &st.in_flight, &st.journaled] {
+        if level.is_empty() {
+            continue;
+        }
+        let mut next = Vec::new();
+        for (gs, ge) in gaps {
+            let mut p = gs;
+            for e in level.overlapping(gs, ge) {
+                if e.start > p {
+                    next.push((p, e.start));
+                }
+                p = e.end();
+                found.push(e);
+            }
+            if p < ge {
+                next.push((p, ge));
+            }
+        }
+        gaps = next;
+    }
+    (found, gaps)
+}
+
+/// The tree's part of resolving: fills `gaps` from `tree` (what it does not map is
+/// `Unmapped`) and returns everything in order.
+fn resolve_in_tree(
+    tree: &Tree<'_>,
+    mut found: Vec<Extent>,
+    gaps: Vec<(u64, u64)>,
+) -> Result<Vec<Extent>> {
+    for (gs, ge) in gaps {
+        let mut p = gs;
+        tree.lookup(gs, ge, &mut |e| {
+            if e.start > p {
+                found.push(unmapped(p, e.start));
+            }
+            p = e.end();
+            found.push(e);
+        })?;
+        if p < ge {
+            found.push(unmapped(p, ge));
+        }
+    }
+    found.sort_unstable_by_key(|e| e.start);
+    Ok(found)
 }

@@ -9,7 +9,8 @@ use crate::format::v2::{
 use crate::storage::Storage;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// Where the tree is: what the current header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,30 +29,47 @@ struct Cached {
 }
 
 /// Decoded pages by byte offset, at most `budget` bytes of them as they are held in memory
-/// (a decoded page costs what its items take, not 4 KiB), evicted in the order they were
-/// loaded (a page used again is moved to the back). Pages never change once written, so
-/// the cache is never written back; a page is inserted when it is written, so an offset
+/// (a decoded page costs what its items take, not 4 KiB). Pages never change once written,
+/// so the cache is never written back; a page is inserted when it is written, so an offset
 /// reused for a new page never serves the old one.
+///
+/// One cache serves every image of a server and every layer of a chain, so a read through
+/// 16 layers visits it 16 times or more: it is split into shards by key, each behind its
+/// own read-write lock, and a hit only sets the page's `used` flag under the shared lock.
+/// Eviction is the second-chance clock: pages leave a shard in the order they came in,
+/// except that a page used since it was last passed over goes round once more.
 pub struct PageCache {
-    budget: usize,
-    inner: Mutex<CacheInner>,
+    shard_budget: usize,
+    shards: Box<[RwLock<Shard>]>,
+    next_seq: AtomicU64,
 }
 
 #[derive(Default)]
-struct CacheInner {
-    pages: HashMap<Key, (Cached, u64)>,
+struct Shard {
+    pages: HashMap<Key, Entry>,
+    /// `(key, seq)` in insertion order; a record whose seq is not its key's entry's any
+    /// more (the page was forgotten or replaced) is skipped.
     order: VecDeque<(Key, u64)>,
     bytes: usize,
-    clock: u64,
-    hits: u64,
-    misses: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
+
+struct Entry {
+    cached: Cached,
+    seq: u64,
+    used: AtomicBool,
+}
+
+/// Below this a shard holds too few pages to be worth splitting off.
+const SHARD_BYTES: usize = 256 << 10;
+const MAX_SHARDS: usize = 16;
 
 impl std::fmt::Debug for PageCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (pages, hits, misses) = self.stats();
         f.debug_struct("PageCache")
-            .field("budget", &self.budget)
+            .field("budget", &(self.shard_budget * self.shards.len()))
             .field("pages", &pages)
             .field("hits", &hits)
             .field("misses", &misses)
@@ -61,91 +79,135 @@ impl std::fmt::Debug for PageCache {
 
 impl PageCache {
     pub fn new(bytes: u64) -> PageCache {
+        let budget = (bytes as usize).max(16 * BLOCK as usize);
+        let shards = (budget / SHARD_BYTES).clamp(1, MAX_SHARDS);
         PageCache {
-            budget: (bytes as usize).max(16 * BLOCK as usize),
-            inner: Mutex::new(CacheInner::default()),
+            shard_budget: budget / shards,
+            shards: (0..shards).map(|_| RwLock::default()).collect(),
+            next_seq: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, key: Key) -> &RwLock<Shard> {
+        // Page offsets are multiples of 4 KiB; mix the image in so that the same offset in
+        // two images lands apart.
+        let h = ((key.1 / BLOCK) ^ key.0.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        &self.shards[(h >> 40) as usize % self.shards.len()]
     }
 
     fn get(&self, key: Key, level: u8, lo: u64, hi: u64) -> Option<Arc<PageBody>> {
-        let mut g = self.lock();
-        g.clock += 1;
-        let clock = g.clock;
-        let hit = match g.pages.get_mut(&key) {
+        let shard = read_lock(self.shard(key));
+        let hit = match shard.pages.get(&key) {
             // A page reached with another range than it was checked for is checked again.
-            Some((c, stamp)) if c.level == level && c.lo == lo && c.hi == hi => {
-                *stamp = clock;
-                Some(c.body.clone())
+            Some(e) if e.cached.level == level && e.cached.lo == lo && e.cached.hi == hi => {
+                if !e.used.load(Ordering::Relaxed) {
+                    e.used.store(true, Ordering::Relaxed);
+                }
+                Some(e.cached.body.clone())
             }
             _ => None,
         };
-        if hit.is_some() {
-            g.hits += 1;
-            g.order.push_back((key, clock));
+        let counter = if hit.is_some() {
+            &shard.hits
         } else {
-            g.misses += 1;
-        }
-        // Stamps of pages used again leave stale entries in `order`; keep it bounded.
-        if g.order.len() > 4 * g.pages.len().max(16) {
-            let pages = std::mem::take(&mut g.pages);
-            g.order = pages.iter().map(|(&o, &(_, s))| (o, s)).collect();
-            g.order.make_contiguous().sort_by_key(|&(_, s)| s);
-            g.pages = pages;
-        }
+            &shard.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         hit
     }
 
     fn insert(&self, key: Key, cached: Cached) {
-        let mut g = self.lock();
-        g.clock += 1;
-        let clock = g.clock;
-        g.bytes += cost(&cached.body);
-        if let Some((old, _)) = g.pages.insert(key, (cached, clock)) {
-            g.bytes -= cost(&old.body);
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut guard = write_lock(self.shard(key));
+        let shard = &mut *guard;
+        shard.bytes += cost(&cached.body);
+        let entry = Entry {
+            cached,
+            seq,
+            used: AtomicBool::new(false),
+        };
+        if let Some(old) = shard.pages.insert(key, entry) {
+            shard.bytes -= cost(&old.cached.body);
         }
-        g.order.push_back((key, clock));
-        while g.bytes > self.budget {
-            let Some((o, s)) = g.order.pop_front() else {
+        shard.order.push_back((key, seq));
+        while shard.bytes > self.shard_budget {
+            let Some((k, s)) = shard.order.pop_front() else {
                 break;
             };
-            if g.pages.get(&o).is_some_and(|&(_, stamp)| stamp == s) {
-                if let Some((old, _)) = g.pages.remove(&o) {
-                    g.bytes -= cost(&old.body);
-                }
+            if s == seq {
+                // Everything older is gone: the new page stays, even alone over budget.
+                shard.order.push_front((k, s));
+                break;
             }
+            let Some(e) = shard.pages.get_mut(&k).filter(|e| e.seq == s) else {
+                continue;
+            };
+            if *e.used.get_mut() {
+                *e.used.get_mut() = false;
+                shard.order.push_back((k, s));
+            } else if let Some(old) = shard.pages.remove(&k) {
+                shard.bytes -= cost(&old.cached.body);
+            }
+        }
+        // Forgotten pages leave records behind; keep `order` bounded by what is held.
+        if shard.order.len() > 2 * shard.pages.len() + 64 {
+            let pages = &shard.pages;
+            shard
+                .order
+                .retain(|(k, s)| pages.get(k).is_some_and(|e| e.seq == *s));
         }
     }
 
     pub fn forget(&self, image_id: u64, offset: u64) {
-        let mut g = self.lock();
-        if let Some((old, _)) = g.pages.remove(&(image_id, offset)) {
-            g.bytes -= cost(&old.body);
+        let key = (image_id, offset);
+        let mut shard = write_lock(self.shard(key));
+        if let Some(old) = shard.pages.remove(&key) {
+            shard.bytes -= cost(&old.cached.body);
         }
     }
 
     /// Forgets every page of one image (it went back to its durable state).
     pub fn forget_image(&self, image_id: u64) {
-        let mut g = self.lock();
-        let mut freed = 0;
-        g.pages.retain(|&(id, _), (c, _)| {
-            let keep = id != image_id;
-            if !keep {
-                freed += cost(&c.body);
-            }
-            keep
-        });
-        g.bytes -= freed;
+        for shard in self.shards.iter() {
+            let mut guard = write_lock(shard);
+            let shard = &mut *guard;
+            let mut freed = 0;
+            shard.pages.retain(|&(id, _), e| {
+                let keep = id != image_id;
+                if !keep {
+                    freed += cost(&e.cached.body);
+                }
+                keep
+            });
+            shard.bytes -= freed;
+        }
     }
 
     /// `(pages held, hits, misses)`.
     pub fn stats(&self) -> (usize, u64, u64) {
-        let g = self.lock();
-        (g.pages.len(), g.hits, g.misses)
+        self.shards.iter().fold((0, 0, 0), |(p, h, m), shard| {
+            let s = read_lock(shard);
+            (
+                p + s.pages.len(),
+                h + s.hits.load(Ordering::Relaxed),
+                m + s.misses.load(Ordering::Relaxed),
+            )
+        })
     }
+
+    /// The bytes the cache holds, by its own count.
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        self.shards.iter().map(|s| read_lock(s).bytes).sum()
+    }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Pages are known by the image they belong to (its random `image_id`) and their offset,
@@ -284,15 +346,17 @@ impl Tree<'_> {
                 Ok(())
             }
             PageBody::Internal(children) => {
-                for (i, (child_lo, child_hi, child)) in child_ranges(children, lo, hi).enumerate() {
-                    if child_hi <= start {
-                        continue;
-                    }
+                // The first child that can overlap: the last whose key is at most `start`.
+                let first = children
+                    .partition_point(|&(key, _)| key <= start)
+                    .saturating_sub(1);
+                for (child_lo, child_hi, child) in child_ranges(children, lo, hi).skip(first) {
                     if child_lo >= end {
                         break;
                     }
-                    let _ = i;
-                    self.lookup_in(child, level - 1, child_lo, child_hi, start, end, f)?;
+                    if child_hi > start {
+                        self.lookup_in(child, level - 1, child_lo, child_hi, start, end, f)?;
+                    }
                 }
                 Ok(())
             }
@@ -397,16 +461,39 @@ impl Tree<'_> {
 
 /// `(lo, hi, offset)` of each child of an internal page covering `[lo, hi)`: the first
 /// child covers from `lo` whatever its key (FORMAT-v2.md, "Internal items").
-fn child_ranges(
-    children: &[Child],
+fn child_ranges(children: &[Child], lo: u64, hi: u64) -> ChildRanges<'_> {
+    ChildRanges {
+        children,
+        next: 0,
+        lo,
+        hi,
+    }
+}
+
+/// The iterator of [`child_ranges`]; its `nth` jumps, so that `skip` costs nothing.
+struct ChildRanges<'c> {
+    children: &'c [Child],
+    next: usize,
     lo: u64,
     hi: u64,
-) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
-    children.iter().enumerate().map(move |(i, &(key, child))| {
-        let clo = if i == 0 { lo } else { key };
-        let chi = children.get(i + 1).map_or(hi, |&(k, _)| k);
-        (clo, chi, child)
-    })
+}
+
+impl Iterator for ChildRanges<'_> {
+    type Item = (u64, u64, u64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let i = self.next;
+        let &(key, child) = self.children.get(i)?;
+        self.next += 1;
+        let clo = if i == 0 { self.lo } else { key };
+        let chi = self.children.get(i + 1).map_or(self.hi, |&(k, _)| k);
+        Some((clo, chi, child))
+    }
+
+    fn nth(&mut self, n: usize) -> Option<Self::Item> {
+        self.next = self.next.saturating_add(n);
+        self.next()
+    }
 }
 
 struct Writer<'t, 'a> {
@@ -599,28 +686,36 @@ mod tests {
 
     #[test]
     fn the_cache_holds_no_more_than_its_budget_and_keeps_what_is_used_again() {
-        let cache = PageCache::new(64 << 10);
-        let put = |offset: u64| {
-            cache.insert(
-                (1, offset),
-                Cached {
-                    body: Arc::new(leaf(254)),
-                    level: 0,
-                    lo: 0,
-                    hi: 1 << 40,
-                },
-            )
-        };
-        put(8192);
-        for i in 0..100u64 {
-            put(16384 + i * 4096);
-            // Page 8192 is used all the time, so it is never the oldest.
-            assert!(cache.get((1, 8192), 0, 0, 1 << 40).is_some(), "round {i}");
-            let g = cache.lock();
-            assert!(g.bytes <= cache.budget, "{} bytes held", g.bytes);
+        for budget in [64 << 10, 4 << 20] {
+            let cache = PageCache::new(budget);
+            let put = |offset: u64| {
+                cache.insert(
+                    (1, offset),
+                    Cached {
+                        body: Arc::new(leaf(254)),
+                        level: 0,
+                        lo: 0,
+                        hi: 1 << 40,
+                    },
+                )
+            };
+            put(8192);
+            for i in 0..2000u64 {
+                put(16384 + i * 4096);
+                // Page 8192 is used all the time, so it always gets its second chance.
+                assert!(cache.get((1, 8192), 0, 0, 1 << 40).is_some(), "round {i}");
+                assert!(cache.held_bytes() <= budget as usize, "{budget}: round {i}");
+            }
+            let (pages, _, _) = cache.stats();
+            assert!(pages > 1 && pages < 2000, "{budget}: {pages} pages held");
+            // A page reached with another range than it was checked for is not served.
+            assert!(cache.get((1, 8192), 0, 0, 1 << 20).is_none());
+            assert!(cache.get((1, 8192), 1, 0, 1 << 40).is_none());
+            // Forgetting a page and the whole image leaves nothing of it.
+            cache.forget(1, 8192);
+            assert!(cache.get((1, 8192), 0, 0, 1 << 40).is_none());
+            cache.forget_image(1);
+            assert_eq!((cache.stats().0, cache.held_bytes()), (0, 0));
         }
-        // A page reached with another range than it was checked for is not served.
-        assert!(cache.get((1, 8192), 0, 0, 1 << 20).is_none());
-        assert!(cache.get((1, 8192), 1, 0, 1 << 40).is_none());
     }
 }
