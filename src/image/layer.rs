@@ -279,6 +279,14 @@ impl Layer {
         }
     }
 
+    /// The version-2 image this layer is, if it is one.
+    pub(crate) fn as_v2(&self) -> Option<&super::v2::ImageV2> {
+        match self {
+            Layer::Cowimg(i) => i.as_v2(),
+            _ => None,
+        }
+    }
+
     /// The device and inode of the layer's file (none for an image in memory).
     pub(crate) fn identity(&self) -> Option<FileId> {
         match self {

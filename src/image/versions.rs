@@ -130,6 +130,13 @@ impl Image {
     }
 
     /// The format version of the image: 1 or 2.
+    pub(crate) fn as_v2(&self) -> Option<&ImageV2> {
+        match &self.0 {
+            Engine::V2(img) => Some(img),
+            Engine::V1(_) => None,
+        }
+    }
+
     pub fn version(&self) -> u32 {
         match &self.0 {
             Engine::V1(_) => 1,

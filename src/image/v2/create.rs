@@ -143,6 +143,7 @@ fn write_tree_past_end(
         path,
         root: TreeRoot::default(),
         image_id: header.image_id,
+        cache_key: super::tree::new_cache_key(),
         generation: header.generation,
         virtual_blocks: header.virtual_blocks(),
     };

@@ -347,7 +347,6 @@ impl ImageV2 {
     fn publish(&self, number: u64, done: Done) {
         let mut freed: Vec<(u64, u64)> = Vec::new();
         let mut forgotten_pages = Vec::new();
-        let image_id;
         {
             let _pause = exclusive(&self.gate);
             let mut guard = lock(&self.state);
@@ -395,7 +394,6 @@ impl ImageV2 {
                 }
             }
             st.snapshots_published = number;
-            image_id = st.header.image_id;
             st.to_free.retain(|&(at, h, n)| {
                 if at <= number {
                     freed.push((h, n));
@@ -406,7 +404,7 @@ impl ImageV2 {
             });
         }
         for page in forgotten_pages {
-            self.cache.forget(image_id, page);
+            self.cache.forget(self.cache_key, page);
         }
         // Freed blocks go back to the allocator, which hands them out before growing the
         // file: overwriting them is an overwrite of allocated blocks, with no file-system
@@ -455,8 +453,7 @@ impl ImageV2 {
                 // own, against the state gone back to.
                 st.snapshots_taken = old.snapshots_taken;
                 st.snapshots_published = old.snapshots_published;
-                self.cache.forget_image(st.header.image_id);
-                self.cache.forget_image(old.header.image_id);
+                self.cache.forget_image(self.cache_key);
                 self.reverts.fetch_add(1, Ordering::AcqRel);
                 eprintln!(
                     "cowimg: {}: a flush failed ({cause}); went back to the last durable state",

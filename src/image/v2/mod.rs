@@ -21,6 +21,7 @@ mod create;
 mod extents;
 mod flush;
 mod load;
+mod merged;
 mod tree;
 mod write;
 
@@ -61,6 +62,8 @@ pub struct ImageV2 {
     gate: RwLock<()>,
     state: Mutex<State>,
     cache: Arc<PageCache>,
+    /// What `cache` knows this open image's pages by.
+    cache_key: u64,
     flush_serial: Mutex<()>,
     failed: AtomicBool,
     reverts: AtomicU64,
@@ -189,6 +192,7 @@ impl ImageV2 {
             gate: RwLock::new(()),
             state: Mutex::new(State::from_loaded(loaded)),
             cache,
+            cache_key: tree::new_cache_key(),
             flush_serial: Mutex::new(()),
             failed: false.into(),
             reverts: 0.into(),
@@ -221,6 +225,8 @@ impl ImageV2 {
         self.backing.as_deref()
     }
     pub fn set_backing_layer(&mut self, layer: Option<Arc<Layer>>) {
+        // What the merged index resolved was through the old chain.
+        self.cache.forget_image(self.cache_key);
         self.backing = layer;
     }
     pub fn header(&self) -> HeaderV2 {
@@ -265,6 +271,7 @@ impl ImageV2 {
             path: &self.path,
             root: st.tree,
             image_id: st.header.image_id,
+            cache_key: self.cache_key,
             generation: st.header.generation,
             virtual_blocks: st.header.virtual_blocks(),
         }
@@ -298,7 +305,11 @@ impl ImageV2 {
             return Ok(());
         }
         let _io = shared(&self.gate);
-        self.read_held(buf, offset)
+        if self.reads_merged() {
+            self.read_merged(buf, offset)
+        } else {
+            self.read_held(buf, offset)
+        }
     }
 
     /// A read with the gate held.

@@ -1,6 +1,7 @@
 //! The map tree (FORMAT-v2.md, "Map pages"): lookups through a bounded page cache, and the
 //! copy-on-write update that a tree flush writes.
 use super::extents::ExtentMap;
+use super::merged::ChainPiece;
 use crate::error::{Error, Result};
 use crate::format::v2::{
     decode_page, encode_page, Extent, Mapping, PageBody, PageContext, BLOCK, MAX_HEIGHT,
@@ -8,6 +9,7 @@ use crate::format::v2::{
 };
 use crate::storage::Storage;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -21,15 +23,22 @@ pub struct TreeRoot {
     pub extents: u64,
 }
 
-struct Cached {
-    body: Arc<PageBody>,
-    level: u8,
-    lo: u64,
-    hi: u64,
+/// What the cache holds under a key.
+enum Cached {
+    /// A decoded map page, with the place in the tree it was checked for.
+    Page {
+        body: Arc<PageBody>,
+        level: u8,
+        lo: u64,
+        hi: u64,
+    },
+    /// A region of a read-only chain as its merged index resolved it (`merged.rs`).
+    Region(Arc<[ChainPiece]>),
 }
 
 /// Decoded pages by byte offset, at most `budget` bytes of them as they are held in memory
-/// (a decoded page costs what its items take, not 4 KiB). Pages never change once written,
+/// (a decoded page costs what its items take, not 4 KiB), and the regions of read-only
+/// chains their merged indexes resolved, under the same budget. Pages never change once written,
 /// so the cache is never written back; a page is inserted when it is written, so an offset
 /// reused for a new page never serves the old one.
 ///
@@ -46,7 +55,7 @@ pub struct PageCache {
 
 #[derive(Default)]
 struct Shard {
-    pages: HashMap<Key, Entry>,
+    pages: HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>,
     /// `(key, seq)` in insertion order; a record whose seq is not its key's entry's any
     /// more (the page was forgotten or replaced) is skipped.
     order: VecDeque<(Key, u64)>,
@@ -95,18 +104,40 @@ impl PageCache {
         &self.shards[(h >> 40) as usize % self.shards.len()]
     }
 
-    fn get(&self, key: Key, level: u8, lo: u64, hi: u64) -> Option<Arc<PageBody>> {
-        let shard = read_lock(self.shard(key));
-        let hit = match shard.pages.get(&key) {
+    fn get_page(&self, key: Key, level: u8, lo: u64, hi: u64) -> Option<Arc<PageBody>> {
+        self.get(key, |cached| match cached {
             // A page reached with another range than it was checked for is checked again.
-            Some(e) if e.cached.level == level && e.cached.lo == lo && e.cached.hi == hi => {
-                if !e.used.load(Ordering::Relaxed) {
-                    e.used.store(true, Ordering::Relaxed);
-                }
-                Some(e.cached.body.clone())
-            }
+            Cached::Page {
+                body,
+                level: l,
+                lo: a,
+                hi: b,
+            } if (*l, *a, *b) == (level, lo, hi) => Some(body.clone()),
             _ => None,
-        };
+        })
+    }
+
+    /// A region of the read-only image `cache_key`'s chain, if its merged index holds it.
+    pub(super) fn get_region(&self, cache_key: u64, region: u64) -> Option<Arc<[ChainPiece]>> {
+        self.get(region_key(cache_key, region), |cached| match cached {
+            Cached::Region(pieces) => Some(pieces.clone()),
+            Cached::Page { .. } => None,
+        })
+    }
+
+    pub(super) fn insert_region(&self, cache_key: u64, region: u64, pieces: Arc<[ChainPiece]>) {
+        self.insert(region_key(cache_key, region), Cached::Region(pieces));
+    }
+
+    fn get<T>(&self, key: Key, pick: impl FnOnce(&Cached) -> Option<T>) -> Option<T> {
+        let shard = read_lock(self.shard(key));
+        let hit = shard.pages.get(&key).and_then(|e| {
+            let found = pick(&e.cached)?;
+            if !e.used.load(Ordering::Relaxed) {
+                e.used.store(true, Ordering::Relaxed);
+            }
+            Some(found)
+        });
         let counter = if hit.is_some() {
             &shard.hits
         } else {
@@ -120,14 +151,14 @@ impl PageCache {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut guard = write_lock(self.shard(key));
         let shard = &mut *guard;
-        shard.bytes += cost(&cached.body);
+        shard.bytes += cost(&cached);
         let entry = Entry {
             cached,
             seq,
             used: AtomicBool::new(false),
         };
         if let Some(old) = shard.pages.insert(key, entry) {
-            shard.bytes -= cost(&old.cached.body);
+            shard.bytes -= cost(&old.cached);
         }
         shard.order.push_back((key, seq));
         while shard.bytes > self.shard_budget {
@@ -146,7 +177,7 @@ impl PageCache {
                 *e.used.get_mut() = false;
                 shard.order.push_back((k, s));
             } else if let Some(old) = shard.pages.remove(&k) {
-                shard.bytes -= cost(&old.cached.body);
+                shard.bytes -= cost(&old.cached);
             }
         }
         // Forgotten pages leave records behind; keep `order` bounded by what is held.
@@ -158,24 +189,24 @@ impl PageCache {
         }
     }
 
-    pub fn forget(&self, image_id: u64, offset: u64) {
-        let key = (image_id, offset);
+    pub fn forget(&self, cache_key: u64, offset: u64) {
+        let key = (cache_key, offset);
         let mut shard = write_lock(self.shard(key));
         if let Some(old) = shard.pages.remove(&key) {
-            shard.bytes -= cost(&old.cached.body);
+            shard.bytes -= cost(&old.cached);
         }
     }
 
     /// Forgets every page of one image (it went back to its durable state).
-    pub fn forget_image(&self, image_id: u64) {
+    pub fn forget_image(&self, cache_key: u64) {
         for shard in self.shards.iter() {
             let mut guard = write_lock(shard);
             let shard = &mut *guard;
             let mut freed = 0;
             shard.pages.retain(|&(id, _), e| {
-                let keep = id != image_id;
+                let keep = id != cache_key;
                 if !keep {
-                    freed += cost(&e.cached.body);
+                    freed += cost(&e.cached);
                 }
                 keep
             });
@@ -210,18 +241,55 @@ fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Pages are known by the image they belong to (its random `image_id`) and their offset,
-/// so that one cache serves every image of a server.
+/// Pages are known by the open image they belong to and their offset, so that one cache
+/// serves every image of a server. Not by the `image_id` the pages record: a copied file
+/// has its original's id and page offsets, and two copies open in one server must not
+/// share pages once either writes new ones.
 type Key = (u64, u64);
 
-/// What a decoded page holds in memory: its items, the map slot and the bookkeeping.
-fn cost(body: &PageBody) -> usize {
+/// A key no other open image has, for [`Tree::cache_key`].
+pub fn new_cache_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What an entry holds in memory: a page's items or a region's pieces, the map slot and
+/// the bookkeeping.
+fn cost(cached: &Cached) -> usize {
     const ENTRY: usize = 96;
     ENTRY
-        + match body {
-            PageBody::Leaf(e) => e.capacity() * std::mem::size_of::<Extent>(),
-            PageBody::Internal(c) => c.capacity() * std::mem::size_of::<Child>(),
+        + match cached {
+            Cached::Page { body, .. } => match &**body {
+                PageBody::Leaf(e) => e.capacity() * std::mem::size_of::<Extent>(),
+                PageBody::Internal(c) => c.capacity() * std::mem::size_of::<Child>(),
+            },
+            Cached::Region(pieces) => std::mem::size_of_val::<[ChainPiece]>(pieces),
         }
+}
+
+/// A region's key: page offsets are multiples of 4 KiB, so an odd second half is never a
+/// page's.
+fn region_key(cache_key: u64, region: u64) -> Key {
+    (cache_key, (region << 12) | 1)
+}
+
+/// The hash of a key: both halves are already well spread (a counter and an offset), so a
+/// multiply mixes them well enough, at a fraction of SipHash's cost on every lookup.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
 }
 
 /// The tree of one image as of one header, and what reading it needs.
@@ -230,7 +298,10 @@ pub struct Tree<'a> {
     pub cache: &'a PageCache,
     pub path: &'a Path,
     pub root: TreeRoot,
+    /// The image's id as its pages record it (checked on every page read).
     pub image_id: u64,
+    /// What the cache knows this open image by (see [`PageCache`]'s key).
+    pub cache_key: u64,
     /// The current header's generation: no page may be newer.
     pub generation: u64,
     pub virtual_blocks: u64,
@@ -249,7 +320,7 @@ type Child = (u64, u64);
 
 impl Tree<'_> {
     fn page(&self, offset: u64, level: u8, lo: u64, hi: u64) -> Result<Arc<PageBody>> {
-        if let Some(body) = self.cache.get((self.image_id, offset), level, lo, hi) {
+        if let Some(body) = self.cache.get_page((self.cache_key, offset), level, lo, hi) {
             return Ok(body);
         }
         let file_len = self.storage.len().map_err(|e| self.io_err(offset, e))?;
@@ -281,8 +352,8 @@ impl Tree<'_> {
             source,
         })?);
         self.cache.insert(
-            (self.image_id, offset),
-            Cached {
+            (self.cache_key, offset),
+            Cached::Page {
                 body: body.clone(),
                 level,
                 lo,
@@ -624,8 +695,8 @@ impl Writer<'_, '_> {
                     source: e,
                 })?;
             self.tree.cache.insert(
-                (self.tree.image_id, offset),
-                Cached {
+                (self.tree.cache_key, offset),
+                Cached::Page {
                     body: Arc::new(body),
                     level,
                     lo,
@@ -691,7 +762,7 @@ mod tests {
             let put = |offset: u64| {
                 cache.insert(
                     (1, offset),
-                    Cached {
+                    Cached::Page {
                         body: Arc::new(leaf(254)),
                         level: 0,
                         lo: 0,
@@ -703,17 +774,30 @@ mod tests {
             for i in 0..2000u64 {
                 put(16384 + i * 4096);
                 // Page 8192 is used all the time, so it always gets its second chance.
-                assert!(cache.get((1, 8192), 0, 0, 1 << 40).is_some(), "round {i}");
+                assert!(
+                    cache.get_page((1, 8192), 0, 0, 1 << 40).is_some(),
+                    "round {i}"
+                );
                 assert!(cache.held_bytes() <= budget as usize, "{budget}: round {i}");
             }
             let (pages, _, _) = cache.stats();
             assert!(pages > 1 && pages < 2000, "{budget}: {pages} pages held");
             // A page reached with another range than it was checked for is not served.
-            assert!(cache.get((1, 8192), 0, 0, 1 << 20).is_none());
-            assert!(cache.get((1, 8192), 1, 0, 1 << 40).is_none());
+            assert!(cache.get_page((1, 8192), 0, 0, 1 << 20).is_none());
+            assert!(cache.get_page((1, 8192), 1, 0, 1 << 40).is_none());
+            // A region and a page of one image never stand for each other.
+            let piece = ChainPiece {
+                start: 0,
+                end: 1,
+                source: super::super::merged::ChainSource::Zero,
+            };
+            cache.insert_region(1, 2, Arc::from(vec![piece]));
+            assert!(cache.get_region(1, 2).is_some_and(|p| p[0] == piece));
+            assert!(cache.get_region(1, 8192 >> 12).is_none());
+            assert!(cache.get_page(region_key(1, 2), 0, 0, 1 << 40).is_none());
             // Forgetting a page and the whole image leaves nothing of it.
             cache.forget(1, 8192);
-            assert!(cache.get((1, 8192), 0, 0, 1 << 40).is_none());
+            assert!(cache.get_page((1, 8192), 0, 0, 1 << 40).is_none());
             cache.forget_image(1);
             assert_eq!((cache.stats().0, cache.held_bytes()), (0, 0));
         }
