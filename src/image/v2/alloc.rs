@@ -121,10 +121,11 @@ impl Allocator {
         self.freed_blocks
     }
 
-    /// Takes the highest freed runs out until at most `keep` blocks are left, to be punched.
-    pub fn take_freed_above(&mut self, keep: u64) -> Vec<(u64, u64)> {
+    /// Takes the highest freed runs out until at most `keep` blocks are left, or `max_runs`
+    /// runs were taken, to be punched.
+    pub fn take_freed_above(&mut self, keep: u64, max_runs: usize) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        while self.freed_blocks > keep {
+        while self.freed_blocks > keep && out.len() < max_runs {
             let Some((start, len)) = self.freed.pop_last() else {
                 break;
             };
@@ -228,10 +229,13 @@ mod tests {
         assert_eq!(a.freed_blocks(), 7);
         a.give_back([(300, 5)]);
         // Down to 4 blocks: all of 300..305, then the top three of 103..110.
-        assert_eq!(a.take_freed_above(4), vec![(300, 5), (107, 3)]);
+        // One run at a time when asked: the highest first.
+        assert_eq!(a.take_freed_above(4, 1), vec![(300, 5)]);
+        assert_eq!(a.freed_blocks(), 7);
+        assert_eq!(a.take_freed_above(4, usize::MAX), vec![(107, 3)]);
         assert_eq!(a.freed_blocks(), 4);
         assert_eq!(a.allocate(&storage, 10), (103, 4));
-        assert_eq!(a.take_freed_above(0), Vec::new());
+        assert_eq!(a.take_freed_above(0, usize::MAX), Vec::new());
         // Nothing freed is left: the next block comes from the end of the file.
         let (start, _) = a.allocate(&storage, 1);
         assert!((FIRST_HOST_BLOCK..100).contains(&start), "{start}");

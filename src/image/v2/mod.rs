@@ -473,7 +473,7 @@ impl Drop for ImageV2 {
         // freed blocks not punched yet.
         let runs = {
             let mut st = lock(&self.state);
-            let mut runs = st.alloc.take_freed_above(0);
+            let mut runs = st.alloc.take_freed_above(0, usize::MAX);
             runs.extend(st.spare_journal.take());
             runs
         };
