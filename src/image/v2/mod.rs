@@ -5,8 +5,9 @@
 //! Files by responsibility: `extents` (the in-memory change maps), `tree` (pages, the
 //! cache, lookups and the copy-on-write update), `alloc` (where blocks go), `load` (the
 //! header slots and journal replay at open), `write` (the write path), `flush` (the flush
-//! protocol, publishing and going back to the durable state), `create` (new images and
-//! upgrades), `check` (walking everything).
+//! protocol, publishing and going back to the durable state), `merged` (reads of a
+//! read-only chain through its merged index), `create` (new images and upgrades), `check`
+//! (walking everything).
 //!
 //! Concurrency, as in version 1: `gate` is held shared by every read and write for its whole
 //! duration and exclusively by a flush while it takes its snapshot and while it publishes,
