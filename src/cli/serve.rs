@@ -218,8 +218,8 @@ fn raise_open_file_limit() {
 /// Caps glibc's malloc arenas at two unless `MALLOC_ARENA_MAX` says otherwise. By default
 /// each of the server's worker threads may get an arena of its own (up to 8 per core), and
 /// each arena keeps the memory of the map pages it decoded after the cache evicted them:
-/// with 4M clusters, random reads took the server to 89 MiB with the default and 53 MiB
-/// with two arenas, at the same read rate (benches/ANALYSIS.md, format version 2).
+/// with 4M clusters, random reads took a version-2 server to 100-106 MiB with the default
+/// and 44-57 MiB with two arenas, at about the same read rate (benches/ANALYSIS.md).
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

@@ -129,7 +129,7 @@ impl Image {
         )?))))
     }
 
-    /// The format version of the image: 1 or 2.
+    /// The version-2 engine, if the image is one.
     pub(crate) fn as_v2(&self) -> Option<&ImageV2> {
         match &self.0 {
             Engine::V2(img) => Some(img),
@@ -137,6 +137,7 @@ impl Image {
         }
     }
 
+    /// The format version of the image: 1 or 2.
     pub fn version(&self) -> u32 {
         match &self.0 {
             Engine::V1(_) => 1,

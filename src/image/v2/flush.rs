@@ -26,8 +26,9 @@ fn freed_pool_blocks(virtual_size: u64, allocated_bytes: u64) -> u64 {
 }
 /// A flush punches at most this many runs of freed blocks; what is left over waits for the
 /// next flush (or reuse). Each punch holds the file's lock, so that writes wait for all of
-/// them (a synchronous discard each, on a file system mounted with `discard`): 5,000
-/// scattered 4 KiB punches held every write for over a second.
+/// them (a synchronous discard each, on a file system mounted with `discard`): before this
+/// bound, random overwrites made about 1,700 punches per flush, and one publish held every
+/// write for 1.2 s.
 const MAX_PUNCHES_PER_FLUSH: usize = 256;
 /// The changes journaled since the tree was written are held in memory; past this many
 /// extents the next flush writes changes into the tree, so that an image's memory stays
@@ -423,10 +424,11 @@ impl ImageV2 {
         // is punched, the highest blocks first; a punch that fails leaves a leak, never a
         // problem. Punches are batched: each is a file-system transaction (a synchronous
         // discard where the file system is mounted with `discard`).
+        // A stat of the file, taken before the lock that every write needs.
+        let allocated = self.storage.allocated_bytes().unwrap_or(0);
         let to_punch = {
             let mut st = lock(&self.state);
             st.alloc.give_back(freed);
-            let allocated = self.storage.allocated_bytes().unwrap_or(0);
             let most = freed_pool_blocks(st.header.virtual_size, allocated);
             if st.alloc.freed_blocks() <= most {
                 return;

@@ -163,26 +163,19 @@ impl ImageV2 {
                 self.resolve_gated(start, own_end)?
             };
             for p in resolved {
-                let source = match p.mapping {
-                    Mapping::Data(host_block) => ChainSource::Data { depth, host_block },
-                    Mapping::Zero => ChainSource::Zero,
-                    Mapping::Unmapped => match self.backing.as_deref() {
-                        None => ChainSource::Zero,
-                        Some(layer) => {
-                            match layer.as_v2() {
-                                Some(img) => img.resolve_chain(p.start, p.end(), depth + 1, out)?,
-                                None => push(
-                                    out,
-                                    p.start,
-                                    p.end(),
-                                    ChainSource::Through { depth: depth + 1 },
-                                ),
-                            }
-                            continue;
-                        }
+                let (from, to) = (p.start, p.end());
+                match (p.mapping, self.backing.as_deref()) {
+                    (Mapping::Data(host_block), _) => {
+                        push(out, from, to, ChainSource::Data { depth, host_block })
+                    }
+                    (Mapping::Zero, _) | (Mapping::Unmapped, None) => {
+                        push(out, from, to, ChainSource::Zero)
+                    }
+                    (Mapping::Unmapped, Some(layer)) => match layer.as_v2() {
+                        Some(img) => img.resolve_chain(from, to, depth + 1, out)?,
+                        None => push(out, from, to, ChainSource::Through { depth: depth + 1 }),
                     },
-                };
-                push(out, p.start, p.end(), source);
+                }
             }
         }
         // A partial last block is read as the image reads it; past it, zeros.

@@ -285,7 +285,7 @@ impl ImageV2 {
         resolve_in_tree(&self.tree(st), found, gaps)
     }
 
-    /// [`Image::resolve`] for a caller holding the gate shared, with the state lock held
+    /// [`ImageV2::resolve`] for a caller holding the gate shared, with the state lock held
     /// only over the in-memory changes: the tree it walks cannot change under it, since a
     /// tree flush publishes its root (and frees the old pages) only with the gate held
     /// exclusively. Readers of one image, and of the layers of a chain, so do not queue on

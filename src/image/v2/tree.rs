@@ -9,7 +9,7 @@ use crate::format::v2::{
 };
 use crate::storage::Storage;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -98,9 +98,9 @@ impl PageCache {
     }
 
     fn shard(&self, key: Key) -> &RwLock<Shard> {
-        // Page offsets are multiples of 4 KiB; mix the image in so that the same offset in
-        // two images lands apart.
-        let h = ((key.1 / BLOCK) ^ key.0.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // Middle bits of the key's hash: the shard's map indexes by the low ones and tags
+        // by the top seven.
+        let h = BuildHasherDefault::<KeyHasher>::default().hash_one(key);
         &self.shards[(h >> 40) as usize % self.shards.len()]
     }
 
@@ -782,6 +782,12 @@ mod tests {
             }
             let (pages, _, _) = cache.stats();
             assert!(pages > 1 && pages < 2000, "{budget}: {pages} pages held");
+            // Consecutive page offsets of one image spread over every shard.
+            let empty = cache
+                .shards
+                .iter()
+                .filter(|s| read_lock(s).pages.is_empty());
+            assert_eq!(empty.count(), 0, "{budget}: shards left empty");
             // A page reached with another range than it was checked for is not served.
             assert!(cache.get_page((1, 8192), 0, 0, 1 << 20).is_none());
             assert!(cache.get_page((1, 8192), 1, 0, 1 << 40).is_none());
