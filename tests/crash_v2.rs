@@ -405,3 +405,147 @@ fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_it
     });
     assert!(images > 10, "only {images} crash images");
 }
+
+/// A tree flush rewrites at most a budget of leaves and carries the changes it left out into
+/// the new journal, with the changes beyond its extent bound (FORMAT-v2.md, "The flush
+/// protocol"). The limits are made small here, so that a map of a few leaves takes the paths
+/// a map of millions of extents does: scattered writes over a populated map, a flush every
+/// few of them. A crash at any point shows the disk as it was after some number of writes,
+/// at least as many as the last flush that returned covered: no block older, none mixed.
+#[test]
+fn a_tree_flush_cut_short_by_its_leaf_budget_keeps_every_returned_flush_at_any_crash_point() {
+    const B: u64 = 4096;
+    const BLOCKS: u64 = 2048;
+    const WRITES_PER_FLUSH: usize = 12;
+    let limits = cowimg::image::v2::FlushLimits {
+        journaled_extents: 40,
+        tree_flush_extents: 24,
+        tree_flush_leaves: 2,
+    };
+    let mem = Arc::new(MemStorage::new(Vec::new()));
+    let opts = CreateOptions {
+        size: Some(BLOCKS * B),
+        version: 2,
+        ..Default::default()
+    };
+    Image::create_on(mem.as_ref(), Path::new(NAME), &opts).expect("creating the image");
+    // Every other block written, so that no two extents join: a map of several leaves.
+    let populated = |b: u64| {
+        if b.is_multiple_of(2) {
+            pattern(b, B as usize)
+        } else {
+            vec![0; B as usize]
+        }
+    };
+    {
+        let dynamic: Arc<dyn Storage> = mem.clone();
+        let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("opening it");
+        assert!(image.set_flush_limits(limits));
+        for b in (0..BLOCKS).step_by(2) {
+            image.write_at(&populated(b), b * B).expect("populating");
+            if b % 64 == 62 {
+                image.flush().expect("flushing");
+            }
+        }
+        image.flush().expect("flushing");
+        assert_eq!(image.map_height(), Some(2), "the map is one leaf");
+    }
+    let initial = mem.contents();
+    let storage = Arc::new(CrashStorage::new(initial.clone()));
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("reopening it");
+    assert!(image.set_flush_limits(limits));
+    let mut rng = StdRng::seed_from_u64(11);
+    // `(block, seed)` of every write in order; `(writes, syncs)` at each returned flush.
+    let mut writes: Vec<(u64, u64)> = Vec::new();
+    let mut flushed: Vec<(usize, usize)> = Vec::new();
+    for round in 0..30 {
+        for _ in 0..WRITES_PER_FLUSH {
+            let block = rng.gen_range(0..BLOCKS);
+            let seed = 1_000_000 + writes.len() as u64;
+            image
+                .write_at(&pattern(seed, B as usize), block * B)
+                .unwrap_or_else(|e| panic!("round {round}: writing: {e}"));
+            writes.push((block, seed));
+        }
+        image.flush().expect("flushing");
+        flushed.push((writes.len(), storage.syncs()));
+    }
+    // The running image reads every block's last write.
+    let mut last: Vec<Vec<u8>> = (0..BLOCKS).map(populated).collect();
+    for &(block, seed) in &writes {
+        last[block as usize] = pattern(seed, B as usize);
+    }
+    let mut disk = vec![0u8; (BLOCKS * B) as usize];
+    image.read_at(&mut disk, 0).expect("reading the image");
+    lib_support::assert_same_bytes(&disk, &last.concat(), "the running image");
+    drop(image);
+    let log = storage.log();
+    // Each block's writes, as indexes into `writes`.
+    let mut by_block: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+    for (i, &(block, _)) in writes.iter().enumerate() {
+        by_block.entry(block).or_default().push(i);
+    }
+    let dir = scratch_dir();
+    let mut images = 0;
+    for_each_crash_image(&initial, &log, &mut rng, 3, 2, |crashed, _| {
+        let CrashImage { syncs, what, bytes } = crashed;
+        let dynamic: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes.clone()));
+        let opened = Image::open_storage(dynamic, Path::new(NAME), true)
+            .unwrap_or_else(|e| panic!("{what}: the crashed image does not open: {e}"));
+        let mut disk = vec![0u8; (BLOCKS * B) as usize];
+        opened
+            .read_at(&mut disk, 0)
+            .unwrap_or_else(|e| panic!("{what}: reading: {e}"));
+        let durable = flushed
+            .iter()
+            .filter(|&&(_, at)| at <= syncs)
+            .map(|&(n, _)| n)
+            .max()
+            .unwrap_or(0);
+        // The numbers of writes done that every block agrees with: `lo..=hi`.
+        let (mut lo, mut hi) = (durable, writes.len());
+        for b in 0..BLOCKS {
+            let seen = &disk[(b * B) as usize..((b + 1) * B) as usize];
+            let mine = by_block.get(&b).map_or(&[][..], |v| &v[..]);
+            let shown = if seen == populated(b) {
+                None
+            } else {
+                let hit = mine
+                    .iter()
+                    .position(|&i| pattern(writes[i].1, B as usize) == seen);
+                Some(hit.unwrap_or_else(|| {
+                    panic!("{what}: block {b} holds the bytes of none of its writes")
+                }))
+            };
+            // Shown: write k of this block, so at least mine[k] + 1 writes were done and
+            // its next one was not.
+            let (from, to) = match shown {
+                None => (0, mine.first().copied().unwrap_or(writes.len())),
+                Some(k) => (
+                    mine[k] + 1,
+                    mine.get(k + 1).copied().unwrap_or(writes.len()),
+                ),
+            };
+            lo = lo.max(from);
+            hi = hi.min(to);
+            assert!(
+                lo <= hi,
+                "{what}: block {b} shows the disk after {from}..={to} writes, which no other \
+                 block agrees with (the last flush that returned covered {durable})"
+            );
+        }
+        if images % 9 == 0 {
+            let path = dir.path().join(NAME);
+            write_sparse(&path, &bytes);
+            let report = ops::check(&path, false).unwrap_or_else(|e| panic!("{what}: check: {e}"));
+            assert!(
+                report.corruptions.is_empty(),
+                "{what}: check reports corruption: {:?}",
+                report.corruptions
+            );
+        }
+        images += 1;
+    });
+    assert!(images > 60, "only {images} crash images");
+}

@@ -153,6 +153,19 @@ impl Image {
         }
     }
 
+    /// Sets how much work a version-2 image's flush may do at once (a test makes the limits
+    /// small, to reach with a small map the paths a large one takes); false for version 1.
+    #[doc(hidden)]
+    pub fn set_flush_limits(&self, limits: crate::image::v2::FlushLimits) -> bool {
+        match &self.0 {
+            Engine::V2(v2) => {
+                v2.set_flush_limits(limits);
+                true
+            }
+            Engine::V1(_) => false,
+        }
+    }
+
     /// Page-cache figures of a version-2 image: `(pages held, hits, misses)`.
     pub fn cache_stats(&self) -> Option<(u64, u64, u64)> {
         match &self.0 {

@@ -36,6 +36,7 @@ use crate::format::v2::{Extent, HeaderV2, Mapping, BLOCK};
 use crate::storage::Storage;
 use alloc::Allocator;
 use extents::ExtentMap;
+pub use flush::FlushLimits;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -68,6 +69,7 @@ pub struct ImageV2 {
     flush_serial: Mutex<()>,
     failed: AtomicBool,
     reverts: AtomicU64,
+    limits: Mutex<flush::FlushLimits>,
     /// Striped by virtual block: held while a partial block is copied, changed and written.
     partial_blocks: Vec<Mutex<()>>,
 }
@@ -197,6 +199,7 @@ impl ImageV2 {
             flush_serial: Mutex::new(()),
             failed: false.into(),
             reverts: 0.into(),
+            limits: Mutex::default(),
             partial_blocks: (0..64).map(|_| Mutex::new(())).collect(),
         })
     }

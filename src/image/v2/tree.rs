@@ -1,11 +1,11 @@
 //! The map tree (FORMAT-v2.md, "Map pages"): lookups through a bounded page cache, and the
 //! copy-on-write update that a tree flush writes.
-use super::extents::ExtentMap;
+use super::extents::{overlay_sorted, ExtentMap};
 use super::merged::ChainPiece;
 use crate::error::{Error, Result};
 use crate::format::v2::{
-    decode_page, encode_page, Extent, Mapping, PageBody, PageContext, BLOCK, MAX_HEIGHT,
-    PAGE_CAPACITY, VIRTUAL_BLOCK_LIMIT,
+    decode_page, encode_page, Extent, PageBody, PageContext, BLOCK, MAX_HEIGHT, PAGE_CAPACITY,
+    VIRTUAL_BLOCK_LIMIT,
 };
 use crate::storage::Storage;
 use std::collections::{HashMap, VecDeque};
@@ -313,6 +313,9 @@ pub struct Updated {
     pub root: TreeRoot,
     pub replaced_pages: Vec<u64>,
     pub written_pages: Vec<u64>,
+    /// Set when the leaf budget ran out: updates were applied below this block only (one
+    /// that straddles it in part). What lies at or above it is still to be applied.
+    pub applied_below: Option<u64>,
 }
 
 /// A child reference while a page is rebuilt: the first block of its range and its offset.
@@ -443,11 +446,25 @@ impl Tree<'_> {
         new_generation: u64,
         alloc: &mut dyn FnMut() -> Result<u64>,
     ) -> Result<Updated> {
+        self.update_leaves(updates, usize::MAX, new_generation, alloc)
+    }
+
+    /// [`Tree::update`] that rewrites at most `leaf_budget` existing leaves (at least one),
+    /// in key order: the updates beyond the last leaf it rewrote are left out, and
+    /// [`Updated::applied_below`] says from where.
+    pub fn update_leaves(
+        &self,
+        updates: &ExtentMap,
+        leaf_budget: usize,
+        new_generation: u64,
+        alloc: &mut dyn FnMut() -> Result<u64>,
+    ) -> Result<Updated> {
         let updates: Vec<Extent> = updates.iter().collect();
         let mut out = Updated {
             root: self.root,
             replaced_pages: Vec::new(),
             written_pages: Vec::new(),
+            applied_below: None,
         };
         let mut w = Writer {
             tree: self,
@@ -455,6 +472,7 @@ impl Tree<'_> {
             alloc,
             out: &mut out,
             extents_delta: 0,
+            leaves_left: leaf_budget.max(1),
         };
         let (mut level, mut children) = if self.root.height == 0 {
             (0, w.rebuild_leaf(None, 0, VIRTUAL_BLOCK_LIMIT, &updates)?)
@@ -573,6 +591,7 @@ struct Writer<'t, 'a> {
     alloc: &'t mut dyn FnMut() -> Result<u64>,
     out: &'t mut Updated,
     extents_delta: i64,
+    leaves_left: usize,
 }
 
 impl Writer<'_, '_> {
@@ -595,8 +614,16 @@ impl Writer<'_, '_> {
         let mut new_children = Vec::with_capacity(children.len() + 1);
         let mut changed = false;
         for (clo, chi, child) in child_ranges(children, lo, hi) {
-            let mine = clip_updates(updates, clo, chi);
+            let out_of_budget = self.leaves_left == 0;
+            let mine = if out_of_budget {
+                Vec::new()
+            } else {
+                clip_updates(updates, clo, chi)
+            };
             if mine.is_empty() {
+                if out_of_budget && self.out.applied_below.is_none() {
+                    self.out.applied_below = Some(clo);
+                }
                 new_children.push((clo, child));
                 continue;
             }
@@ -621,30 +648,23 @@ impl Writer<'_, '_> {
         hi: u64,
         updates: &[Extent],
     ) -> Result<Vec<Child>> {
-        let mut map = ExtentMap::default();
-        let mut old_count = 0;
-        if let Some(offset) = offset {
-            let body = self.tree.page(offset, 0, lo, hi)?;
-            let PageBody::Leaf(extents) = &*body else {
-                unreachable!("decode_page checks the level");
-            };
-            old_count = extents.len();
-            for e in extents {
-                map.set(e.start, e.len, e.mapping);
-            }
-            self.out.replaced_pages.push(offset);
-        }
-        for u in updates {
-            match u.mapping {
-                Mapping::Unmapped => {
-                    map.remove(u.start, u.end());
-                }
-                m => {
-                    map.set(u.start, u.len, m);
-                }
-            }
-        }
-        let extents: Vec<Extent> = map.iter().flat_map(Extent::split_for_disk).collect();
+        let body = match offset {
+            Some(offset) => Some(self.tree.page(offset, 0, lo, hi)?),
+            None => None,
+        };
+        let old: &[Extent] = match body.as_deref() {
+            Some(PageBody::Leaf(extents)) => extents,
+            Some(PageBody::Internal(_)) => unreachable!("decode_page checks the level"),
+            None => &[],
+        };
+        self.out.replaced_pages.extend(offset);
+        self.leaves_left = self.leaves_left.saturating_sub(1);
+        let old_count = old.len();
+        let merged = overlay_sorted(old, updates);
+        let extents: Vec<Extent> = merged
+            .into_iter()
+            .flat_map(Extent::split_for_disk)
+            .collect();
         self.extents_delta += extents.len() as i64 - old_count as i64;
         if extents.is_empty() {
             return Ok(Vec::new());
@@ -673,6 +693,7 @@ impl Writer<'_, '_> {
     }
 
     /// Writes sibling pages, each covering from its key to the next one's (the last to `hi`).
+    /// Pages given consecutive blocks go down in one write: a tree flush writes hundreds.
     fn write_pages(
         &mut self,
         level: u8,
@@ -680,20 +701,25 @@ impl Writer<'_, '_> {
         pages: Vec<(u64, PageBody)>,
     ) -> Result<Vec<Child>> {
         let mut out = Vec::with_capacity(pages.len());
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_at = 0;
         let keys: Vec<u64> = pages.iter().map(|(k, _)| *k).collect();
         for (i, (lo, body)) in pages.into_iter().enumerate() {
             let page_hi = keys.get(i + 1).copied().unwrap_or(hi);
             let offset = (self.alloc)()?;
-            let bytes = encode_page(self.tree.image_id, self.generation, level, &body);
-            self.tree
-                .storage
-                .write_at(&bytes, offset)
-                .map_err(|e| Error::Io {
-                    path: self.tree.path.into(),
-                    op: "writing a map page",
-                    offset,
-                    source: e,
-                })?;
+            if !run.is_empty() && run_at + run.len() as u64 != offset {
+                self.write_run(&run, run_at)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_at = offset;
+            }
+            run.extend_from_slice(&encode_page(
+                self.tree.image_id,
+                self.generation,
+                level,
+                &body,
+            ));
             self.tree.cache.insert(
                 (self.tree.cache_key, offset),
                 Cached::Page {
@@ -706,7 +732,22 @@ impl Writer<'_, '_> {
             self.out.written_pages.push(offset);
             out.push((lo, offset));
         }
+        if !run.is_empty() {
+            self.write_run(&run, run_at)?;
+        }
         Ok(out)
+    }
+
+    fn write_run(&self, bytes: &[u8], offset: u64) -> Result<()> {
+        self.tree
+            .storage
+            .write_at(bytes, offset)
+            .map_err(|e| Error::Io {
+                path: self.tree.path.into(),
+                op: "writing a map page",
+                offset,
+                source: e,
+            })
     }
 }
 
@@ -753,6 +794,94 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    /// Every block's mapping in `[0, end)` (unmapped where the tree has nothing).
+    fn mappings(tree: &Tree, end: u64) -> Vec<Mapping> {
+        let mut out = vec![Mapping::Unmapped; end as usize];
+        tree.lookup(0, end, &mut |e| {
+            for i in 0..e.len {
+                out[(e.start + i) as usize] = e.mapping.advanced(i);
+            }
+        })
+        .expect("lookup");
+        out
+    }
+
+    #[test]
+    fn an_update_with_a_leaf_budget_applies_what_lies_below_where_it_stopped_and_nothing_above() {
+        let storage = crate::storage::MemStorage::new(vec![0; 2 * BLOCK as usize]);
+        let cache = PageCache::new(4 << 20);
+        let next_page = std::cell::Cell::new(2u64);
+        let mut alloc = || {
+            next_page.set(next_page.get() + 1);
+            Ok(next_page.get() * BLOCK)
+        };
+        let blocks = 8000u64;
+        let mut tree = Tree {
+            storage: &storage,
+            cache: &cache,
+            path: Path::new("budget.cow"),
+            root: TreeRoot::default(),
+            image_id: 7,
+            cache_key: new_cache_key(),
+            generation: 1,
+            virtual_blocks: blocks,
+        };
+        // Every other block mapped, so that no two extents join: many leaves.
+        let mut base = ExtentMap::default();
+        for b in (0..blocks).step_by(2) {
+            base.set(b, 1, Mapping::Data(10_000 + b));
+        }
+        tree.root = tree.update(&base, 1, &mut alloc).expect("building").root;
+        let before = mappings(&tree, blocks);
+        // A change in every 400 blocks: one per leaf or so, in many leaves.
+        let mut changes = ExtentMap::default();
+        for b in (1..blocks).step_by(400) {
+            changes.set(b, 2, Mapping::Zero);
+        }
+        let updated = tree
+            .update_leaves(&changes, 3, 2, &mut alloc)
+            .expect("updating");
+        let stop = updated.applied_below.expect("the budget ran out");
+        let mut want = before.clone();
+        for e in changes.iter().filter(|e| e.start < stop) {
+            for i in 0..e.len {
+                want[(e.start + i) as usize] = Mapping::Zero;
+            }
+        }
+        let after = Tree {
+            root: updated.root,
+            generation: 2,
+            ..tree
+        };
+        let got = mappings(&after, blocks);
+        let mut leaves_written = 0;
+        after
+            .walk(
+                &mut |page, level| {
+                    if level == 0 && updated.written_pages.contains(&page) {
+                        leaves_written += 1;
+                    }
+                },
+                &mut |_| {},
+            )
+            .expect("walking");
+        // A rewritten leaf may split in two.
+        assert!(leaves_written <= 6, "{leaves_written} leaves written");
+        assert!(leaves_written >= 3, "{leaves_written} leaves written");
+        // Below the stop, every change; at and above it, the old tree (a change straddling
+        // it may be in part applied: it is applied again with what is carried).
+        assert_eq!(got[..stop as usize], want[..stop as usize]);
+        let straddler_end = changes
+            .iter()
+            .find(|e| e.start < stop && e.end() > stop)
+            .map_or(stop, |e| e.end());
+        assert_eq!(
+            got[straddler_end as usize..],
+            before[straddler_end as usize..]
+        );
+        assert!(stop > 0 && stop < blocks, "stopped at {stop}");
     }
 
     #[test]
