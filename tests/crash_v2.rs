@@ -459,7 +459,7 @@ fn a_tree_flush_cut_short_by_its_leaf_budget_keeps_every_returned_flush_at_any_c
     // `(block, seed)` of every write in order; `(writes, syncs)` at each returned flush.
     let mut writes: Vec<(u64, u64)> = Vec::new();
     let mut flushed: Vec<(usize, usize)> = Vec::new();
-    for round in 0..30 {
+    for round in 0..45 {
         for _ in 0..WRITES_PER_FLUSH {
             let block = rng.gen_range(0..BLOCKS);
             let seed = 1_000_000 + writes.len() as u64;

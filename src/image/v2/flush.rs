@@ -34,6 +34,12 @@ const MAX_PUNCHES_PER_FLUSH: usize = 256;
 /// extents the next flush writes changes into the tree, so that an image's memory stays
 /// small however much was written (a server holds many images).
 const JOURNALED_BUDGET: usize = 4096;
+/// Past this many times [`JOURNALED_BUDGET`] journaled extents (64k, about 3 MiB), a tree
+/// flush applies them all: the most an image holds in memory of changes not in the tree.
+/// A client that never flushes makes a flush every 16k extents; each applies a share within
+/// the leaf budget until this many gather (applying many at once rewrites each leaf once
+/// for all its changes).
+const JOURNALED_MOST_TIMES: usize = 16;
 /// A tree flush applies at most this many extents of changes; the rest are carried into
 /// the new journal.
 const TREE_FLUSH_EXTENTS: usize = 256;
@@ -74,39 +80,60 @@ struct Snapshot {
     path: Path,
 }
 
+/// Where a record goes in the current journal.
+#[derive(Clone, Copy)]
+struct Append {
+    at: u64,
+    epoch: u64,
+    sequence: u64,
+    /// The journal region, when it is not reserved yet.
+    reserve: Option<(u64, u64)>,
+}
+
 enum Path {
-    Journal {
-        at: u64,
-        epoch: u64,
-        sequence: u64,
-        reserve: Option<(u64, u64)>,
-    },
+    Journal(Append),
     Tree {
         updates: ExtentMap,
-        /// Changes left out of this tree flush: the first record of the new journal.
+        /// Changes left out of this tree flush: journaled still, in memory and on disk.
         carried: ExtentMap,
         /// The most leaves the update may rewrite; the updates it leaves out are carried.
         leaf_budget: usize,
         header: HeaderV2,
         active_slot: usize,
+        /// `Some`: the flush's changes go into the current journal as a record, which keeps
+        /// every record (replayed whole over the new tree). `None`: a new journal region,
+        /// which starts with the carried changes as record 1.
+        keep_journal: Option<Append>,
     },
 }
 
 /// What a completed flush publishes (one per flush: the size of the variants is no cost).
 #[allow(clippy::large_enum_variant)]
 enum Done {
-    Journal {
-        len: u64,
-        has_data: bool,
-    },
+    Journal(Appended),
     Tree {
         updated: Updated,
         header: HeaderV2,
-        old_journal: (u64, u64),
         carried: ExtentMap,
-        journal_tail: u64,
+        journal: TreeJournal,
         /// Where the next tree flush starts, when this one stopped at its leaf budget.
         resume_at: Option<u64>,
+    },
+}
+
+/// A record written: its length and whether it maps data.
+struct Appended {
+    len: u64,
+    has_data: bool,
+}
+
+enum TreeJournal {
+    /// The current journal, with this flush's record appended.
+    Kept(Appended),
+    /// A new region; the old one and where the next record goes in the new one.
+    New {
+        old_journal: (u64, u64),
+        journal_tail: u64,
     },
 }
 
@@ -145,7 +172,9 @@ impl ImageV2 {
             return Ok(());
         };
         let done = match &snapshot.path {
-            Path::Journal { .. } => self.write_record(&snapshot),
+            Path::Journal(append) => self
+                .append_record(&snapshot.items, *append)
+                .map(Done::Journal),
             Path::Tree { .. } => self.write_tree(&snapshot),
         };
         match done {
@@ -172,17 +201,16 @@ impl ImageV2 {
         let fits = st.journal_tail + len <= st.header.journal_capacity;
         let limits = *lock(&self.limits);
         let small = st.journaled.len() + st.in_flight.len() <= limits.journaled_extents;
-        let path = if fits && small && st.pending_resize.is_none() {
-            let reserve = (!st.journal_reserved)
-                .then_some((st.header.journal_offset, st.header.journal_capacity));
-            Path::Journal {
-                at: st.header.journal_offset + st.journal_tail,
-                epoch: st.header.journal_epoch,
-                sequence: st.journal_next_seq,
-                reserve,
-            }
-        } else {
-            self.tree_path(st, limits)?
+        let append = (fits && st.pending_resize.is_none()).then(|| Append {
+            at: st.header.journal_offset + st.journal_tail,
+            epoch: st.header.journal_epoch,
+            sequence: st.journal_next_seq,
+            reserve: (!st.journal_reserved)
+                .then_some((st.header.journal_offset, st.header.journal_capacity)),
+        });
+        let path = match append {
+            Some(append) if small => Path::Journal(append),
+            _ => self.tree_path(st, limits, append)?,
         };
         Ok(Some(Snapshot {
             number: st.snapshots_taken,
@@ -192,31 +220,45 @@ impl ImageV2 {
     }
 
     /// The tree path of a snapshot: which changes it applies, which it carries, the new
-    /// header.
-    fn tree_path(&self, st: &mut State, limits: FlushLimits) -> Result<Path> {
+    /// header. With `keep_journal` (this flush's record fits the current journal) nothing
+    /// carried is written again, and the in-memory changes are bounded by applying them
+    /// all once they reach sixteen times the journaled budget; else what is carried takes at
+    /// most half the new journal.
+    fn tree_path(
+        &self,
+        st: &mut State,
+        limits: FlushLimits,
+        keep_journal: Option<Append>,
+    ) -> Result<Path> {
         let mut all = st.journaled.clone();
         all.apply(&st.in_flight);
-        let (updates, carried) = if st.pending_resize.is_some() {
-            // A resize publishes its whole map with the new size.
-            (all, ExtentMap::default())
-        } else {
-            split_at_cursor(all, limits.tree_flush_extents, &mut st.tree_cursor)
-        };
-        // The carried changes take at most half the new journal; else all are applied.
+        let too_many = all.len() > limits.journaled_extents.saturating_mul(JOURNALED_MOST_TIMES);
+        let (updates, carried) =
+            if st.pending_resize.is_some() || (keep_journal.is_some() && too_many) {
+                // A resize publishes its whole map with the new size.
+                (all, ExtentMap::default())
+            } else {
+                split_at_cursor(all, limits.tree_flush_extents, &mut st.tree_cursor)
+            };
         let capacity = super::journal_capacity_for(st.header.virtual_size);
         let carried_items = disk_items(&carried);
         let update_items = disk_items(&updates);
-        // A leaf budget may carry every update; when that would not fit, none is left out.
-        let (updates, carried, leaf_budget) = if record_len(carried_items) + BLOCK > capacity / 2 {
+        let (updates, carried, leaf_budget) = if keep_journal.is_some() {
+            (updates, carried, limits.tree_flush_leaves)
+        } else if record_len(carried_items) + BLOCK > capacity / 2 {
             let mut all = updates;
             all.apply(&carried);
             (all, ExtentMap::default(), usize::MAX)
-        } else if record_len(carried_items + update_items) + BLOCK > capacity / 2
-            || st.pending_resize.is_some()
-        {
+        } else if record_len(carried_items + update_items) + BLOCK > capacity / 2 {
+            // A leaf budget may carry every update; when that would not fit, none is left out.
             (updates, carried, usize::MAX)
         } else {
             (updates, carried, limits.tree_flush_leaves)
+        };
+        let leaf_budget = if st.pending_resize.is_some() || too_many {
+            usize::MAX
+        } else {
+            leaf_budget
         };
         if st.header.generation >= MAX_GENERATION {
             return Err(Error::Invalid {
@@ -235,39 +277,36 @@ impl ImageV2 {
             leaf_budget,
             header,
             active_slot: st.active_slot,
+            keep_journal,
         })
     }
 
-    fn write_record(&self, s: &Snapshot) -> Result<Done> {
-        let Path::Journal {
-            at,
-            epoch,
-            sequence,
-            reserve,
-        } = s.path
-        else {
-            unreachable!("called for the journal path");
-        };
-        if let Some((offset, len)) = reserve {
+    /// Steps J1 and J2: the record of `items` (this flush's changes) at `append`. The
+    /// caller syncs (J3).
+    fn write_record(&self, items: &[Extent], append: Append) -> Result<Appended> {
+        if let Some((offset, len)) = append.reserve {
             // Reserving the region once means appending a record never needs new space.
             if self.storage.reserve(offset, len).is_ok() {
                 lock(&self.state).journal_reserved = true;
             }
         }
-        let digest = super::digest_extents(self.storage.as_ref(), &s.items)
+        let digest = super::digest_extents(self.storage.as_ref(), items)
             .map_err(|(at, e)| self.io_err("reading back data to flush", at, e))?;
-        let record = encode_record(epoch, sequence, &s.items, digest);
+        let record = encode_record(append.epoch, append.sequence, items, digest);
         self.storage
-            .write_at(&record, at)
-            .map_err(|e| self.io_err("writing a journal record", at, e))?;
-        self.sync()?;
-        Ok(Done::Journal {
+            .write_at(&record, append.at)
+            .map_err(|e| self.io_err("writing a journal record", append.at, e))?;
+        Ok(Appended {
             len: record.len() as u64,
-            has_data: s
-                .items
-                .iter()
-                .any(|e| matches!(e.mapping, Mapping::Data(_))),
+            has_data: items.iter().any(|e| matches!(e.mapping, Mapping::Data(_))),
         })
+    }
+
+    /// The journal path: a record and its barrier.
+    fn append_record(&self, items: &[Extent], append: Append) -> Result<Appended> {
+        let appended = self.write_record(items, append)?;
+        self.sync()?;
+        Ok(appended)
     }
 
     fn write_tree(&self, s: &Snapshot) -> Result<Done> {
@@ -277,20 +316,19 @@ impl ImageV2 {
             leaf_budget,
             header,
             active_slot,
+            keep_journal,
         } = &s.path
         else {
             unreachable!("called for the tree path");
         };
-        let (tree_root, old_header) = {
-            let st = lock(&self.state);
-            (st.tree, st.header.clone())
+        // The record first: pages written while it is would be no different.
+        let appended = match keep_journal {
+            Some(append) => Some(self.write_record(&s.items, *append)?),
+            None => None,
         };
         let mut claimed = Vec::new();
         let updated = {
-            let st = lock(&self.state);
-            let mut tree = self.tree(&st);
-            tree.root = tree_root;
-            drop(st);
+            let tree = self.tree(&lock(&self.state));
             let mut alloc = || {
                 let (h, _) = lock(&self.state).alloc.allocate(self.storage.as_ref(), 1);
                 claimed.push(h);
@@ -298,15 +336,50 @@ impl ImageV2 {
             };
             tree.update_leaves(updates, *leaf_budget, header.generation, &mut alloc)
         };
-        let journal = {
+        {
             let mut st = lock(&self.state);
             for h in claimed.drain(..) {
                 st.alloc.release(h);
             }
+        }
+        let updated = updated?;
+        let carried = carried_after(carried, updates, updated.applied_below);
+        let resume_at = updated.applied_below;
+        let (header, journal) = match appended {
+            Some(appended) => {
+                // K2 to K4: the record and the pages durable, then the header, whose
+                // journal is the same region, epoch and records.
+                self.sync()?;
+                let header = with_root(header, &updated);
+                self.write_header_slot(&header, *active_slot)?;
+                (header, TreeJournal::Kept(appended))
+            }
+            None => self.write_tree_new_journal(&updated, header, *active_slot, &carried)?,
+        };
+        Ok(Done::Tree {
+            updated,
+            header,
+            carried,
+            journal,
+            resume_at,
+        })
+    }
+
+    /// Steps T1 to T4 once the pages are written: a new journal region that starts with
+    /// the carried changes, then the header.
+    fn write_tree_new_journal(
+        &self,
+        updated: &Updated,
+        header: &HeaderV2,
+        active_slot: usize,
+        carried: &ExtentMap,
+    ) -> Result<(HeaderV2, TreeJournal)> {
+        let (old_header_journal, journal) = {
+            let mut st = lock(&self.state);
             // The region of the journal before the current one is kept for this: tree
             // flushes alternate between two regions instead of growing the file by one each.
             let blocks = super::journal_capacity_for(header.virtual_size) / BLOCK;
-            match st.spare_journal.take() {
+            let journal = match st.spare_journal.take() {
                 Some(spare) if spare.1 == blocks => spare,
                 other => {
                     if let Some((s, n)) = other {
@@ -314,32 +387,29 @@ impl ImageV2 {
                     }
                     st.alloc.allocate_at_end(blocks)
                 }
-            }
+            };
+            let old = (
+                st.header.journal_offset / BLOCK,
+                st.header.journal_capacity / BLOCK,
+            );
+            (old, journal)
         };
-        let updated = updated?;
-        let carried = carried_after(carried, updates, updated.applied_below);
         // The new region stays claimed until the publish reserves it: it is all holes, and
         // a write running meanwhile that reuses holes would be given blocks in it, which
         // the next record then overwrites.
-        let written = self.write_tree_header(&updated, header, *active_slot, journal, &carried);
-        let (new_header, journal_tail) = match written {
-            Ok(h) => h,
+        match self.write_tree_header(updated, header, active_slot, journal, carried) {
+            Ok((header, journal_tail)) => Ok((
+                header,
+                TreeJournal::New {
+                    old_journal: old_header_journal,
+                    journal_tail,
+                },
+            )),
             Err(e) => {
                 lock(&self.state).alloc.release(journal.0);
-                return Err(e);
+                Err(e)
             }
-        };
-        Ok(Done::Tree {
-            header: new_header,
-            old_journal: (
-                old_header.journal_offset / BLOCK,
-                old_header.journal_capacity / BLOCK,
-            ),
-            resume_at: updated.applied_below,
-            updated,
-            carried,
-            journal_tail,
-        })
+        }
     }
 
     /// Steps T1 (the new journal region, with the carried changes) to T4 once the pages
@@ -368,24 +438,21 @@ impl ImageV2 {
         let epoch = crate::image::random_epoch();
         let tail = self.write_carried(js * BLOCK, epoch, carried)?;
         self.sync()?;
-        let mut new_header = header.clone();
-        let TreeRoot {
-            root,
-            height,
-            extents,
-        } = updated.root;
-        new_header.map_root = root;
-        new_header.map_height = height;
-        new_header.map_extents = extents;
+        let mut new_header = with_root(header, updated);
         new_header.journal_offset = js * BLOCK;
         new_header.journal_capacity = jl * BLOCK;
         new_header.journal_epoch = epoch;
+        self.write_header_slot(&new_header, active_slot)?;
+        Ok((new_header, tail))
+    }
+
+    /// Steps T3 and T4 (K3 and K4): the inactive header slot, and its barrier.
+    fn write_header_slot(&self, header: &HeaderV2, active_slot: usize) -> Result<()> {
         let slot_at = ((1 - active_slot) * HEADER_SLOT_SIZE) as u64;
         self.storage
-            .write_at(&new_header.to_bytes(), slot_at)
+            .write_at(&header.to_bytes(), slot_at)
             .map_err(|e| self.io_err("writing the header", slot_at, e))?;
-        self.sync()?;
-        Ok((new_header, tail))
+        self.sync()
     }
 
     /// The changes a tree flush left out, as the new journal's first record, marked
@@ -411,19 +478,16 @@ impl ImageV2 {
             let mut guard = lock(&self.state);
             let st = &mut *guard;
             match done {
-                Done::Journal { len, has_data } => {
+                Done::Journal(appended) => {
                     let in_flight = std::mem::take(&mut st.in_flight);
                     st.journaled.apply(&in_flight);
-                    st.journal_tail += len;
-                    st.journal_next_seq += 1;
-                    st.last_record_has_data = has_data;
+                    st.appended(appended);
                 }
                 Done::Tree {
                     updated,
                     header,
-                    old_journal,
                     carried,
-                    journal_tail,
+                    journal,
                     resume_at,
                 } => {
                     if let Some(at) = resume_at {
@@ -432,24 +496,16 @@ impl ImageV2 {
                     st.in_flight = ExtentMap::default();
                     st.journaled = carried;
                     st.tree = updated.root;
-                    st.alloc.set_reserved(vec![
-                        (
-                            header.journal_offset / BLOCK,
-                            header.journal_capacity / BLOCK,
-                        ),
-                        old_journal,
-                    ]);
-                    st.alloc.release(header.journal_offset / BLOCK);
+                    match journal {
+                        TreeJournal::Kept(appended) => st.appended(appended),
+                        TreeJournal::New {
+                            old_journal,
+                            journal_tail,
+                        } => st.new_journal(&header, old_journal, journal_tail),
+                    }
                     st.header = header;
                     st.active_slot = 1 - st.active_slot;
-                    // The carried record, when there is one, is record 1.
-                    st.journal_tail = journal_tail;
-                    st.journal_next_seq = if journal_tail == 0 { 1 } else { 2 };
-                    st.last_record_has_data = false;
-                    st.journal_reserved = false;
                     st.pending_resize = None;
-                    // The old region is the next tree flush's (punched at close).
-                    st.spare_journal = Some(old_journal);
                     for page in updated.replaced_pages {
                         freed.push((page / BLOCK, 1));
                         forgotten_pages.push(page);
@@ -587,17 +643,53 @@ impl ImageV2 {
         header.backing = backing
             .as_ref()
             .map(|(path, layer)| (path.clone(), layer.format()));
-        let slot_at = ((1 - st.active_slot) * HEADER_SLOT_SIZE) as u64;
-        self.storage
-            .write_at(&header.to_bytes(), slot_at)
-            .map_err(|e| self.io_err("writing the header", slot_at, e))?;
-        self.sync()?;
+        self.write_header_slot(&header, st.active_slot)?;
         st.header = header;
         st.active_slot = 1 - st.active_slot;
         drop(st);
         self.backing = backing.map(|(_, layer)| std::sync::Arc::new(layer));
         Ok(())
     }
+}
+
+impl State {
+    /// A record appended to the current journal is published.
+    fn appended(&mut self, a: Appended) {
+        self.journal_tail += a.len;
+        self.journal_next_seq += 1;
+        self.last_record_has_data = a.has_data;
+    }
+
+    /// A tree flush's new journal region is published: it is reserved, and the old one
+    /// is kept for the next such flush (punched at close).
+    fn new_journal(&mut self, header: &HeaderV2, old_journal: (u64, u64), journal_tail: u64) {
+        let region = (
+            header.journal_offset / BLOCK,
+            header.journal_capacity / BLOCK,
+        );
+        self.alloc.set_reserved(vec![region, old_journal]);
+        self.alloc.release(region.0);
+        // The carried record, when there is one, is record 1.
+        self.journal_tail = journal_tail;
+        self.journal_next_seq = if journal_tail == 0 { 1 } else { 2 };
+        self.last_record_has_data = false;
+        self.journal_reserved = false;
+        self.spare_journal = Some(old_journal);
+    }
+}
+
+/// The header of a tree flush: `header` with the new tree's root.
+fn with_root(header: &HeaderV2, updated: &Updated) -> HeaderV2 {
+    let TreeRoot {
+        root,
+        height,
+        extents,
+    } = updated.root;
+    let mut h = header.clone();
+    h.map_root = root;
+    h.map_height = height;
+    h.map_extents = extents;
+    h
 }
 
 /// How many items `map` takes in a journal record.
