@@ -5,7 +5,8 @@
 //! Files by responsibility: `extents` (the in-memory change maps), `tree` (pages, the
 //! cache, lookups and the copy-on-write update), `alloc` (where blocks go), `load` (the
 //! header slots and journal replay at open), `write` (the write path), `flush` (the flush
-//! protocol, publishing and going back to the durable state), `merged` (reads of a
+//! protocol, publishing and going back to the durable state; `flush/tree_path` its tree
+//! paths), `merged` (reads of a
 //! read-only chain through its merged index), `create` (new images and upgrades), `check`
 //! (walking everything).
 //!
