@@ -265,14 +265,7 @@ fn check_crash_image(rec: &Recorded, image: CrashImage, dir: &Path, carry_on: bo
         outside.iter().all(|&b| b == 0),
         "{what}: bytes outside every thread's range"
     );
-    let path = dir.join(NAME);
-    write_sparse(&path, &bytes);
-    let report = ops::check(&path, false).unwrap_or_else(|e| panic!("{what}: check: {e}"));
-    assert!(
-        report.corruptions.is_empty(),
-        "{what}: check reports corruption: {:?}",
-        report.corruptions
-    );
+    check_finds_no_corruption(dir, &bytes, &what);
     if carry_on {
         // New writes and a flush land on whatever the crash left, and a reopen shows them.
         for (t, &(offset, len)) in RANGES.iter().enumerate() {
@@ -293,6 +286,18 @@ fn check_crash_image(rec: &Recorded, image: CrashImage, dir: &Path, carry_on: bo
         again.read_at(&mut after, 0).expect("reading");
         lib_support::assert_same_bytes(&after, &content, &format!("{what}: carried on"));
     }
+}
+
+/// Writes a crash image to a file and runs `check` on it: it must find no corruption.
+fn check_finds_no_corruption(dir: &Path, bytes: &[u8], what: &str) {
+    let path = dir.join(NAME);
+    write_sparse(&path, bytes);
+    let report = ops::check(&path, false).unwrap_or_else(|e| panic!("{what}: check: {e}"));
+    assert!(
+        report.corruptions.is_empty(),
+        "{what}: check reports corruption: {:?}",
+        report.corruptions
+    );
 }
 
 fn crash_everywhere_with_concurrent_writers(version: u32, rounds: usize, seed: u64) {
@@ -536,14 +541,7 @@ fn a_tree_flush_cut_short_by_its_leaf_budget_keeps_every_returned_flush_at_any_c
             );
         }
         if images % 9 == 0 {
-            let path = dir.path().join(NAME);
-            write_sparse(&path, &bytes);
-            let report = ops::check(&path, false).unwrap_or_else(|e| panic!("{what}: check: {e}"));
-            assert!(
-                report.corruptions.is_empty(),
-                "{what}: check reports corruption: {:?}",
-                report.corruptions
-            );
+            check_finds_no_corruption(dir.path(), &bytes, &what);
         }
         images += 1;
     });
