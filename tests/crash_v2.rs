@@ -426,6 +426,7 @@ fn a_tree_flush_cut_short_by_its_leaf_budget_keeps_every_returned_flush_at_any_c
         journaled_extents: 40,
         tree_flush_extents: 24,
         tree_flush_leaves: 2,
+        kept_journal_bytes: 64 << 10,
     };
     let mem = Arc::new(MemStorage::new(Vec::new()));
     let opts = CreateOptions {

@@ -4,7 +4,8 @@
 mod lib_support;
 
 use cowimg::format::BackingFormat;
-use cowimg::image::{ExtentKind, Image, Layer, OpenOptions};
+use cowimg::image::v2::FlushLimits;
+use cowimg::image::{CreateOptions, ExtentKind, Image, Layer, OpenOptions};
 use cowimg::storage::MemStorage;
 use lib_support::{
     assert_same_bytes, backing_content, create_image, fit, open_mem, pattern, raw_layer, read_all,
@@ -154,6 +155,8 @@ struct Harness {
     model: Vec<u8>,
     cluster_size: u64,
     steps: usize,
+    /// Flush bounds set on every open (version 2 only; see `FlushLimits`).
+    limits: Option<FlushLimits>,
 }
 
 impl Harness {
@@ -164,7 +167,18 @@ impl Harness {
             model,
             cluster_size,
             steps: 0,
+            limits: None,
         }
+    }
+
+    /// Sets `limits` on the image now and after every reopen.
+    fn with_limits(mut self, limits: FlushLimits) -> Self {
+        assert!(
+            self.image().set_flush_limits(limits),
+            "not a version-2 image"
+        );
+        self.limits = Some(limits);
+        self
     }
 
     fn image(&self) -> &Image {
@@ -183,6 +197,9 @@ impl Harness {
                 open_mem(storage, "mem.cow", backing()).expect("reopening the in-memory image")
             }
         });
+        if let Some(limits) = self.limits {
+            assert!(self.image().set_flush_limits(limits));
+        }
     }
 
     fn check_everything(&self, context: &str) {
@@ -287,6 +304,44 @@ fn overlay_harness(dir: &Path, setup: &Setup) -> Harness {
     Harness::new(home, image, model, setup.cluster_size)
 }
 
+/// A version-2 overlay in memory over the raw backing file of `setup` (if any).
+fn v2_harness(dir: &Path, setup: &Setup) -> Harness {
+    // Room for a map of several leaves (254 extents each), written below.
+    let size = setup.size.max(MAP_OF_LEAVES_BLOCKS * 2 * 4096);
+    let backing = make_raw_backing(dir, setup, size);
+    let model = backing
+        .as_ref()
+        .map_or_else(|| vec![0u8; size as usize], |(_, c)| c.clone());
+    let storage = Arc::new(MemStorage::new(Vec::new()));
+    let opts = CreateOptions {
+        size: Some(size),
+        version: 2,
+        ..Default::default()
+    };
+    Image::create_on(storage.as_ref(), Path::new("mem.cow"), &opts).expect("creating the image");
+    let backing_path = backing.map(|(p, _)| p);
+    let attach: Box<dyn Fn() -> Option<Layer>> =
+        Box::new(move || backing_path.as_deref().map(raw_layer));
+    let image = open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory image");
+    let mut model = model;
+    // Every other block written, so that no two join: a map of several leaves.
+    for i in 0..MAP_OF_LEAVES_BLOCKS {
+        let at = i * 2 * 4096;
+        let data = pattern(setup.backing_seed ^ i, 4096);
+        image.write_at(&data, at).expect("writing the map");
+        model[at as usize..at as usize + 4096].copy_from_slice(&data);
+    }
+    image.flush().expect("flushing the map");
+    let home = Home::Memory {
+        storage,
+        backing: attach,
+    };
+    Harness::new(home, image, model, setup.cluster_size)
+}
+
+/// Blocks written before the steps of [`v2_harness`]: three leaves or so.
+const MAP_OF_LEAVES_BLOCKS: u64 = 700;
+
 /// A fresh image of `size` in memory over whatever `attach` opens as its backing file.
 fn in_memory(
     size: u64,
@@ -381,6 +436,25 @@ proptest! {
     fn overlay_over_a_raw_file_reads_like_a_plain_file(setup in setup(), steps in prop::collection::vec(step(), 1..40)) {
         let dir = tempfile::tempdir().expect("tempdir");
         overlay_harness(dir.path(), &setup).run(&steps);
+    }
+
+    /// Version 2 whatever the suite's version, with its flush bounds made tiny, so that a
+    /// map of a few dozen extents takes every path a large one does: tree flushes cut short
+    /// by their leaf budget, the journal kept across them and started anew with what was
+    /// left out, everything applied at once past the bound.
+    #[test]
+    fn version_2_with_tiny_flush_bounds_reads_like_a_plain_file(
+        setup in setup(),
+        steps in prop::collection::vec(step(), 1..60),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = FlushLimits {
+            journaled_extents: 6,
+            tree_flush_extents: 4,
+            tree_flush_leaves: 1,
+            kept_journal_bytes: 16 << 10,
+        };
+        v2_harness(dir.path(), &setup).with_limits(limits).run(&steps);
     }
 
     #[test]

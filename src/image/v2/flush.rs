@@ -55,8 +55,8 @@ const TREE_FLUSH_EXTENTS: usize = 256;
 /// record may hold applies them all instead.
 const TREE_FLUSH_LEAVES: usize = 48;
 
-/// The bounds of a flush's work: [`JOURNALED_BUDGET`], [`TREE_FLUSH_EXTENTS`] and
-/// [`TREE_FLUSH_LEAVES`] unless a test sets smaller ones ([`crate::image::Image::set_flush_limits`]),
+/// The bounds of a flush's work: [`JOURNALED_BUDGET`], [`TREE_FLUSH_EXTENTS`],
+/// [`TREE_FLUSH_LEAVES`] and [`KEPT_JOURNAL_BYTES`] unless a test sets smaller ones ([`crate::image::Image::set_flush_limits`]),
 /// so that a map of a few pages takes every path a map of millions of extents does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushLimits {
@@ -67,6 +67,9 @@ pub struct FlushLimits {
     /// The most existing leaves one tree flush rewrites (when what it leaves out fits the
     /// carried record).
     pub tree_flush_leaves: usize,
+    /// How far into the journal region a tree flush may append its record and keep the
+    /// region.
+    pub kept_journal_bytes: u64,
 }
 
 impl Default for FlushLimits {
@@ -75,6 +78,7 @@ impl Default for FlushLimits {
             journaled_extents: JOURNALED_BUDGET,
             tree_flush_extents: TREE_FLUSH_EXTENTS,
             tree_flush_leaves: TREE_FLUSH_LEAVES,
+            kept_journal_bytes: KEPT_JOURNAL_BYTES,
         }
     }
 }
@@ -213,7 +217,8 @@ impl ImageV2 {
             reserve: (!st.journal_reserved)
                 .then_some((st.header.journal_offset, st.header.journal_capacity)),
         });
-        let keeps = st.journal_tail + len <= st.header.journal_capacity.min(KEPT_JOURNAL_BYTES);
+        let keeps =
+            st.journal_tail + len <= st.header.journal_capacity.min(limits.kept_journal_bytes);
         let path = match append {
             Some(append) if small => Path::Journal(append),
             Some(append) if keeps => self.tree_path(st, limits, Some(append))?,
