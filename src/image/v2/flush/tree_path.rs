@@ -12,8 +12,8 @@ use crate::image::v2::{journal_capacity_for, lock, ImageV2, State};
 
 impl ImageV2 {
     /// The tree path of a snapshot: which changes it applies, which it carries, the new
-    /// header. With `keep_journal` (this flush's record fits the current journal) nothing
-    /// carried is written again, and the in-memory changes are bounded by applying them
+    /// header. With `keep_journal` (this flush's record ends within the part of the journal
+    /// that a tree flush may keep) nothing carried is written again, and the in-memory changes are bounded by applying them
     /// all once they reach sixteen times the journaled budget; else what is carried takes at
     /// most half the new journal.
     pub(super) fn tree_path(
@@ -30,7 +30,8 @@ impl ImageV2 {
                 .saturating_mul(JOURNALED_MOST_TIMES);
         let (updates, carried) =
             if st.pending_resize.is_some() || (keep_journal.is_some() && too_many) {
-                // A resize publishes its whole map with the new size.
+                // A resize publishes its whole map with the new size; past the bound on
+                // what memory holds, everything goes into the tree.
                 (all, ExtentMap::default())
             } else {
                 split_at_cursor(all, limits.tree_flush_extents, &mut st.tree_cursor)
