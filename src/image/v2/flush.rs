@@ -42,7 +42,7 @@ const JOURNALED_MOST_TIMES: usize = 16;
 /// A tree flush keeps the current journal region while its records take at most this
 /// much; past it, the tree flush starts a new region, with the changes it did not apply as
 /// its first record. So an open replays at most this much of records kept across tree
-/// flushes (a full 2 MiB region took 30-45 ms to replay at open, against 3-5 ms), and the
+/// flushes (a full 2 MiB region took 29-45 ms to replay at open, against 3-5 ms), and the
 /// carried record is written once per this much of records, not at every tree flush.
 const KEPT_JOURNAL_BYTES: u64 = 256 << 10;
 /// A tree flush applies at most this many extents of changes; the rest are carried into
@@ -64,8 +64,7 @@ pub struct FlushLimits {
     pub journaled_extents: usize,
     /// The most extents one tree flush applies.
     pub tree_flush_extents: usize,
-    /// The most existing leaves one tree flush rewrites (when what it leaves out fits the
-    /// carried record).
+    /// The most existing leaves one tree flush rewrites (unless it applies everything).
     pub tree_flush_leaves: usize,
     /// How far into the journal region a tree flush may append its record and keep the
     /// region.
@@ -125,8 +124,6 @@ enum Done {
         header: HeaderV2,
         carried: ExtentMap,
         journal: TreeJournal,
-        /// Where the next tree flush starts, when this one stopped at its leaf budget.
-        resume_at: Option<u64>,
     },
 }
 
@@ -286,9 +283,9 @@ impl ImageV2 {
                     header,
                     carried,
                     journal,
-                    resume_at,
                 } => {
-                    if let Some(at) = resume_at {
+                    // Where the next tree flush starts, when this one stopped at its budget.
+                    if let Some(at) = updated.applied_below {
                         st.tree_cursor = at;
                     }
                     st.in_flight = ExtentMap::default();

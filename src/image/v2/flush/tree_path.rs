@@ -11,11 +11,10 @@ use crate::image::v2::tree::{TreeRoot, Updated};
 use crate::image::v2::{journal_capacity_for, lock, ImageV2, State};
 
 impl ImageV2 {
-    /// The tree path of a snapshot: which changes it applies, which it carries, the new
-    /// header. With `keep_journal` (this flush's record ends within the part of the journal
-    /// that a tree flush may keep) nothing carried is written again, and the in-memory changes are bounded by applying them
-    /// all once they reach sixteen times the journaled budget; else what is carried takes at
-    /// most half the new journal.
+    /// The tree path of a snapshot: which changes it applies, which stay journaled (and
+    /// are carried into a new journal when `keep_journal` is `None`), the leaf budget, the
+    /// new header. A resize, or more journaled changes than memory may hold (sixteen times
+    /// the journaled budget), applies them all.
     pub(super) fn tree_path(
         &self,
         st: &mut State,
@@ -28,33 +27,30 @@ impl ImageV2 {
             > limits
                 .journaled_extents
                 .saturating_mul(JOURNALED_MOST_TIMES);
-        let (updates, carried) =
-            if st.pending_resize.is_some() || (keep_journal.is_some() && too_many) {
-                // A resize publishes its whole map with the new size; past the bound on
-                // what memory holds, everything goes into the tree.
-                (all, ExtentMap::default())
-            } else {
-                split_at_cursor(all, limits.tree_flush_extents, &mut st.tree_cursor)
-            };
-        let capacity = journal_capacity_for(st.header.virtual_size);
-        let carried_items = disk_items(&carried);
-        let update_items = disk_items(&updates);
-        let (updates, carried, leaf_budget) = if keep_journal.is_some() {
-            (updates, carried, limits.tree_flush_leaves)
-        } else if record_len(carried_items) + BLOCK > capacity / 2 {
-            let mut all = updates;
-            all.apply(&carried);
+        let (updates, carried, leaf_budget) = if st.pending_resize.is_some() || too_many {
+            // A resize publishes its whole map with the new size.
             (all, ExtentMap::default(), usize::MAX)
-        } else if record_len(carried_items + update_items) + BLOCK > capacity / 2 {
-            // A leaf budget may carry every update; when that would not fit, none is left out.
-            (updates, carried, usize::MAX)
         } else {
-            (updates, carried, limits.tree_flush_leaves)
-        };
-        let leaf_budget = if st.pending_resize.is_some() || too_many {
-            usize::MAX
-        } else {
-            leaf_budget
+            let (updates, carried) =
+                split_at_cursor(all, limits.tree_flush_extents, &mut st.tree_cursor);
+            if keep_journal.is_some() {
+                (updates, carried, limits.tree_flush_leaves)
+            } else {
+                // What a new journal carries takes at most half of it: when what the split
+                // leaves out does not fit, everything is applied; when what the leaf budget
+                // could leave out too would not fit, the budget is lifted.
+                let half = journal_capacity_for(st.header.virtual_size) / 2;
+                let carried_items = disk_items(&carried);
+                if record_len(carried_items) + BLOCK > half {
+                    let mut all = updates;
+                    all.apply(&carried);
+                    (all, ExtentMap::default(), usize::MAX)
+                } else if record_len(carried_items + disk_items(&updates)) + BLOCK > half {
+                    (updates, carried, usize::MAX)
+                } else {
+                    (updates, carried, limits.tree_flush_leaves)
+                }
+            }
         };
         if st.header.generation >= MAX_GENERATION {
             return Err(Error::Invalid {
@@ -89,7 +85,7 @@ impl ImageV2 {
         else {
             unreachable!("called for the tree path");
         };
-        // The record first: pages written while it is would be no different.
+        // The record and the pages go down under one barrier, in either order.
         let appended = match keep_journal {
             Some(append) => Some(self.write_record(&s.items, *append)?),
             None => None,
@@ -112,7 +108,6 @@ impl ImageV2 {
         }
         let updated = updated?;
         let carried = carried_after(carried, updates, updated.applied_below);
-        let resume_at = updated.applied_below;
         let (header, journal) = match appended {
             Some(appended) => {
                 // K2 to K4: the record and the pages durable, then the header, whose
@@ -129,7 +124,6 @@ impl ImageV2 {
             header,
             carried,
             journal,
-            resume_at,
         })
     }
 
