@@ -280,12 +280,22 @@ fn make_raw_backing(dir: &Path, setup: &Setup, size: u64) -> Option<(PathBuf, Ve
     Some((path, fit(&content, size as usize)))
 }
 
-fn overlay_harness(dir: &Path, setup: &Setup) -> Harness {
-    let size = setup.size;
+/// The raw backing file of `setup` (if any), and the model the overlay starts from.
+fn backing_and_model(
+    dir: &Path,
+    setup: &Setup,
+    size: u64,
+) -> (Option<(PathBuf, Vec<u8>)>, Vec<u8>) {
     let backing = make_raw_backing(dir, setup, size);
     let model = backing
         .as_ref()
         .map_or_else(|| vec![0u8; size as usize], |(_, c)| c.clone());
+    (backing, model)
+}
+
+fn overlay_harness(dir: &Path, setup: &Setup) -> Harness {
+    let size = setup.size;
+    let (backing, model) = backing_and_model(dir, setup, size);
     let (home, image) = if setup.on_file {
         let recorded = backing
             .as_ref()
@@ -308,10 +318,7 @@ fn overlay_harness(dir: &Path, setup: &Setup) -> Harness {
 fn v2_harness(dir: &Path, setup: &Setup) -> Harness {
     // Room for a map of several leaves (254 extents each), written below.
     let size = setup.size.max(MAP_OF_LEAVES_BLOCKS * 2 * 4096);
-    let backing = make_raw_backing(dir, setup, size);
-    let model = backing
-        .as_ref()
-        .map_or_else(|| vec![0u8; size as usize], |(_, c)| c.clone());
+    let (backing, mut model) = backing_and_model(dir, setup, size);
     let storage = Arc::new(MemStorage::new(Vec::new()));
     let opts = CreateOptions {
         size: Some(size),
@@ -323,7 +330,6 @@ fn v2_harness(dir: &Path, setup: &Setup) -> Harness {
     let attach: Box<dyn Fn() -> Option<Layer>> =
         Box::new(move || backing_path.as_deref().map(raw_layer));
     let image = open_mem(&storage, "mem.cow", attach()).expect("opening the in-memory image");
-    let mut model = model;
     // Every other block written, so that no two join: a map of several leaves.
     for i in 0..MAP_OF_LEAVES_BLOCKS {
         let at = i * 2 * 4096;
@@ -439,7 +445,7 @@ proptest! {
     }
 
     /// Version 2 whatever the suite's version, with its flush bounds made tiny, so that a
-    /// map of a few dozen extents takes every path a large one does: tree flushes cut short
+    /// map of three leaves takes every path one of millions of extents does: tree flushes cut short
     /// by their leaf budget, the journal kept across them and started anew with what was
     /// left out, everything applied at once past the bound.
     #[test]
