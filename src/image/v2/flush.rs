@@ -85,6 +85,9 @@ impl Default for FlushLimits {
 struct Snapshot {
     number: u64,
     items: Vec<Extent>,
+    /// The ranges this snapshot changes that the journaled changes do not: what the tree
+    /// maps there, it replaces.
+    below: Vec<(u64, u64)>,
     path: Path,
 }
 
@@ -177,6 +180,9 @@ impl ImageV2 {
         let Some(snapshot) = snapshot else {
             return Ok(());
         };
+        if let Err(e) = self.replaced_below(&snapshot) {
+            return Err(self.revert_to_durable(e));
+        }
         let done = match &snapshot.path {
             Path::Journal(append) => self
                 .append_record(&snapshot.items, *append)
@@ -221,11 +227,32 @@ impl ImageV2 {
             Some(append) if keeps => self.tree_path(st, limits, Some(append))?,
             _ => self.tree_path(st, limits, None)?,
         };
+        let below = st.replaced_in_journal();
         Ok(Some(Snapshot {
             number: st.snapshots_taken,
             items,
+            below,
             path,
         }))
+    }
+
+    /// Queues for freeing at the snapshot's publish the data the tree maps where the
+    /// snapshot changes what the journaled changes do not. The tree is walked without the
+    /// gate: only this flush (holding `flush_serial`) changes it or frees its pages, and
+    /// it does so at its publish.
+    fn replaced_below(&self, snapshot: &Snapshot) -> Result<()> {
+        if snapshot.below.is_empty() {
+            return Ok(());
+        }
+        let tree = self.tree(&lock(&self.state));
+        let mut data = Vec::new();
+        tree.lookup_ranges(&snapshot.below, &mut |e| {
+            if let Mapping::Data(h) = e.mapping {
+                data.push((snapshot.number, h, e.len));
+            }
+        })?;
+        lock(&self.state).to_free.extend(data);
+        Ok(())
     }
 
     /// Steps J1 and J2: the record of `items` (this flush's changes) at `append`. The
@@ -448,6 +475,33 @@ impl ImageV2 {
 }
 
 impl State {
+    /// What the snapshot just taken replaces in the journaled changes: their data is
+    /// queued for freeing at its publish. Returns the ranges it changes that they do not
+    /// (joined where adjacent), for the tree to answer.
+    fn replaced_in_journal(&mut self) -> Vec<(u64, u64)> {
+        let mut below: Vec<(u64, u64)> = Vec::new();
+        let mut gap = |from: u64, to: u64| match below.last_mut() {
+            Some(last) if last.1 == from => last.1 = to,
+            _ => below.push((from, to)),
+        };
+        for e in self.in_flight.iter() {
+            let mut p = e.start;
+            for j in self.journaled.overlapping(e.start, e.end()) {
+                if j.start > p {
+                    gap(p, j.start);
+                }
+                p = j.end();
+                if let Mapping::Data(h) = j.mapping {
+                    self.to_free.push((self.snapshots_taken, h, j.len));
+                }
+            }
+            if p < e.end() {
+                gap(p, e.end());
+            }
+        }
+        below
+    }
+
     /// A record appended to the current journal is published.
     fn appended(&mut self, a: Appended) {
         self.journal_tail += a.len;

@@ -377,59 +377,67 @@ impl Tree<'_> {
 
     /// Calls `f` with the tree's extents overlapping `[start, end)`, clipped, in order.
     pub fn lookup(&self, start: u64, end: u64, f: &mut dyn FnMut(Extent)) -> Result<()> {
-        if self.root.height == 0 || start >= end {
-            return Ok(());
-        }
-        self.lookup_in(
-            self.root.root,
-            self.root.height - 1,
-            0,
-            VIRTUAL_BLOCK_LIMIT,
-            start,
-            end,
-            f,
-        )
+        self.lookup_ranges(&[(start, end)], f)
     }
 
-    #[allow(clippy::too_many_arguments)] // one recursion step: the page and the query
+    /// Calls `f` with the tree's extents overlapping each of `ranges` (sorted, not
+    /// overlapping), clipped to it, in order. Each page is read once for all the ranges
+    /// under it: a flush finds what its changes replace in one walk, not a descent each.
+    pub fn lookup_ranges(&self, ranges: &[(u64, u64)], f: &mut dyn FnMut(Extent)) -> Result<()> {
+        let ranges: std::borrow::Cow<[(u64, u64)]> = if ranges.iter().all(|(s, e)| s < e) {
+            ranges.into()
+        } else {
+            ranges.iter().copied().filter(|(s, e)| s < e).collect()
+        };
+        if self.root.height == 0 || ranges.is_empty() {
+            return Ok(());
+        }
+        let top = (self.root.root, self.root.height - 1, 0, VIRTUAL_BLOCK_LIMIT);
+        self.lookup_in(top, &ranges, f)
+    }
+
+    /// One step of [`Tree::lookup_ranges`]: the page `(offset, level, lo, hi)` and the
+    /// ranges that overlap it.
     fn lookup_in(
         &self,
-        offset: u64,
-        level: u8,
-        lo: u64,
-        hi: u64,
-        start: u64,
-        end: u64,
+        (offset, level, lo, hi): (u64, u8, u64, u64),
+        ranges: &[(u64, u64)],
         f: &mut dyn FnMut(Extent),
     ) -> Result<()> {
         match &*self.page(offset, level, lo, hi)? {
             PageBody::Leaf(extents) => {
-                let first = extents.partition_point(|e| e.end() <= start);
-                for e in &extents[first..] {
-                    if e.start >= end {
-                        break;
+                for &(start, end) in ranges {
+                    let first = extents.partition_point(|e| e.end() <= start);
+                    for e in extents[first..].iter().take_while(|e| e.start < end) {
+                        let from = e.start.max(start);
+                        let to = e.end().min(end);
+                        f(Extent {
+                            start: from,
+                            len: to - from,
+                            mapping: e.mapping.advanced(from - e.start),
+                        });
                     }
-                    let from = e.start.max(start);
-                    let to = e.end().min(end);
-                    f(Extent {
-                        start: from,
-                        len: to - from,
-                        mapping: e.mapping.advanced(from - e.start),
-                    });
                 }
                 Ok(())
             }
             PageBody::Internal(children) => {
-                // The first child that can overlap: the last whose key is at most `start`.
+                // The first child that can overlap: the last whose key is at most the
+                // first range's start.
                 let first = children
-                    .partition_point(|&(key, _)| key <= start)
+                    .partition_point(|&(key, _)| key <= ranges[0].0)
                     .saturating_sub(1);
+                let mut rest = ranges;
                 for (child_lo, child_hi, child) in child_ranges(children, lo, hi).skip(first) {
-                    if child_lo >= end {
+                    // A range that reaches into the next child goes to both; each gets
+                    // only its own extents.
+                    rest = &rest[rest.partition_point(|&(_, end)| end <= child_lo)..];
+                    if rest.is_empty() {
                         break;
                     }
-                    if child_hi > start {
-                        self.lookup_in(child, level - 1, child_lo, child_hi, start, end, f)?;
+                    let here = rest.partition_point(|&(start, _)| start < child_hi);
+                    if here > 0 {
+                        let page = (child, level - 1, child_lo, child_hi);
+                        self.lookup_in(page, &rest[..here], f)?;
                     }
                 }
                 Ok(())
@@ -882,6 +890,59 @@ mod tests {
             before[straddler_end as usize..]
         );
         assert!(stop > 0 && stop < blocks, "stopped at {stop}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn a_walk_for_many_ranges_finds_what_a_lookup_of_each_finds(
+            cuts in proptest::collection::btree_set(0u64..6100, 0..80),
+            keep in proptest::collection::vec(proptest::bool::ANY, 80),
+        ) {
+            let storage = crate::storage::MemStorage::new(vec![0; 2 * BLOCK as usize]);
+            let cache = PageCache::new(4 << 20);
+            let next_page = std::cell::Cell::new(2u64);
+            let mut alloc = || {
+                next_page.set(next_page.get() + 1);
+                Ok(next_page.get() * BLOCK)
+            };
+            let blocks = 6000u64;
+            let mut tree = Tree {
+                storage: &storage,
+                cache: &cache,
+                path: Path::new("ranges.cow"),
+                root: TreeRoot::default(),
+                image_id: 7,
+                cache_key: new_cache_key(),
+                generation: 1,
+                virtual_blocks: blocks,
+            };
+            // Every third block mapped alone, and a long extent in the middle: many
+            // leaves, and an extent that ranges cut.
+            let mut base = ExtentMap::default();
+            for b in (0..blocks).step_by(3) {
+                base.set(b, 1, Mapping::Data(10_000 + b));
+            }
+            base.set(2500, 700, Mapping::Data(50_000));
+            tree.root = tree.update(&base, 1, &mut alloc).expect("building").root;
+            proptest::prop_assert!(tree.root.height >= 2);
+            // Sorted, disjoint ranges between consecutive cuts, some left out; some reach
+            // past the mapped blocks.
+            let cuts: Vec<u64> = cuts.into_iter().collect();
+            let ranges: Vec<(u64, u64)> = cuts
+                .windows(2)
+                .zip(&keep)
+                .filter(|(_, &k)| k)
+                .map(|(w, _)| (w[0], w[1]))
+                .collect();
+            let mut got = Vec::new();
+            tree.lookup_ranges(&ranges, &mut |e| got.push(e)).expect("walking");
+            let want: Vec<Extent> = ranges
+                .iter()
+                .flat_map(|&(s, e)| base.overlapping(s, e))
+                .collect();
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl ImageV2 {
                 j += 1;
             }
             if zero {
-                self.set_range(first + i, j - i, self.zero_mapping())?;
+                self.set_range(first + i, j - i, self.zero_mapping());
             } else {
                 let bytes = &data[(i * BLOCK) as usize..(j * BLOCK) as usize];
                 self.store_data(first + i, bytes)?;
@@ -134,7 +134,7 @@ impl ImageV2 {
         result?;
         for &(v, n, h, new) in &plan {
             if new {
-                self.remap(st, v, n, Mapping::Data(h))?;
+                self.remap(st, v, n, Mapping::Data(h));
             }
         }
         Ok(())
@@ -167,43 +167,20 @@ impl ImageV2 {
         plan
     }
 
-    /// Makes `[start, start + len)` read as `mapping` in the pending changes, and queues
-    /// for freeing what it stops referencing: pending data it replaces, and, where pending
-    /// held nothing before, the data of the levels below.
-    fn remap(&self, st: &mut State, start: u64, len: u64, mapping: Mapping) -> Result<()> {
-        let replaced = st.pending.set(start, len, mapping);
+    /// Makes `[start, start + len)` read as `mapping` in the pending changes. Pending data
+    /// it replaces is freed at the next publish; what the levels below held there is found
+    /// when the change is flushed, for all of a snapshot's changes in one walk
+    /// (`flush::replaced_below`), not here with a descent per write.
+    fn remap(&self, st: &mut State, start: u64, len: u64, mapping: Mapping) {
         let release_at = st.snapshots_taken + 1;
-        let mut p = start;
-        let mut below = Vec::new();
-        for r in &replaced {
-            if r.start > p {
-                below.push((p, r.start));
-            }
-            p = r.end();
+        for r in st.pending.set(start, len, mapping) {
             if let Mapping::Data(h) = r.mapping {
                 st.to_free.push((release_at, h, r.len));
             }
         }
-        if p < start + len {
-            below.push((p, start + len));
-        }
-        for (s, e) in below {
-            let old = {
-                let saved = std::mem::take(&mut st.pending);
-                let r = self.resolve(st, s, e);
-                st.pending = saved;
-                r?
-            };
-            for o in old {
-                if let Mapping::Data(h) = o.mapping {
-                    st.to_free.push((release_at, h, o.len));
-                }
-            }
-        }
-        Ok(())
     }
 
-    fn set_range(&self, start: u64, len: u64, mapping: Mapping) -> Result<()> {
+    fn set_range(&self, start: u64, len: u64, mapping: Mapping) {
         let mut guard = lock(&self.state);
         self.remap(&mut guard, start, len, mapping)
     }
@@ -245,7 +222,8 @@ impl ImageV2 {
             let n = (end - end_full * BLOCK) as usize;
             self.write_held(&vec![0u8; n], end_full * BLOCK)?;
         }
-        self.set_range(first_full, end_full - first_full, self.zero_mapping())
+        self.set_range(first_full, end_full - first_full, self.zero_mapping());
+        Ok(())
     }
 
     /// Empties the map: everything falls through to the backing file again. Durable after
@@ -255,7 +233,7 @@ impl ImageV2 {
         let vb = self.virtual_size.div_ceil(BLOCK);
         if vb > 0 {
             let _io = shared(&self.gate);
-            self.set_range(0, vb, Mapping::Unmapped)?;
+            self.set_range(0, vb, Mapping::Unmapped);
         }
         self.flush()
     }
@@ -284,7 +262,7 @@ impl ImageV2 {
             let keep = new_size.div_ceil(BLOCK);
             let old_blocks = old_size.div_ceil(BLOCK);
             if old_blocks > keep {
-                self.set_range(keep, old_blocks - keep, Mapping::Unmapped)?;
+                self.set_range(keep, old_blocks - keep, Mapping::Unmapped);
             }
         } else if let Some(backing_size) = self.backing.as_ref().map(|b| b.size()) {
             // Growing over a longer backing file: the new range reads zeros, not the file.
@@ -298,7 +276,7 @@ impl ImageV2 {
                 }
                 let last = zero_end.div_ceil(BLOCK);
                 if last > first {
-                    self.set_range(first, last - first, Mapping::Zero)?;
+                    self.set_range(first, last - first, Mapping::Zero);
                 }
             }
         }
