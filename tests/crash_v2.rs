@@ -411,6 +411,82 @@ fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_it
     assert!(images > 10, "only {images} crash images");
 }
 
+/// A kept-journal tree flush writes its header slot without a barrier of its own
+/// (FORMAT-v2.md, "The flush protocol"): until the next barrier the old slot may be the
+/// durable one, so the page the update replaced must not be reused before it. A flush
+/// with nothing to flush makes that barrier; a write after it may then take the page.
+#[test]
+fn a_tree_page_replaced_under_a_header_not_yet_durable_is_reused_only_after_a_barrier() {
+    const B: u64 = 4096;
+    let mem = MemStorage::new(Vec::new());
+    let opts = CreateOptions {
+        size: Some(SIZE),
+        version: 2,
+        ..Default::default()
+    };
+    Image::create_on(&mem, Path::new(NAME), &opts).expect("creating the image");
+    let initial = mem.contents();
+    let storage = Arc::new(CrashStorage::new(initial.clone()));
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("opening it");
+    // Every flush writes the tree, keeping the journal.
+    assert!(image.set_flush_limits(cowimg::image::v2::FlushLimits {
+        journaled_extents: 0,
+        ..Default::default()
+    }));
+    let fill = |b: u8| vec![b; B as usize];
+    // Blocks 0, 8 and 16 after each flush.
+    let states = [
+        [0u8, 0, 0],
+        [0xa1, 0, 0],
+        [0xa1, 0xb2, 0],
+        [0xa1, 0xb2, 0xc3],
+    ];
+    image.write_at(&fill(0xa1), 0).unwrap();
+    image.flush().unwrap();
+    // This tree flush replaces the root leaf.
+    image.write_at(&fill(0xb2), 8 * B).unwrap();
+    image.flush().unwrap();
+    let syncs = storage.syncs();
+    image.flush().unwrap();
+    assert_eq!(storage.syncs(), syncs + 1, "no barrier for the header slot");
+    let grown = storage.len().unwrap();
+    image.write_at(&fill(0xc3), 16 * B).unwrap();
+    assert_eq!(
+        storage.len().unwrap(),
+        grown,
+        "the write went to the end of the file, not to the old root's block"
+    );
+    image.flush().unwrap();
+    let log = storage.log();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut images = 0;
+    for_each_crash_image(&initial, &log, &mut rng, 16, 2, |crashed, _| {
+        let CrashImage { what, bytes, .. } = crashed;
+        let dynamic: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes));
+        let opened = Image::open_storage(dynamic, Path::new(NAME), true)
+            .unwrap_or_else(|e| panic!("{what}: the crashed image does not open: {e}"));
+        let seen: Vec<Option<u8>> = [0, 8, 16]
+            .iter()
+            .map(|&block| {
+                let mut b = vec![0u8; B as usize];
+                opened
+                    .read_at(&mut b, block * B)
+                    .unwrap_or_else(|e| panic!("{what}: reading block {block}: {e}"));
+                b.iter().all(|&x| x == b[0]).then_some(b[0])
+            })
+            .collect();
+        assert!(
+            states
+                .iter()
+                .any(|st| st.iter().map(|&x| Some(x)).eq(seen.iter().copied())),
+            "{what}: blocks 0, 8 and 16 read {seen:x?}, the state of no flush"
+        );
+        images += 1;
+    });
+    assert!(images > 10, "only {images} crash images");
+}
+
 /// A tree flush rewrites at most a budget of leaves and carries the changes it left out into
 /// the new journal, with the changes beyond its extent bound (FORMAT-v2.md, "The flush
 /// protocol"). The limits are made small here, so that a map of a few leaves takes the paths

@@ -178,7 +178,9 @@ impl ImageV2 {
             self.snapshot(&mut st)?
         };
         let Some(snapshot) = snapshot else {
-            return Ok(());
+            return self
+                .sync_unsynced_header()
+                .map_err(|e| self.revert_to_durable(e));
         };
         if let Err(e) = self.replaced_below(&snapshot) {
             return Err(self.revert_to_durable(e));
@@ -283,13 +285,30 @@ impl ImageV2 {
         Ok(appended)
     }
 
-    /// Steps T3 and T4 (K3 and K4): the inactive header slot, and its barrier.
+    /// Step T3 (K3): the inactive header slot. The caller syncs (T4), or leaves the slot
+    /// to the next barrier (the kept-journal path).
     fn write_header_slot(&self, header: &HeaderV2, active_slot: usize) -> Result<()> {
         let slot_at = ((1 - active_slot) * HEADER_SLOT_SIZE) as u64;
         self.storage
             .write_at(&header.to_bytes(), slot_at)
-            .map_err(|e| self.io_err("writing the header", slot_at, e))?;
-        self.sync()
+            .map_err(|e| self.io_err("writing the header", slot_at, e))
+    }
+
+    /// With nothing to flush, the barrier a header slot written without one still waits
+    /// for (so that a close, or a header change, never leaves it behind), then frees the
+    /// pages that waited for it.
+    fn sync_unsynced_header(&self) -> Result<()> {
+        if !lock(&self.state).header_unsynced {
+            return Ok(());
+        }
+        self.sync()?;
+        let freed = {
+            let mut st = lock(&self.state);
+            st.header_unsynced = false;
+            std::mem::take(&mut st.freed_after_barrier)
+        };
+        lock(&self.state).alloc.give_back(freed);
+        Ok(())
     }
 
     fn publish(&self, number: u64, done: Done) {
@@ -299,6 +318,10 @@ impl ImageV2 {
             let _pause = exclusive(&self.gate);
             let mut guard = lock(&self.state);
             let st = &mut *guard;
+            // Every flush path syncs before its publish: a header slot written without a
+            // barrier before this flush is durable now, and the pages it replaced are free.
+            freed.append(&mut st.freed_after_barrier);
+            st.header_unsynced = false;
             match done {
                 Done::Journal(appended) => {
                     let in_flight = std::mem::take(&mut st.in_flight);
@@ -311,6 +334,9 @@ impl ImageV2 {
                     carried,
                     journal,
                 } => {
+                    // The kept-journal path leaves its slot to the next barrier; until then
+                    // the other slot may be the durable one, and it reaches the old pages.
+                    let header_synced = matches!(journal, TreeJournal::New { .. });
                     // Where the next tree flush starts, when this one stopped at its budget.
                     if let Some(at) = updated.applied_below {
                         st.tree_cursor = at;
@@ -328,8 +354,13 @@ impl ImageV2 {
                     st.header = header;
                     st.active_slot = 1 - st.active_slot;
                     st.pending_resize = None;
+                    st.header_unsynced = !header_synced;
                     for page in updated.replaced_pages {
-                        freed.push((page / BLOCK, 1));
+                        if header_synced {
+                            freed.push((page / BLOCK, 1));
+                        } else {
+                            st.freed_after_barrier.push((page / BLOCK, 1));
+                        }
                         forgotten_pages.push(page);
                     }
                 }
@@ -396,6 +427,9 @@ impl ImageV2 {
                 // own, against the state gone back to.
                 st.snapshots_taken = old.snapshots_taken;
                 st.snapshots_published = old.snapshots_published;
+                // The slot just loaded may not be durable yet: a barrier comes before any
+                // other slot is written.
+                st.header_unsynced = true;
                 self.cache.forget_image(self.cache_key);
                 self.reverts.fetch_add(1, Ordering::AcqRel);
                 eprintln!(
@@ -459,6 +493,7 @@ impl ImageV2 {
         self.check_writable()?;
         self.flush()?;
         let _serial = lock(&self.flush_serial);
+        self.sync_unsynced_header()?;
         let mut st = lock(&self.state);
         let mut header = st.header.clone();
         header.generation += 1;
@@ -466,6 +501,7 @@ impl ImageV2 {
             .as_ref()
             .map(|(path, layer)| (path.clone(), layer.format()));
         self.write_header_slot(&header, st.active_slot)?;
+        self.sync()?;
         st.header = header;
         st.active_slot = 1 - st.active_slot;
         drop(st);

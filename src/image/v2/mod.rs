@@ -12,8 +12,10 @@
 //!
 //! Concurrency, as in version 1: `gate` is held shared by every read and write for its whole
 //! duration and exclusively by a flush while it takes its snapshot and while it publishes,
-//! which is also the only time blocks are freed or the tree's root changes; `state` guards
-//! the in-memory maps and the allocator and is held only for bookkeeping, never across I/O.
+//! which is also the only time the tree's root changes and blocks are freed (or, for the
+//! pages a kept-journal tree flush replaced, after the next barrier: once its publish is
+//! done no reader reaches them); `state` guards the in-memory maps and the allocator and
+//! is held only for bookkeeping, never across I/O.
 //! A read takes the in-memory changes under `state`, then looks the rest up in the tree with
 //! `state` released: holding `gate` shared is what keeps that tree and its pages alive.
 
@@ -103,6 +105,12 @@ struct State {
     alloc: Allocator,
     /// A resize waiting for its flush, which then takes the tree path.
     pending_resize: Option<u64>,
+    /// The current header slot was written after the last barrier (a kept-journal tree
+    /// flush): the next barrier makes it durable, and comes before any other slot write.
+    header_unsynced: bool,
+    /// Pages the tree replaced under that header: the other slot, still durable, may
+    /// reach them until then, so they are freed only after the next barrier.
+    freed_after_barrier: Vec<(u64, u64)>,
 }
 
 impl State {
@@ -134,6 +142,8 @@ impl State {
             spare_journal: None,
             alloc,
             pending_resize: None,
+            header_unsynced: false,
+            freed_after_barrier: Vec::new(),
         }
     }
 }

@@ -110,8 +110,11 @@ impl ImageV2 {
         let carried = carried_after(carried, updates, updated.applied_below);
         let (header, journal) = match appended {
             Some(appended) => {
-                // K2 to K4: the record and the pages durable, then the header, whose
-                // journal is the same region, epoch and records.
+                // K2 and K3: the record and the pages durable, then the header, whose
+                // journal is the same region, epoch and records. It needs no barrier of
+                // its own: the other slot, with the old tree and the same records, is the
+                // same state. The next barrier makes it durable; until then the pages it
+                // replaces are not reused (`publish`).
                 self.sync()?;
                 let header = with_root(header, &updated);
                 self.write_header_slot(&header, *active_slot)?;
@@ -205,6 +208,7 @@ impl ImageV2 {
         new_header.journal_capacity = jl * BLOCK;
         new_header.journal_epoch = epoch;
         self.write_header_slot(&new_header, active_slot)?;
+        self.sync()?;
         Ok((new_header, tail))
     }
 
