@@ -43,10 +43,49 @@ impl ExtentMap {
 
     /// Maps `[start, start + len)` to `mapping` and returns what it replaced here, in order.
     pub fn set(&mut self, start: u64, len: u64, mapping: Mapping) -> Vec<Extent> {
-        let replaced = self.remove(start, start + len);
+        let end = start + len;
+        let before = self
+            .by_start
+            .range(..start)
+            .next_back()
+            .map(|(&s, &v)| (s, v));
+        let clear = before.is_none_or(|(s, (l, _))| s + l <= start)
+            && self.by_start.range(start..end).next().is_none();
+        if clear {
+            // Nothing to replace (most writes: a block not changed since the snapshot):
+            // join the neighbours found on the way instead of searching again.
+            self.insert_joined(start, len, mapping, before);
+            return Vec::new();
+        }
+        let replaced = self.remove(start, end);
         self.by_start.insert(start, (len, mapping));
         self.join_neighbours(start);
         replaced
+    }
+
+    /// Inserts `[start, start + len)` where nothing is mapped, joined with `before` (the
+    /// extent before it, if any) and the extent at its end when they continue it.
+    fn insert_joined(
+        &mut self,
+        start: u64,
+        len: u64,
+        mapping: Mapping,
+        before: Option<(u64, (u64, Mapping))>,
+    ) {
+        let (mut at, mut total, mut first) = (start, len, mapping);
+        if let Some((ps, (plen, pm))) = before {
+            if ps + plen == start && pm.advanced(plen) == mapping && plen + len <= MAX_JOINED {
+                (at, total, first) = (ps, plen + len, pm);
+            }
+        }
+        let end = start + len;
+        if let Some(&(nlen, nm)) = self.by_start.get(&end) {
+            if mapping.advanced(len) == nm && total + nlen <= MAX_JOINED {
+                self.by_start.remove(&end);
+                total += nlen;
+            }
+        }
+        self.by_start.insert(at, (total, first));
     }
 
     /// Forgets `[start, end)` at this level and returns what it held.
@@ -297,6 +336,42 @@ mod tests {
             proptest::prop_assert!(merged.len() <= map.len());
             for pair in merged.windows(2) {
                 proptest::prop_assert!(pair[0].end() <= pair[1].start);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn setting_ranges_reads_like_a_map_of_blocks_and_leaves_neighbours_joined(
+            sets in proptest::collection::vec((0u64..60, 1u64..8, 0u8..3, 0u64..3), 0..40),
+        ) {
+            let mut map = ExtentMap::default();
+            let mut blocks: std::collections::BTreeMap<u64, Mapping> = Default::default();
+            for (start, len, kind, host) in sets {
+                // Hosts that often continue a neighbour, so that joins happen.
+                let mapping = match kind {
+                    0 => Mapping::Data(1000 + start + host * 100),
+                    1 => Mapping::Zero,
+                    _ => Mapping::Unmapped,
+                };
+                let replaced = map.set(start, len, mapping);
+                let want: Vec<(u64, Mapping)> = (start..start + len)
+                    .filter_map(|b| blocks.get(&b).map(|&m| (b, m)))
+                    .collect();
+                proptest::prop_assert_eq!(per_block(&replaced), want);
+                for i in 0..len {
+                    blocks.insert(start + i, mapping.advanced(i));
+                }
+                let extents: Vec<Extent> = map.iter().collect();
+                proptest::prop_assert_eq!(
+                    per_block(&extents),
+                    blocks.iter().map(|(&b, &m)| (b, m)).collect::<Vec<_>>()
+                );
+                for pair in extents.windows(2) {
+                    let continues = pair[0].end() == pair[1].start
+                        && pair[0].mapping.advanced(pair[0].len) == pair[1].mapping;
+                    proptest::prop_assert!(!continues, "{:?} and {:?} not joined", pair[0], pair[1]);
+                }
             }
         }
     }
