@@ -342,13 +342,9 @@ fn crash_at_any_point_with_concurrent_writers_and_flushes_keeps_every_returned_f
     crash_everywhere_with_concurrent_writers(1, 16, 2);
 }
 
-/// Version 2 hands a block freed by an overwrite to the next new write instead of growing
-/// the file (FORMAT-v2.md, "Allocation"). The block is freed only once a flush that no
-/// longer references it is durable, so a crash at any point shows the state of one flush:
-/// never a later write's bytes where the old block was mapped.
-#[test]
-fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_its_old_mapping() {
-    const B: u64 = 4096;
+/// A new 1 MiB version-2 image opened over logging storage: the bytes it started from,
+/// the storage and the image.
+fn new_logged_image() -> (Vec<u8>, Arc<CrashStorage>, Image) {
     let mem = MemStorage::new(Vec::new());
     let opts = CreateOptions {
         size: Some(SIZE),
@@ -360,6 +356,55 @@ fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_it
     let storage = Arc::new(CrashStorage::new(initial.clone()));
     let dynamic: Arc<dyn Storage> = storage.clone();
     let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("opening it");
+    (initial, storage, image)
+}
+
+/// Every crash image of `log` opens and reads blocks 0, 8 and 16, each all one byte, as
+/// one of `states` (the three bytes after each flush).
+fn every_crash_shows_one_of(
+    initial: &[u8],
+    log: &[LogOp],
+    seed: u64,
+    subsets: usize,
+    states: &[[u8; 3]],
+) {
+    const B: u64 = 4096;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut images = 0;
+    for_each_crash_image(initial, log, &mut rng, subsets, 2, |crashed, _| {
+        let CrashImage { what, bytes, .. } = crashed;
+        let dynamic: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes));
+        let opened = Image::open_storage(dynamic, Path::new(NAME), true)
+            .unwrap_or_else(|e| panic!("{what}: the crashed image does not open: {e}"));
+        let seen: Vec<Option<u8>> = [0, 8, 16]
+            .iter()
+            .map(|&block| {
+                let mut b = vec![0u8; B as usize];
+                opened
+                    .read_at(&mut b, block * B)
+                    .unwrap_or_else(|e| panic!("{what}: reading block {block}: {e}"));
+                b.iter().all(|&x| x == b[0]).then_some(b[0])
+            })
+            .collect();
+        assert!(
+            states
+                .iter()
+                .any(|st| st.iter().map(|&x| Some(x)).eq(seen.iter().copied())),
+            "{what}: blocks 0, 8 and 16 read {seen:x?}, the state of no flush"
+        );
+        images += 1;
+    });
+    assert!(images > 10, "only {images} crash images");
+}
+
+/// Version 2 hands a block freed by an overwrite to the next new write instead of growing
+/// the file (FORMAT-v2.md, "Allocation"). The block is freed only once a flush that no
+/// longer references it is durable, so a crash at any point shows the state of one flush:
+/// never a later write's bytes where the old block was mapped.
+#[test]
+fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_its_old_mapping() {
+    const B: u64 = 4096;
+    let (initial, storage, image) = new_logged_image();
     let fill = |b: u8| vec![b; B as usize];
     // Blocks 0, 8 and 16 after each flush.
     let states = [
@@ -384,31 +429,7 @@ fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_it
     );
     image.flush().unwrap();
     drop(image);
-    let log = storage.log();
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut images = 0;
-    for_each_crash_image(&initial, &log, &mut rng, 8, 2, |crashed, _| {
-        let CrashImage { what, bytes, .. } = crashed;
-        let dynamic: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes));
-        let opened = Image::open_storage(dynamic, Path::new(NAME), true)
-            .unwrap_or_else(|e| panic!("{what}: the crashed image does not open: {e}"));
-        let seen: Vec<Option<u8>> = [0, 8, 16]
-            .iter()
-            .map(|&block| {
-                let mut b = vec![0u8; B as usize];
-                opened.read_at(&mut b, block * B).unwrap();
-                b.iter().all(|&x| x == b[0]).then_some(b[0])
-            })
-            .collect();
-        assert!(
-            states
-                .iter()
-                .any(|st| st.iter().map(|&x| Some(x)).eq(seen.iter().copied())),
-            "{what}: blocks 0, 8 and 16 read {seen:x?}, the state of no flush"
-        );
-        images += 1;
-    });
-    assert!(images > 10, "only {images} crash images");
+    every_crash_shows_one_of(&initial, &storage.log(), 7, 8, &states);
 }
 
 /// A kept-journal tree flush writes its header slot without a barrier of its own
@@ -418,17 +439,7 @@ fn a_block_freed_by_an_overwrite_is_written_again_and_no_crash_shows_it_under_it
 #[test]
 fn a_tree_page_replaced_under_a_header_not_yet_durable_is_reused_only_after_a_barrier() {
     const B: u64 = 4096;
-    let mem = MemStorage::new(Vec::new());
-    let opts = CreateOptions {
-        size: Some(SIZE),
-        version: 2,
-        ..Default::default()
-    };
-    Image::create_on(&mem, Path::new(NAME), &opts).expect("creating the image");
-    let initial = mem.contents();
-    let storage = Arc::new(CrashStorage::new(initial.clone()));
-    let dynamic: Arc<dyn Storage> = storage.clone();
-    let image = Image::open_storage(dynamic, Path::new(NAME), false).expect("opening it");
+    let (initial, storage, image) = new_logged_image();
     // Every flush writes the tree, keeping the journal.
     assert!(image.set_flush_limits(cowimg::image::v2::FlushLimits {
         journaled_extents: 0,
@@ -458,33 +469,8 @@ fn a_tree_page_replaced_under_a_header_not_yet_durable_is_reused_only_after_a_ba
         "the write went to the end of the file, not to the old root's block"
     );
     image.flush().unwrap();
-    let log = storage.log();
-    let mut rng = StdRng::seed_from_u64(5);
-    let mut images = 0;
-    for_each_crash_image(&initial, &log, &mut rng, 16, 2, |crashed, _| {
-        let CrashImage { what, bytes, .. } = crashed;
-        let dynamic: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes));
-        let opened = Image::open_storage(dynamic, Path::new(NAME), true)
-            .unwrap_or_else(|e| panic!("{what}: the crashed image does not open: {e}"));
-        let seen: Vec<Option<u8>> = [0, 8, 16]
-            .iter()
-            .map(|&block| {
-                let mut b = vec![0u8; B as usize];
-                opened
-                    .read_at(&mut b, block * B)
-                    .unwrap_or_else(|e| panic!("{what}: reading block {block}: {e}"));
-                b.iter().all(|&x| x == b[0]).then_some(b[0])
-            })
-            .collect();
-        assert!(
-            states
-                .iter()
-                .any(|st| st.iter().map(|&x| Some(x)).eq(seen.iter().copied())),
-            "{what}: blocks 0, 8 and 16 read {seen:x?}, the state of no flush"
-        );
-        images += 1;
-    });
-    assert!(images > 10, "only {images} crash images");
+    // The log is taken with the image open: its close would make a barrier of its own.
+    every_crash_shows_one_of(&initial, &storage.log(), 5, 16, &states);
 }
 
 /// A tree flush rewrites at most a budget of leaves and carries the changes it left out into

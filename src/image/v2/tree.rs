@@ -816,26 +816,51 @@ mod tests {
         out
     }
 
+    /// Pages for a test tree: storage and cache, and an allocator handing out blocks in
+    /// order.
+    struct TestPages {
+        storage: crate::storage::MemStorage,
+        cache: PageCache,
+        next_page: std::cell::Cell<u64>,
+    }
+
+    impl TestPages {
+        fn new() -> TestPages {
+            TestPages {
+                storage: crate::storage::MemStorage::new(vec![0; 2 * BLOCK as usize]),
+                cache: PageCache::new(4 << 20),
+                next_page: std::cell::Cell::new(2),
+            }
+        }
+
+        fn alloc(&self) -> impl FnMut() -> Result<u64> + '_ {
+            || {
+                self.next_page.set(self.next_page.get() + 1);
+                Ok(self.next_page.get() * BLOCK)
+            }
+        }
+
+        /// An empty tree over `blocks` blocks.
+        fn tree(&self, name: &'static str, blocks: u64) -> Tree<'_> {
+            Tree {
+                storage: &self.storage,
+                cache: &self.cache,
+                path: Path::new(name),
+                root: TreeRoot::default(),
+                image_id: 7,
+                cache_key: new_cache_key(),
+                generation: 1,
+                virtual_blocks: blocks,
+            }
+        }
+    }
+
     #[test]
     fn an_update_with_a_leaf_budget_applies_what_lies_below_where_it_stopped_and_nothing_above() {
-        let storage = crate::storage::MemStorage::new(vec![0; 2 * BLOCK as usize]);
-        let cache = PageCache::new(4 << 20);
-        let next_page = std::cell::Cell::new(2u64);
-        let mut alloc = || {
-            next_page.set(next_page.get() + 1);
-            Ok(next_page.get() * BLOCK)
-        };
+        let pages = TestPages::new();
+        let mut alloc = pages.alloc();
         let blocks = 8000u64;
-        let mut tree = Tree {
-            storage: &storage,
-            cache: &cache,
-            path: Path::new("budget.cow"),
-            root: TreeRoot::default(),
-            image_id: 7,
-            cache_key: new_cache_key(),
-            generation: 1,
-            virtual_blocks: blocks,
-        };
+        let mut tree = pages.tree("budget.cow", blocks);
         // Every other block mapped, so that no two extents join: many leaves.
         let mut base = ExtentMap::default();
         for b in (0..blocks).step_by(2) {
@@ -899,24 +924,10 @@ mod tests {
             cuts in proptest::collection::btree_set(0u64..6100, 0..80),
             keep in proptest::collection::vec(proptest::bool::ANY, 80),
         ) {
-            let storage = crate::storage::MemStorage::new(vec![0; 2 * BLOCK as usize]);
-            let cache = PageCache::new(4 << 20);
-            let next_page = std::cell::Cell::new(2u64);
-            let mut alloc = || {
-                next_page.set(next_page.get() + 1);
-                Ok(next_page.get() * BLOCK)
-            };
+            let pages = TestPages::new();
+            let mut alloc = pages.alloc();
             let blocks = 6000u64;
-            let mut tree = Tree {
-                storage: &storage,
-                cache: &cache,
-                path: Path::new("ranges.cow"),
-                root: TreeRoot::default(),
-                image_id: 7,
-                cache_key: new_cache_key(),
-                generation: 1,
-                virtual_blocks: blocks,
-            };
+            let mut tree = pages.tree("ranges.cow", blocks);
             // Every third block mapped alone, and a long extent in the middle: many
             // leaves, and an extent that ranges cut.
             let mut base = ExtentMap::default();
