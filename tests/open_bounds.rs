@@ -413,6 +413,62 @@ fn a_reserved_slot_far_past_the_end_of_the_file_is_forgotten_and_writes_stay_ins
     assert!(length < 1 << 30, "the file grew to {length}");
 }
 
+/// The same for version 2: at the last generation, a header change (rebase) and a flush
+/// that would write the tree are refused before anything is written, the refused changes
+/// still read as written, a flush that only appends to the journal still works, and the
+/// image opens afterwards with what that flush made durable.
+#[test]
+fn a_version_2_header_at_the_last_generation_refuses_tree_flushes_and_loses_nothing() {
+    let mem = MemStorage::new(Vec::new());
+    let opts = CreateOptions {
+        size: Some(1 << 20),
+        version: 2,
+        ..Default::default()
+    };
+    Image::create_on(&mem, Path::new("last.cow"), &opts).expect("creating");
+    let mut bytes = mem.contents();
+    let slot = cowimg::format::HEADER_SLOT_SIZE;
+    let mut h = cowimg::format::v2::HeaderV2::from_bytes(&bytes[..slot]).expect("header");
+    h.generation = cowimg::format::header::MAX_GENERATION;
+    bytes[..slot].copy_from_slice(&h.to_bytes());
+    let storage = Arc::new(MemStorage::new(bytes));
+    let reopen = |storage: &Arc<MemStorage>| {
+        let s: Arc<dyn Storage> = storage.clone();
+        Image::open_storage(s, Path::new("last.cow"), false)
+            .expect("opening at the last generation")
+    };
+    let mut image = reopen(&storage);
+    let refused = image
+        .set_backing(None)
+        .expect_err("a header update past 2^62");
+    assert!(refused.to_string().contains("generation"), "{refused}");
+    // Every flush with changes would write the tree: refused, and the write still reads.
+    assert!(image.set_flush_limits(cowimg::image::v2::FlushLimits {
+        journaled_extents: 0,
+        ..Default::default()
+    }));
+    image.write_at(&[7u8; 4096], 8192).expect("writing");
+    let refused = image.flush().expect_err("a tree flush past 2^62");
+    assert!(refused.to_string().contains("generation"), "{refused}");
+    let mut block = vec![0u8; 4096];
+    image.read_at(&mut block, 8192).expect("reading");
+    assert!(
+        block.iter().all(|&b| b == 7),
+        "the refused flush lost the write"
+    );
+    // With room in the journal again, the same changes are flushed by a record.
+    assert!(image.set_flush_limits(cowimg::image::v2::FlushLimits::default()));
+    image
+        .flush()
+        .expect("a journal flush at the last generation");
+    drop(image);
+    let image = reopen(&storage);
+    image
+        .read_at(&mut block, 8192)
+        .expect("reading after reopening");
+    assert_eq!(block, vec![7u8; 4096]);
+}
+
 /// An image at the last generation a reader accepts: a header update must be refused
 /// before it is written, and the image must still open afterwards.
 #[test]

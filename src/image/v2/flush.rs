@@ -6,6 +6,7 @@ use super::extents::ExtentMap;
 use super::tree::Updated;
 use super::{exclusive, load, lock, ImageV2, State};
 use crate::error::{Error, Result};
+use crate::format::header::MAX_GENERATION;
 use crate::format::v2::{encode_record, record_len, Extent, HeaderV2, Mapping, BLOCK};
 use crate::format::HEADER_SLOT_SIZE;
 use std::sync::atomic::Ordering;
@@ -204,17 +205,11 @@ impl ImageV2 {
         if st.pending.is_empty() && st.pending_resize.is_none() {
             return Ok(None);
         }
-        st.snapshots_taken += 1;
-        st.in_flight = std::mem::take(&mut st.pending);
-        let items: Vec<Extent> = st
-            .in_flight
-            .iter()
-            .flat_map(Extent::split_for_disk)
-            .collect();
+        let items: Vec<Extent> = st.pending.iter().flat_map(Extent::split_for_disk).collect();
         let len = record_len(items.len() as u64);
         let fits = st.journal_tail + len <= st.header.journal_capacity;
         let limits = *lock(&self.limits);
-        let small = st.journaled.len() + st.in_flight.len() <= limits.journaled_extents;
+        let small = st.journaled.len() + st.pending.len() <= limits.journaled_extents;
         let append = (fits && st.pending_resize.is_none()).then(|| Append {
             at: st.header.journal_offset + st.journal_tail,
             epoch: st.header.journal_epoch,
@@ -224,10 +219,17 @@ impl ImageV2 {
         });
         let keeps =
             st.journal_tail + len <= st.header.journal_capacity.min(limits.kept_journal_bytes);
+        let journal_path = append.is_some() && small;
+        if !journal_path && st.header.generation >= MAX_GENERATION {
+            // Refused before the changes are taken: they stay pending, read as written.
+            return Err(self.generation_limit());
+        }
+        st.snapshots_taken += 1;
+        st.in_flight = std::mem::take(&mut st.pending);
         let path = match append {
             Some(append) if small => Path::Journal(append),
-            Some(append) if keeps => self.tree_path(st, limits, Some(append))?,
-            _ => self.tree_path(st, limits, None)?,
+            Some(append) if keeps => self.tree_path(st, limits, Some(append)),
+            _ => self.tree_path(st, limits, None),
         };
         let below = st.replaced_in_journal();
         Ok(Some(Snapshot {
@@ -242,6 +244,14 @@ impl ImageV2 {
     /// snapshot changes what the journaled changes do not. The tree is walked without the
     /// gate: only this flush (holding `flush_serial`) changes it or frees its pages, and
     /// it does so at its publish.
+    /// The error of a header update the generation cannot count any more.
+    pub(super) fn generation_limit(&self) -> Error {
+        Error::Invalid {
+            path: self.path.clone(),
+            reason: "the header generation reached its limit (2^62)".into(),
+        }
+    }
+
     fn replaced_below(&self, snapshot: &Snapshot) -> Result<()> {
         if snapshot.below.is_empty() {
             return Ok(());
@@ -495,6 +505,9 @@ impl ImageV2 {
         let _serial = lock(&self.flush_serial);
         self.sync_unsynced_header()?;
         let mut st = lock(&self.state);
+        if st.header.generation >= MAX_GENERATION {
+            return Err(self.generation_limit());
+        }
         let mut header = st.header.clone();
         header.generation += 1;
         header.backing = backing

@@ -284,7 +284,12 @@ impl ImageV2 {
             let _pause = exclusive(&self.gate);
             lock(&self.state).pending_resize = Some(new_size);
         }
-        self.flush()?;
+        if let Err(e) = self.flush() {
+            // A flush refused before it took the resize (the header generation at its
+            // limit) leaves it waiting; it must not come with a later flush.
+            lock(&self.state).pending_resize = None;
+            return Err(e);
+        }
         self.virtual_size = new_size;
         Ok(())
     }

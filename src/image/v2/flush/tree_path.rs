@@ -3,7 +3,7 @@
 //! budget, and the header that makes the new tree current, with the current journal kept
 //! or a new region that starts with the changes carried.
 use super::{Append, Done, FlushLimits, Path, Snapshot, TreeJournal, JOURNALED_MOST_TIMES};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::header::MAX_GENERATION;
 use crate::format::v2::{encode_carried_record, record_len, Extent, HeaderV2, BLOCK};
 use crate::image::v2::extents::ExtentMap;
@@ -20,7 +20,7 @@ impl ImageV2 {
         st: &mut State,
         limits: FlushLimits,
         keep_journal: Option<Append>,
-    ) -> Result<Path> {
+    ) -> Path {
         let mut all = st.journaled.clone();
         all.apply(&st.in_flight);
         let too_many = all.len()
@@ -52,25 +52,21 @@ impl ImageV2 {
                 }
             }
         };
-        if st.header.generation >= MAX_GENERATION {
-            return Err(Error::Invalid {
-                path: self.path.clone(),
-                reason: "the header generation reached its limit (2^62)".into(),
-            });
-        }
+        // `snapshot` refuses a tree path at the limit before it takes the changes.
+        debug_assert!(st.header.generation < MAX_GENERATION);
         let mut header = st.header.clone();
         header.generation += 1;
         if let Some(size) = st.pending_resize {
             header.virtual_size = size;
         }
-        Ok(Path::Tree {
+        Path::Tree {
             updates,
             carried,
             leaf_budget,
             header,
             active_slot: st.active_slot,
             keep_journal,
-        })
+        }
     }
 
     pub(super) fn write_tree(&self, s: &Snapshot) -> Result<Done> {
