@@ -150,31 +150,26 @@ impl ExtentMap {
             })
     }
 
-    /// Moves the extents that start at or after `block` into a new map.
-    pub fn split_off(&mut self, block: u64) -> ExtentMap {
-        ExtentMap {
-            by_start: self.by_start.split_off(&block),
-        }
-    }
-
-    /// Keeps the first `count` extents and returns the others.
-    pub fn split_after(&mut self, count: usize) -> ExtentMap {
-        match self.by_start.keys().nth(count) {
-            Some(&key) => self.split_off(key),
-            None => ExtentMap::default(),
-        }
-    }
-
-    /// Moves every extent of `other`, which all lie outside this map's, into this map.
-    pub fn append(&mut self, mut other: ExtentMap) {
-        self.by_start.append(&mut other.by_start);
-    }
-
-    /// The block after the last extent.
-    pub fn last_end(&self) -> Option<u64> {
+    /// The extents that start at or after `block`, in order.
+    pub fn iter_from(&self, block: u64) -> impl Iterator<Item = Extent> + '_ {
         self.by_start
-            .last_key_value()
-            .map(|(&start, &(len, _))| start + len)
+            .range(block..)
+            .map(|(&start, &(len, mapping))| Extent {
+                start,
+                len,
+                mapping,
+            })
+    }
+
+    /// Forgets the extent that starts at `start`, if there is one, whole (as
+    /// [`ExtentMap::remove`] of its range would, without collecting what it held).
+    pub fn forget(&mut self, start: u64) {
+        self.by_start.remove(&start);
+    }
+
+    /// Inserts `e`, which overlaps no extent here, as it is (not joined to its neighbours).
+    pub fn insert_apart(&mut self, e: Extent) {
+        self.by_start.insert(e.start, (e.len, e.mapping));
     }
 
     /// Applies every extent of `other` over this map, later ones winning.

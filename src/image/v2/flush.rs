@@ -107,7 +107,9 @@ enum Path {
     Tree {
         updates: ExtentMap,
         /// Changes left out of this tree flush: journaled still, in memory and on disk.
-        carried: ExtentMap,
+        /// `None`: the in-flight changes, less the updates it applies (the kept-journal
+        /// path).
+        carried: Option<ExtentMap>,
         /// The most leaves the update may rewrite; the updates it leaves out are carried.
         leaf_budget: usize,
         header: HeaderV2,
@@ -126,9 +128,16 @@ enum Done {
     Tree {
         updated: Updated,
         header: HeaderV2,
-        carried: ExtentMap,
+        carried: Leftover,
         journal: TreeJournal,
     },
+}
+
+/// The changes a tree flush left out, which its publish makes the journaled changes.
+enum Leftover {
+    Apart(ExtentMap),
+    /// The in-flight changes less the updates that start at these blocks.
+    InFlightLess(Vec<u64>),
 }
 
 /// A record written: its length and whether it maps data.
@@ -183,16 +192,30 @@ impl ImageV2 {
                 .sync_unsynced_header()
                 .map_err(|e| self.revert_to_durable(e));
         };
-        if let Err(e) = self.replaced_below(&snapshot) {
-            return Err(self.revert_to_durable(e));
-        }
-        let done = match &snapshot.path {
+        // What the snapshot replaces in the tree is needed only at the publish: the walk
+        // runs beside the record, the pages and the barrier instead of before them.
+        let write = || match &snapshot.path {
             Path::Journal(append) => self
                 .append_record(&snapshot.items, *append)
                 .map(Done::Journal),
             Path::Tree { .. } => self.write_tree(&snapshot),
         };
-        match done {
+        let (walked, done) = if snapshot.below.is_empty() {
+            (Ok(()), write())
+        } else {
+            std::thread::scope(|scope| {
+                let walk = scope.spawn(|| self.replaced_below(&snapshot));
+                let done = write();
+                let walked = walk.join().unwrap_or_else(|_| {
+                    Err(Error::Invalid {
+                        path: self.path.clone(),
+                        reason: "finding the blocks a flush replaces panicked".into(),
+                    })
+                });
+                (walked, done)
+            })
+        };
+        match walked.and(done) {
             Ok(done) => {
                 self.publish(snapshot.number, done);
                 Ok(())
@@ -226,12 +249,14 @@ impl ImageV2 {
         }
         st.snapshots_taken += 1;
         st.in_flight = std::mem::take(&mut st.pending);
+        // Before the tree path, which may lay the in-flight changes over the journaled
+        // ones in place.
+        let below = st.replaced_in_journal();
         let path = match append {
             Some(append) if small => Path::Journal(append),
             Some(append) if keeps => self.tree_path(st, limits, Some(append)),
             _ => self.tree_path(st, limits, None),
         };
-        let below = st.replaced_in_journal();
         Ok(Some(Snapshot {
             number: st.snapshots_taken,
             items,
@@ -240,10 +265,6 @@ impl ImageV2 {
         }))
     }
 
-    /// Queues for freeing at the snapshot's publish the data the tree maps where the
-    /// snapshot changes what the journaled changes do not. The tree is walked without the
-    /// gate: only this flush (holding `flush_serial`) changes it or frees its pages, and
-    /// it does so at its publish.
     /// The error of a header update the generation cannot count any more.
     pub(super) fn generation_limit(&self) -> Error {
         Error::Invalid {
@@ -252,6 +273,11 @@ impl ImageV2 {
         }
     }
 
+    /// Queues for freeing at the snapshot's publish the data the tree maps where the
+    /// snapshot changes what the journaled changes do not. The tree is walked without the
+    /// gate: only this flush (holding `flush_serial`) changes it or frees its pages, and
+    /// it does so at its publish (a tree flush writes its new pages beside the walk,
+    /// copy-on-write, and the allocator never hands out a page the current tree reaches).
     fn replaced_below(&self, snapshot: &Snapshot) -> Result<()> {
         if snapshot.below.is_empty() {
             return Ok(());
@@ -351,8 +377,19 @@ impl ImageV2 {
                     if let Some(at) = updated.applied_below {
                         st.tree_cursor = at;
                     }
-                    st.in_flight = ExtentMap::default();
-                    st.journaled = carried;
+                    st.journaled = match carried {
+                        Leftover::Apart(carried) => {
+                            st.in_flight = ExtentMap::default();
+                            carried
+                        }
+                        Leftover::InFlightLess(applied) => {
+                            let mut rest = std::mem::take(&mut st.in_flight);
+                            for start in applied {
+                                rest.forget(start);
+                            }
+                            rest
+                        }
+                    };
                     st.tree = updated.root;
                     match journal {
                         TreeJournal::Kept(appended) => st.appended(appended),

@@ -163,25 +163,71 @@ pub(crate) fn digest_extents(
     storage: &dyn Storage,
     items: &[Extent],
 ) -> std::result::Result<u64, (u64, std::io::Error)> {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let blocks: u64 = items
+    let data: Vec<(u64, u64)> = items
         .iter()
-        .filter(|e| matches!(e.mapping, Mapping::Data(_)))
-        .map(|e| e.len)
-        .sum();
+        .filter_map(|e| match e.mapping {
+            Mapping::Data(h) => Some((h, e.len)),
+            _ => None,
+        })
+        .collect();
+    let blocks: u64 = data.iter().map(|&(_, n)| n).sum();
+    if data.len() > 1 && blocks * BLOCK <= DIGEST_GATHER_BYTES {
+        return digest_gathered(storage, &data, blocks);
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; (blocks * BLOCK).min(1 << 20) as usize];
-    for e in items {
-        let Mapping::Data(h) = e.mapping else {
-            continue;
-        };
+    for &(h, n) in &data {
         let mut at = h * BLOCK;
-        let end = (h + e.len) * BLOCK;
+        let end = (h + n) * BLOCK;
         while at < end {
             let n = (end - at).min(buf.len() as u64) as usize;
             storage.read_at(&mut buf[..n], at).map_err(|e| (at, e))?;
             hasher.update(&buf[..n]);
             at += n as u64;
         }
+    }
+    Ok(hasher.digest())
+}
+
+/// Records this small or smaller have their data read in host order, one read per run
+/// of adjacent host blocks, and hashed in item order from memory: a flush's blocks were
+/// written one after another at the end of the file, so a record of a hundred scattered
+/// 4 KiB writes takes one read instead of a hundred.
+const DIGEST_GATHER_BYTES: u64 = 4 << 20;
+
+/// [`digest_extents`] for `data` (host block, blocks) in item order, `blocks` in all,
+/// distinct (a record never maps two ranges to one host block).
+fn digest_gathered(
+    storage: &dyn Storage,
+    data: &[(u64, u64)],
+    blocks: u64,
+) -> std::result::Result<u64, (u64, std::io::Error)> {
+    let mut by_host: Vec<usize> = (0..data.len()).collect();
+    by_host.sort_unstable_by_key(|&i| data[i].0);
+    let mut buf = vec![0u8; (blocks * BLOCK) as usize];
+    // Where each extent's bytes land in `buf`: in host order, so that adjacent host runs
+    // are adjacent in the buffer too.
+    let mut at_in_buf = vec![0usize; data.len()];
+    let mut filled = 0usize;
+    let mut k = 0;
+    while k < by_host.len() {
+        let (start, _) = data[by_host[k]];
+        let run_from = filled;
+        let mut next = start;
+        while k < by_host.len() && data[by_host[k]].0 == next {
+            let (h, n) = data[by_host[k]];
+            at_in_buf[by_host[k]] = filled;
+            filled += (n * BLOCK) as usize;
+            next = h + n;
+            k += 1;
+        }
+        storage
+            .read_at(&mut buf[run_from..filled], start * BLOCK)
+            .map_err(|e| (start * BLOCK, e))?;
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for (i, &(_, n)) in data.iter().enumerate() {
+        hasher.update(&buf[at_in_buf[i]..at_in_buf[i] + (n * BLOCK) as usize]);
     }
     Ok(hasher.digest())
 }
@@ -548,4 +594,63 @@ fn resolve_in_tree(
     }
     found.sort_unstable_by_key(|e| e.start);
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// The digest as the format defines it: the data blocks of the items, in item order.
+    fn digest_one_by_one(storage: &dyn Storage, items: &[Extent]) -> u64 {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        for e in items {
+            if let Mapping::Data(h) = e.mapping {
+                let mut buf = vec![0u8; (e.len * BLOCK) as usize];
+                storage.read_at(&mut buf, h * BLOCK).unwrap();
+                hasher.update(&buf);
+            }
+        }
+        hasher.digest()
+    }
+
+    #[test]
+    fn a_digest_read_in_host_order_equals_one_read_in_item_order() {
+        let storage = MemStorage::new((0..64 * BLOCK).map(|i| (i * 7 % 251) as u8).collect());
+        let data = |start, len, h| Extent {
+            start,
+            len,
+            mapping: Mapping::Data(h),
+        };
+        let cases: Vec<Vec<Extent>> = vec![
+            // Written in host order, items in virtual order: adjacent host runs, shuffled.
+            vec![
+                data(0, 1, 9),
+                data(1, 2, 3),
+                data(5, 1, 5),
+                data(9, 3, 6),
+                data(20, 1, 12),
+            ],
+            // Zero extents between, and one host run split across distant items.
+            vec![
+                data(0, 2, 40),
+                Extent {
+                    start: 2,
+                    len: 3,
+                    mapping: Mapping::Zero,
+                },
+                data(7, 1, 42),
+                data(8, 1, 1),
+            ],
+            // A crafted record may map two ranges to the same or overlapping host blocks.
+            vec![data(0, 2, 10), data(4, 1, 10), data(6, 2, 11)],
+        ];
+        for items in cases {
+            assert_eq!(
+                digest_extents(&storage, &items).unwrap(),
+                digest_one_by_one(&storage, &items),
+                "{items:?}"
+            );
+        }
+    }
 }

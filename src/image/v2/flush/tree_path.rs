@@ -2,7 +2,9 @@
 //! flush applies and which stay journaled, the copy-on-write update within its leaf
 //! budget, and the header that makes the new tree current, with the current journal kept
 //! or a new region that starts with the changes carried.
-use super::{Append, Done, FlushLimits, Path, Snapshot, TreeJournal, JOURNALED_MOST_TIMES};
+use super::{
+    Append, Done, FlushLimits, Leftover, Path, Snapshot, TreeJournal, JOURNALED_MOST_TIMES,
+};
 use crate::error::Result;
 use crate::format::header::MAX_GENERATION;
 use crate::format::v2::{encode_carried_record, record_len, Extent, HeaderV2, BLOCK};
@@ -21,6 +23,9 @@ impl ImageV2 {
         limits: FlushLimits,
         keep_journal: Option<Append>,
     ) -> Path {
+        if keep_journal.is_some() && st.pending_resize.is_none() {
+            return self.kept_journal_path(st, limits, keep_journal);
+        }
         let mut all = st.journaled.clone();
         all.apply(&st.in_flight);
         let too_many = all.len()
@@ -33,25 +38,69 @@ impl ImageV2 {
         } else {
             let (updates, carried) =
                 split_at_cursor(all, limits.tree_flush_extents, &mut st.tree_cursor);
-            if keep_journal.is_some() {
-                (updates, carried, limits.tree_flush_leaves)
+            // What a new journal carries takes at most half of it: when what the split
+            // leaves out does not fit, everything is applied; when what the leaf budget
+            // could leave out too would not fit, the budget is lifted.
+            let half = journal_capacity_for(st.header.virtual_size) / 2;
+            let carried_items = disk_items(&carried);
+            if record_len(carried_items) + BLOCK > half {
+                let mut all = updates;
+                all.apply(&carried);
+                (all, ExtentMap::default(), usize::MAX)
+            } else if record_len(carried_items + disk_items(&updates)) + BLOCK > half {
+                (updates, carried, usize::MAX)
             } else {
-                // What a new journal carries takes at most half of it: when what the split
-                // leaves out does not fit, everything is applied; when what the leaf budget
-                // could leave out too would not fit, the budget is lifted.
-                let half = journal_capacity_for(st.header.virtual_size) / 2;
-                let carried_items = disk_items(&carried);
-                if record_len(carried_items) + BLOCK > half {
-                    let mut all = updates;
-                    all.apply(&carried);
-                    (all, ExtentMap::default(), usize::MAX)
-                } else if record_len(carried_items + disk_items(&updates)) + BLOCK > half {
-                    (updates, carried, usize::MAX)
-                } else {
-                    (updates, carried, limits.tree_flush_leaves)
-                }
+                (updates, carried, limits.tree_flush_leaves)
             }
         };
+        self.tree_path_with(st, updates, Some(carried), leaf_budget, keep_journal)
+    }
+
+    /// The kept-journal tree path: the journaled changes, with the in-flight ones laid
+    /// over them, become the in-flight changes (reads find the same there), and the
+    /// updates are taken from them without copying the rest: what the flush does not
+    /// apply stays in the map, which its publish makes the journaled changes again.
+    /// (Copying a map of 4k journaled extents and dropping the old one took about 0.5 ms
+    /// with every read and write paused, at every other flush of random 4 KiB writes.)
+    fn kept_journal_path(
+        &self,
+        st: &mut State,
+        limits: FlushLimits,
+        keep_journal: Option<Append>,
+    ) -> Path {
+        let mut all = std::mem::take(&mut st.journaled);
+        all.apply(&st.in_flight);
+        st.in_flight = all;
+        let too_many = st.in_flight.len()
+            > limits
+                .journaled_extents
+                .saturating_mul(JOURNALED_MOST_TIMES);
+        if too_many {
+            let updates = st.in_flight.clone();
+            return self.tree_path_with(
+                st,
+                updates,
+                Some(ExtentMap::default()),
+                usize::MAX,
+                keep_journal,
+            );
+        }
+        let updates = select_at_cursor(
+            &st.in_flight,
+            limits.tree_flush_extents,
+            &mut st.tree_cursor,
+        );
+        self.tree_path_with(st, updates, None, limits.tree_flush_leaves, keep_journal)
+    }
+
+    fn tree_path_with(
+        &self,
+        st: &State,
+        updates: ExtentMap,
+        carried: Option<ExtentMap>,
+        leaf_budget: usize,
+        keep_journal: Option<Append>,
+    ) -> Path {
         // `snapshot` refuses a tree path at the limit before it takes the changes.
         debug_assert!(st.header.generation < MAX_GENERATION);
         let mut header = st.header.clone();
@@ -103,7 +152,12 @@ impl ImageV2 {
             }
         }
         let updated = updated?;
-        let carried = carried_after(carried, updates, updated.applied_below);
+        let carried = match carried {
+            Some(carried) => {
+                Leftover::Apart(carried_after(carried, updates, updated.applied_below))
+            }
+            None => Leftover::InFlightLess(applied_starts(updates, updated.applied_below)),
+        };
         let (header, journal) = match appended {
             Some(appended) => {
                 // K2 and K3: the record and the pages durable, then the header, whose
@@ -116,7 +170,12 @@ impl ImageV2 {
                 self.write_header_slot(&header, *active_slot)?;
                 (header, TreeJournal::Kept(appended))
             }
-            None => self.write_tree_new_journal(&updated, header, *active_slot, &carried)?,
+            None => {
+                let Leftover::Apart(carried) = &carried else {
+                    unreachable!("a new journal's changes are held apart");
+                };
+                self.write_tree_new_journal(&updated, header, *active_slot, carried)?
+            }
         };
         Ok(Done::Tree {
             updated,
@@ -286,27 +345,51 @@ fn carried_after(
     carried
 }
 
-/// Splits the changes of a tree flush into the at most `most` it applies, taken in key
-/// order from `cursor` on (wrapping around, so that every range gets its turn), and the
-/// rest, which it carries into the new journal.
-fn split_at_cursor(all: ExtentMap, most: usize, cursor: &mut u64) -> (ExtentMap, ExtentMap) {
+/// The first blocks of the updates a tree flush applied: all of them, or those that end
+/// at or below where it stopped (one that straddles it stays whole, as in
+/// [`carried_after`]).
+fn applied_starts(updates: &ExtentMap, applied_below: Option<u64>) -> Vec<u64> {
+    updates
+        .iter()
+        .filter(|e| applied_below.is_none_or(|at| e.end() <= at))
+        .map(|e| e.start)
+        .collect()
+}
+
+/// The at most `most` changes a tree flush applies, taken whole in key order from
+/// `cursor` on (wrapping around, so that every range gets its turn); moves the cursor past
+/// them.
+fn select_at_cursor(all: &ExtentMap, most: usize, cursor: &mut u64) -> ExtentMap {
     if all.len() <= most {
         *cursor = 0;
-        return (all, ExtentMap::default());
+        return all.clone();
     }
-    // The map is split by first block, so each part keeps its extents whole and joined.
-    let mut before = all;
-    let mut applied = before.split_off(*cursor);
-    let mut carried = applied.split_after(most);
-    if applied.len() < most {
-        // Wrap around: the rest of the extents to apply are the first ones.
-        let rest = before.split_after(most - applied.len());
-        *cursor = before.last_end().unwrap_or(0);
-        applied.append(before);
-        carried.append(rest);
-    } else {
-        *cursor = applied.last_end().unwrap_or(0);
-        carried.append(before);
+    let mut applied = ExtentMap::default();
+    let mut end = 0;
+    for e in all.iter_from(*cursor).take(most) {
+        end = e.end();
+        applied.insert_apart(e);
+    }
+    let short = most - applied.len();
+    if short > 0 {
+        // Wrap around: the rest of the extents to apply are the first ones (there are
+        // more than `short` of them before the cursor, as the map holds more than `most`).
+        for e in all.iter().take(short) {
+            end = e.end();
+            applied.insert_apart(e);
+        }
+    }
+    *cursor = end;
+    applied
+}
+
+/// Splits the changes of a tree flush into the ones it applies ([`select_at_cursor`]) and
+/// the rest, which it carries into the new journal.
+fn split_at_cursor(all: ExtentMap, most: usize, cursor: &mut u64) -> (ExtentMap, ExtentMap) {
+    let applied = select_at_cursor(&all, most, cursor);
+    let mut carried = all;
+    for e in applied.iter() {
+        carried.forget(e.start);
     }
     (applied, carried)
 }
