@@ -24,6 +24,9 @@ fn freed_pool_blocks(virtual_size: u64, allocated_bytes: u64) -> u64 {
         .clamp(1, 1024)
         .max(allocated_bytes / BLOCK / 16)
 }
+/// The in-flight extents a journal flush lays over the journaled ones per hold of the
+/// state lock, which every write takes too.
+const MERGE_CHUNK: usize = 32;
 /// A flush punches at most this many runs of freed blocks; what is left over waits for the
 /// next flush (or reuse). Each punch holds the file's lock, so that writes wait for all of
 /// them (a synchronous discard each, on a file system mounted with `discard`): before this
@@ -200,11 +203,20 @@ impl ImageV2 {
                 .map(Done::Journal),
             Path::Tree { .. } => self.write_tree(&snapshot),
         };
-        let (walked, done) = if snapshot.below.is_empty() {
+        // The journal path also lays its changes over the journaled ones there.
+        let merge = matches!(snapshot.path, Path::Journal(_));
+        let beside = || {
+            let walked = self.replaced_below(&snapshot);
+            if merge {
+                self.merge_in_flight_early();
+            }
+            walked
+        };
+        let (walked, done) = if snapshot.below.is_empty() && !merge {
             (Ok(()), write())
         } else {
             std::thread::scope(|scope| {
-                let walk = scope.spawn(|| self.replaced_below(&snapshot));
+                let walk = scope.spawn(beside);
                 let done = write();
                 let walked = walk.join().unwrap_or_else(|_| {
                     Err(Error::Invalid {
@@ -293,6 +305,27 @@ impl ImageV2 {
         Ok(())
     }
 
+    /// Lays the in-flight changes of a journal flush over the journaled ones, a few at a
+    /// time, beside its barrier: a read finds the same either way, since it looks in the
+    /// in-flight changes first, and the publish, which pauses every read and write, is
+    /// left only to drop the in-flight map. (Laying about 100 extents over 4k journaled
+    /// ones was most of a publish's 140 µs under random 4 KiB writes.) A flush that fails
+    /// goes back to the durable state, which replaces both maps.
+    fn merge_in_flight_early(&self) {
+        let mut from = 0;
+        loop {
+            let mut st = lock(&self.state);
+            let chunk: Vec<Extent> = st.in_flight.iter_from(from).take(MERGE_CHUNK).collect();
+            for e in &chunk {
+                st.journaled.set(e.start, e.len, e.mapping);
+            }
+            match chunk.last() {
+                Some(last) if chunk.len() == MERGE_CHUNK => from = last.end(),
+                _ => return,
+            }
+        }
+    }
+
     /// Steps J1 and J2: the record of `items` (this flush's changes) at `append`. The
     /// caller syncs (J3).
     fn write_record(&self, items: &[Extent], append: Append) -> Result<Appended> {
@@ -360,8 +393,8 @@ impl ImageV2 {
             st.header_unsynced = false;
             match done {
                 Done::Journal(appended) => {
-                    let in_flight = std::mem::take(&mut st.in_flight);
-                    st.journaled.apply(&in_flight);
+                    // Laid over the journaled changes already (`merge_in_flight_early`).
+                    st.in_flight = ExtentMap::default();
                     st.appended(appended);
                 }
                 Done::Tree {
