@@ -195,8 +195,9 @@ pub(crate) fn digest_extents(
 /// 4 KiB writes takes one read instead of a hundred.
 const DIGEST_GATHER_BYTES: u64 = 4 << 20;
 
-/// [`digest_extents`] for `data` (host block, blocks) in item order, `blocks` in all,
-/// distinct (a record never maps two ranges to one host block).
+/// [`digest_extents`] for `data` (host block, blocks) in item order, `blocks` in all. A
+/// written record's ranges are distinct; a crafted one's may share host blocks, and each
+/// range is still read where it lies.
 fn digest_gathered(
     storage: &dyn Storage,
     data: &[(u64, u64)],

@@ -23,15 +23,12 @@ impl ImageV2 {
         limits: FlushLimits,
         keep_journal: Option<Append>,
     ) -> Path {
-        if keep_journal.is_some() && st.pending_resize.is_none() {
-            return self.kept_journal_path(st, limits, keep_journal);
+        if let (Some(append), None) = (keep_journal, st.pending_resize) {
+            return self.kept_journal_path(st, limits, append);
         }
         let mut all = st.journaled.clone();
         all.apply(&st.in_flight);
-        let too_many = all.len()
-            > limits
-                .journaled_extents
-                .saturating_mul(JOURNALED_MOST_TIMES);
+        let too_many = holds_too_many(&all, limits);
         let (updates, carried, leaf_budget) = if st.pending_resize.is_some() || too_many {
             // A resize publishes its whole map with the new size.
             (all, ExtentMap::default(), usize::MAX)
@@ -62,27 +59,18 @@ impl ImageV2 {
     /// apply stays in the map, which its publish makes the journaled changes again.
     /// (Copying a map of 4k journaled extents and dropping the old one took about 0.5 ms
     /// with every read and write paused, at every other flush of random 4 KiB writes.)
-    fn kept_journal_path(
-        &self,
-        st: &mut State,
-        limits: FlushLimits,
-        keep_journal: Option<Append>,
-    ) -> Path {
+    fn kept_journal_path(&self, st: &mut State, limits: FlushLimits, append: Append) -> Path {
         let mut all = std::mem::take(&mut st.journaled);
         all.apply(&st.in_flight);
         st.in_flight = all;
-        let too_many = st.in_flight.len()
-            > limits
-                .journaled_extents
-                .saturating_mul(JOURNALED_MOST_TIMES);
-        if too_many {
+        if holds_too_many(&st.in_flight, limits) {
             let updates = st.in_flight.clone();
             return self.tree_path_with(
                 st,
                 updates,
                 Some(ExtentMap::default()),
                 usize::MAX,
-                keep_journal,
+                Some(append),
             );
         }
         let updates = select_at_cursor(
@@ -90,7 +78,7 @@ impl ImageV2 {
             limits.tree_flush_extents,
             &mut st.tree_cursor,
         );
-        self.tree_path_with(st, updates, None, limits.tree_flush_leaves, keep_journal)
+        self.tree_path_with(st, updates, None, limits.tree_flush_leaves, Some(append))
     }
 
     fn tree_path_with(
@@ -345,6 +333,15 @@ fn carried_after(
     carried
 }
 
+/// More changes than memory may hold (sixteen times the journaled budget): a tree flush
+/// applies them all.
+fn holds_too_many(changes: &ExtentMap, limits: FlushLimits) -> bool {
+    changes.len()
+        > limits
+            .journaled_extents
+            .saturating_mul(JOURNALED_MOST_TIMES)
+}
+
 /// The first blocks of the updates a tree flush applied: all of them, or those that end
 /// at or below where it stopped (one that straddles it stays whole, as in
 /// [`carried_after`]).
@@ -386,6 +383,10 @@ fn select_at_cursor(all: &ExtentMap, most: usize, cursor: &mut u64) -> ExtentMap
 /// Splits the changes of a tree flush into the ones it applies ([`select_at_cursor`]) and
 /// the rest, which it carries into the new journal.
 fn split_at_cursor(all: ExtentMap, most: usize, cursor: &mut u64) -> (ExtentMap, ExtentMap) {
+    if all.len() <= most {
+        *cursor = 0;
+        return (all, ExtentMap::default());
+    }
     let applied = select_at_cursor(&all, most, cursor);
     let mut carried = all;
     for e in applied.iter() {
